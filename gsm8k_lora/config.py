@@ -1,0 +1,195 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+Hydra checks key names and types against these dataclasses while it composes the config; the
+`__post_init__` checks below add ranges and cross-field rules. `validate(cfg)` turns the composed
+config into these objects, so a bad value fails here, before any model or data is loaded.
+Defaults live in the YAML files under `conf/`; a field without a YAML value keeps the default here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or inconsistent; its message is one line for the user."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "allowed: " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id, local directory, or "builtin:tiny"
+    revision: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on a bf16 GPU, else float32
+    attn_implementation: str = "sdpa"
+    load_in_4bit: bool = False  # QLoRA through bitsandbytes (CUDA only)
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    chat_template_path: str | None = None  # a .jinja file for tokenizers without a chat template
+    trust_remote_code: bool = False
+    tiny_seed: int = 0  # only for builtin:tiny
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "must not be empty")
+        _check_choice("model.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        _check_choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # hub | local | synthetic
+    path: str | None = None  # hub dataset id, or a local directory / file
+    name: str | None = None  # hub config name ("main")
+    val_fraction: float = 0.1
+    split_seed: int = 42
+    system_prompt: str | None = None
+    max_bad_fraction: float = 0.01  # share of malformed rows tolerated before the run fails
+    train_limit: int | None = None  # keep only the first N training rows (after the split)
+    # synthetic generator only
+    num_train: int = 2000
+    num_test: int = 200
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("hub", "local", "synthetic"))
+        if self.source in ("hub", "local"):
+            _check(bool(self.path), "data.path", self.path, f"required for data.source={self.source}")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
+               "must be in [0, 1]")
+        _check(self.train_limit is None or self.train_limit > 0, "data.train_limit", self.train_limit,
+               "must be a positive integer or null")
+        _check(self.num_train >= 10, "data.num_train", self.num_train, "must be at least 10")
+        _check(self.num_test >= 1, "data.num_test", self.num_test, "must be at least 1")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    bias: str = "none"
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", self.r, "must be a positive integer")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be a positive integer")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check_choice("lora.bias", self.bias, ("none", "all", "lora_only"))
+        _check(len(self.target_modules) > 0, "lora.target_modules", list(self.target_modules), "must not be empty")
+
+
+@dataclass
+class TrainerConfig:
+    """Fields named as in trl.SFTConfig, so a TRL user knows them; every one is passed explicitly."""
+
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0.0  # an integer count, or a ratio of total steps in [0, 1)
+    weight_decay: float = 0.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_length: int | None = 1024
+    completion_only_loss: bool = True
+    packing: bool = False
+    padding_free: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    tf32: bool | None = None
+    optim: str = "adamw_torch"
+    use_cpu: bool = False
+    logging_steps: int = 10
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    eval_on_start: bool = True
+    early_stopping_patience: int | None = 5  # null: no early stopping
+    metric_for_best_model: str = "eval_loss"
+    dataloader_num_workers: int = 0
+    seed: int = 42
+    save_merged: bool = False  # also write adapter merged into the base weights
+
+    def __post_init__(self) -> None:
+        _check(self.num_train_epochs > 0, "trainer.num_train_epochs", self.num_train_epochs, "must be positive")
+        _check(self.max_steps == -1 or self.max_steps > 0, "trainer.max_steps", self.max_steps,
+               "must be a positive integer, or -1 to train by epochs")
+        _check(self.learning_rate > 0, "trainer.learning_rate", self.learning_rate, "must be positive")
+        _check(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "must be >= 0")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "eval_steps", "save_steps"):
+            _check(getattr(self, key) > 0, f"trainer.{key}", getattr(self, key), "must be a positive integer")
+        _check(self.max_length is None or self.max_length >= 16, "trainer.max_length", self.max_length,
+               "must be at least 16, or null")
+        _check(not (self.bf16 and self.fp16), "trainer.fp16", self.fp16, "cannot be true together with bf16")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+               "trainer.early_stopping_patience", self.early_stopping_patience, "must be positive or null")
+        if self.early_stopping_patience is not None:
+            # transformers keeps the best checkpoint by comparing saved steps with evaluated steps
+            _check(self.save_steps % self.eval_steps == 0, "trainer.save_steps", self.save_steps,
+                   f"must be a multiple of trainer.eval_steps={self.eval_steps} when early stopping is on")
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # wandb | none
+    project: str = "gsm8k-lora"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: online when a W&B key is configured, else offline
+    init_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.backend", self.backend, ("wandb", "none"))
+        _check_choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    lora: LoraConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    experiment_name: str = "default"
+    cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
+
+
+def register_configs() -> None:
+    """Register each schema as `base_<group>` so YAML files can start from it."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig),
+                        ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Build the typed config (running every `__post_init__` check) or raise ConfigError."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf's own errors: missing values, wrong types
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(first_line) from err

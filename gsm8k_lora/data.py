@@ -1,0 +1,172 @@
+"""Load GSM8K-format data (hub, local files or the seeded generator), check it, split it, format it.
+
+The pipeline: `load_splits` -> `clean` (drop and count malformed rows) -> `split_train_val`
+(GSM8K's test split is never touched) -> `to_prompt_completion` (the model's own chat template).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from gsm8k_lora import synthetic
+from gsm8k_lora.config import DataConfig
+from gsm8k_lora.gsm8k import parse_answer, row_problem
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+KEEP_COLUMNS = ("question", "answer", "category")
+
+
+class DataError(RuntimeError):
+    """Data that cannot be used; the message says which file or value and what to do."""
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    stats: dict = field(default_factory=dict)  # rows per split and rows dropped, for metrics.json
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    # Hand-written rather than datasets' json builder so a bad line is reported with its number.
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'")
+            rows.append(row)
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        return load_dataset("parquet", data_files=str(path), split="train").to_list()
+    if path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("{"):
+        return json.loads(path.read_text(encoding="utf-8"))
+    return read_jsonl(path)
+
+
+def _local_files(root: Path, split: str) -> list[Path]:
+    files = sorted(p for p in root.rglob(f"{split}*") if p.suffix in LOCAL_SUFFIXES)
+    return files
+
+
+def load_local(path: str) -> dict[str, list[dict]]:
+    """Rows of a directory holding `train*` and `test*` files (jsonl, json or parquet), or of one file."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data.path={path!r} does not exist; give a directory with train/test files "
+                        f"({', '.join(LOCAL_SUFFIXES)}) or one such file")
+    if root.is_file():
+        return {"train": _read_file(root), "test": []}
+    splits = {split: [row for f in _local_files(root, split) for row in _read_file(f)] for split in ("train", "test")}
+    if not splits["train"]:
+        raise DataError(f"data.path={path!r} has no train* file with one of the suffixes {', '.join(LOCAL_SUFFIXES)}")
+    return splits
+
+
+def load_hub(path: str, name: str | None) -> dict[str, list[dict]]:
+    """GSM8K from the Hugging Face hub (or a local directory in the hub repository's layout)."""
+    try:
+        ds = load_dataset(path, name)
+    except Exception as err:  # datasets raises several types for offline / missing / private
+        raise DataError(f"cannot load dataset {path!r} (config {name!r}): {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}. Offline, use data=synthetic or "
+                        f"data=local data.path=DIR") from None
+    return {split: ds[split].to_list() for split in ("train", "test") if split in ds}
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[dict]]:
+    if cfg.source == "synthetic":
+        return {"train": synthetic.generate(cfg.num_train, cfg.synthetic_seed),
+                "test": synthetic.generate(cfg.num_test, cfg.synthetic_seed + 1)}
+    if cfg.source == "local":
+        return load_local(cfg.path)
+    return load_hub(cfg.path, cfg.name)
+
+
+def clean(rows: list[dict], split: str, max_bad_fraction: float) -> tuple[Dataset, Counter]:
+    """Keep valid rows with a stable `id`; count the others by reason; fail if too many are bad."""
+    kept, dropped = [], Counter()
+    for index, row in enumerate(rows):
+        problem = row_problem(row)
+        if problem is not None:
+            dropped[problem] += 1
+            continue
+        gold = parse_answer(row["answer"])
+        kept.append({
+            "id": f"{split}-{index}",
+            "question": row["question"].strip(),
+            "answer": row["answer"].strip(),
+            "gold": gold.final,
+            "num_steps": gold.num_steps,
+            "category": row.get("category") or "",
+        })
+    total = len(rows)
+    bad = sum(dropped.values())
+    if rows and bad / total > max_bad_fraction:
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
+        raise DataError(f"{split} split: {bad} of {total} rows are malformed ({reasons}), more than "
+                        f"data.max_bad_fraction={max_bad_fraction}")
+    if rows and not kept:
+        raise DataError(f"{split} split is empty after dropping {bad} malformed rows")
+    return Dataset.from_list(kept) if kept else Dataset.from_dict({k: [] for k in ("id", "question", "answer")}), dropped
+
+
+def split_train_val(train: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    parts = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def build_splits(cfg: DataConfig) -> Splits:
+    raw = load_splits(cfg)
+    train_all, dropped_train = clean(raw.get("train", []), "train", cfg.max_bad_fraction)
+    if len(train_all) < 2:
+        raise DataError(f"train split has {len(train_all)} usable rows; need at least 2 to split off validation")
+    test, dropped_test = clean(raw.get("test", []), "test", cfg.max_bad_fraction)
+    train, validation = split_train_val(train_all, cfg.val_fraction, cfg.split_seed)
+    if cfg.train_limit is not None:
+        train = train.select(range(min(cfg.train_limit, len(train))))
+    stats = {
+        "rows_train": len(train), "rows_validation": len(validation), "rows_test": len(test),
+        "rows_dropped_train": sum(dropped_train.values()), "rows_dropped_test": sum(dropped_test.values()),
+        "dropped_reasons": dict(dropped_train + dropped_test),
+    }
+    return Splits(train=train, validation=validation, test=test, stats=stats)
+
+
+def build_messages(question: str, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
+    """The chat-template prompt up to the assistant turn, exactly as training and generation see it."""
+    text = tokenizer.apply_chat_template(build_messages(question, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+    # Tokenizers that add BOS themselves would otherwise see it twice (template text + special token).
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
+def to_prompt_completion(ds: Dataset, tokenizer, system_prompt: str | None) -> Dataset:
+    """Rows as TRL prompt-completion pairs; TRL appends EOS to the completion so the model learns to stop."""
+    return ds.map(
+        lambda row: {"prompt": render_prompt(tokenizer, row["question"], system_prompt), "completion": row["answer"]},
+        remove_columns=ds.column_names,
+        desc="Formatting with the chat template",
+    )

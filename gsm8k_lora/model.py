@@ -1,0 +1,91 @@
+"""Load the base model and tokenizer: a hub id, a local directory, or the built-in tiny model.
+
+Every source goes through the same `from_pretrained` calls; only `builtin:tiny` is built (once, then
+cached) before it is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gsm8k_lora import tiny_model
+from gsm8k_lora.config import ModelConfig
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message says why and what to do."""
+
+
+def resolve_path(cfg: ModelConfig, cache_dir: str | None = None) -> str:
+    if cfg.name_or_path == BUILTIN_TINY:
+        return str(tiny_model.ensure(cfg.tiny_seed, cache_dir))
+    return cfg.name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _explain(path: str, err: Exception) -> ModelLoadError:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        why = f"{path!r} is a directory but not a Hugging Face model ({type(err).__name__})"
+    else:
+        why = (f"cannot load {path!r}: not in the local cache and the hub is unreachable or the id is wrong "
+               f"({type(err).__name__})")
+    return ModelLoadError(f"{why}. Offline, use model=tiny or model.name_or_path=/path/to/a/model/directory")
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _explain(path, err) from None
+    if cfg.chat_template_path:
+        tokenizer.chat_template = Path(cfg.chat_template_path).read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"the tokenizer of {path!r} has no chat template; supply one with "
+                             f"model.chat_template_path=FILE.jinja")
+    if tokenizer.pad_token is None:
+        # Safe with TRL: labels come from the completion mask, not from pad positions, so EOS stays a label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    if not cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig  # needs bitsandbytes: pip install .[qlora]
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(path: str, cfg: ModelConfig) -> PreTrainedModel:
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=cfg.trust_remote_code)
+    quant = quantization_config(cfg, dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _explain(path, err) from None
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def load(cfg: ModelConfig, cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve_path(cfg, cache_dir)
+    tokenizer = load_tokenizer(path, cfg)
+    return load_model(path, cfg), tokenizer

@@ -1,0 +1,121 @@
+"""The steps of one fine-tuning run, in order. The run directory is the unit of truth:
+
+    config.yaml        resolved config          environment.json   versions, commit, command, device
+    metrics.json       figures of this run      log_history.json   every logged step
+    adapter/           LoRA adapter + tokenizer loss.png           train and validation loss
+    checkpoints/       Trainer checkpoints      wandb_run.txt      W&B link (or the sync command)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gsm8k_lora import data, plots, tracking
+from gsm8k_lora.config import Config
+from gsm8k_lora.metrics import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
+
+
+def write_run_record(run_dir: Path, raw_cfg: DictConfig) -> dict:
+    resolved = OmegaConf.to_container(raw_cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+    tracking.write_json(run_dir / "environment.json", tracking.environment())
+    return resolved
+
+
+def format_for_sft(cfg: Config, splits: data.Splits, tokenizer) -> tuple:
+    train = data.to_prompt_completion(splits.train, tokenizer, cfg.data.system_prompt)
+    validation = data.to_prompt_completion(splits.validation, tokenizer, cfg.data.system_prompt)
+    return train, validation
+
+
+def build_trainer(cfg: Config, model, tokenizer, train_ds, val_ds, out_dir: Path, report_to: list[str], name: str):
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from gsm8k_lora.train import build_lora_config, build_sft_config
+
+    callbacks = []
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience))
+    return SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, report_to, name),
+                      train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                      peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
+
+
+def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
+    state = trainer.state
+    early = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "EarlyStoppingCallback"),
+                 None)
+    early_stopped = bool(early and cfg.trainer.early_stopping_patience
+                         and early.early_stopping_patience_counter >= cfg.trainer.early_stopping_patience)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    metrics = {
+        **splits.stats,
+        **summarize_history(state.log_history),
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": state.epoch,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "stop_reason": stop_reason(state.global_step, state.max_steps, early_stopped),
+        "best_checkpoint": state.best_model_checkpoint,
+        "trainable_params": trainable,
+        "total_params": total,
+        "token_accuracy_note": TOKEN_ACCURACY_NOTE,
+    }
+    return metrics
+
+
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | None:
+    """One run; returns the best validation loss (the value an Optuna sweep minimises)."""
+    from gsm8k_lora.model import load
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = write_run_record(run_dir, raw_cfg)
+    splits = data.build_splits(cfg.data)  # data problems surface before the model loads
+    stats = splits.stats
+    print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
+          f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
+    model, tokenizer = load(cfg.model, cfg.cache_dir)
+    train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
+
+    wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved)
+    exit_code = 1
+    try:
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, run_dir / "checkpoints",
+                                ["wandb"] if wandb_run else [], name)
+        trainer.train()
+        adapter_dir = run_dir / "adapter"
+        trainer.save_model(str(adapter_dir))
+        tokenizer.save_pretrained(adapter_dir)
+        if cfg.trainer.save_merged:
+            trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+        metrics = collect_metrics(trainer, splits, cfg)
+        history = trainer.state.log_history
+        tracking.write_json(run_dir / "log_history.json", {"log_history": history})
+        plot = plots.loss_curves(history, run_dir / "loss.png", title=f"Loss: {name}")
+        tracking.write_json(run_dir / "metrics.json", metrics)
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+            if plot:
+                import wandb
+
+                wandb_run.log({"plots/loss": wandb.Image(str(plot))})
+        report_loss(metrics, run_dir)
+        exit_code = 0
+        return metrics.get("eval_loss_best")
+    finally:
+        tracking.finish_wandb(wandb_run, exit_code)
+
+
+def report_loss(metrics: dict, run_dir: Path) -> None:
+    def fmt(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
+          f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
+          f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
+    print(f"run directory: {run_dir}")

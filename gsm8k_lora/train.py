@@ -1,0 +1,110 @@
+"""Fine-tune with LoRA on GSM8K: `python -m gsm8k_lora.train [overrides]`.
+
+Compose (Hydra) -> validate -> load data -> load model -> TRL SFTTrainer -> save adapter and metrics.
+All training behaviour comes from `SFTConfig` fields set in `build_sft_config`; below the two
+builders no code sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gsm8k_lora.config import Config, ConfigError, LoraConfig, TrainerConfig, register_configs, validate
+from gsm8k_lora.data import DataError
+
+register_configs()
+
+
+def build_lora_config(cfg: LoraConfig):
+    import peft
+
+    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           bias=cfg.bias, target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+
+
+def build_sft_config(cfg: TrainerConfig, out_dir: Path, report_to: list[str], run_name: str):
+    """Every field set explicitly: SFTConfig's own defaults differ from the reference run."""
+    from trl import SFTConfig
+
+    early_stopping = cfg.early_stopping_patience is not None
+    return SFTConfig(
+        output_dir=str(out_dir), run_name=run_name, report_to=report_to, seed=cfg.seed, data_seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length, completion_only_loss=cfg.completion_only_loss, assistant_only_loss=False,
+        packing=cfg.packing, padding_free=cfg.padding_free,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32, optim=cfg.optim, use_cpu=cfg.use_cpu,
+        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=early_stopping, metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better="loss" not in cfg.metric_for_best_model,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=False,
+    )
+
+
+def check_hardware(cfg: Config) -> None:
+    """Settings this machine cannot run, caught before anything is loaded."""
+    cuda = torch.cuda.is_available() and not cfg.trainer.use_cpu
+    if cfg.trainer.bf16 and not (cuda and torch.cuda.is_bf16_supported()):
+        raise ConfigError("trainer.bf16=True is invalid: this machine has no bf16-capable CUDA GPU; "
+                          "use trainer=cpu_smoke or trainer.bf16=false")
+    if cfg.trainer.fp16 and not cuda:
+        raise ConfigError("trainer.fp16=True is invalid: fp16 mixed precision needs a CUDA GPU")
+    if cfg.trainer.tf32 and not cuda:
+        raise ConfigError("trainer.tf32=True is invalid: TF32 needs an Ampere or newer CUDA GPU; set it to null")
+    if cfg.model.load_in_4bit and not cuda:
+        raise ConfigError("model.load_in_4bit=True is invalid: 4-bit QLoRA needs a CUDA GPU; "
+                          "use model=falcon3_1b_instruct or model=tiny on this machine")
+
+
+def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
+    """W&B run name from the command-line overrides, e.g. 'lora.r=16,trainer.learning_rate=1e-4'."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    return ",".join(keep) if keep else fallback
+
+
+def main_guarded(cfg: DictConfig) -> float | None:
+    """Validate, then run; turn expected failures into one line and a non-zero exit."""
+    from gsm8k_lora.model import ModelLoadError
+
+    try:
+        config = validate(cfg)
+        check_hardware(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        from gsm8k_lora.pipeline import run
+
+        return run(config, cfg, Path(HydraConfig.get().runtime.output_dir),
+                   run_name_from_overrides(list(HydraConfig.get().overrides.task), config.experiment_name))
+    except (DataError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    start = time.perf_counter()
+    result = main_guarded(cfg)
+    print(f"done in {time.perf_counter() - start:.1f}s; config: {OmegaConf.select(cfg, 'experiment_name')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
