@@ -122,7 +122,8 @@ def clean(rows: list[dict], split: str, max_bad_fraction: float) -> tuple[Datase
                         f"data.max_bad_fraction={max_bad_fraction}")
     if rows and not kept:
         raise DataError(f"{split} split is empty after dropping {bad} malformed rows")
-    return Dataset.from_list(kept) if kept else Dataset.from_dict({k: [] for k in ("id", "question", "answer")}), dropped
+    empty = {key: [] for key in ("id", "question", "answer", "gold", "num_steps", "category")}
+    return (Dataset.from_list(kept) if kept else Dataset.from_dict(empty)), dropped
 
 
 def split_train_val(train: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -158,7 +159,8 @@ def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
                                          add_generation_prompt=True)
     # Tokenizers that add BOS themselves would otherwise see it twice (template text + special token).
     bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+    adds_bos = tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    if bos and adds_bos and text.startswith(bos):
         text = text[len(bos):]
     return text
 

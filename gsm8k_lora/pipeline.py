@@ -89,10 +89,10 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(adapter_dir)
-        if cfg.trainer.save_merged:
+        metrics = collect_metrics(trainer, splits, cfg)
+        if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")
-        metrics = collect_metrics(trainer, splits, cfg)
         history = trainer.state.log_history
         tracking.write_json(run_dir / "log_history.json", {"log_history": history})
         plot = plots.loss_curves(history, run_dir / "loss.png", title=f"Loss: {name}")

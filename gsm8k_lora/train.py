@@ -19,8 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from gsm8k_lora.config import Config, ConfigError, LoraConfig, TrainerConfig, register_configs, validate
 from gsm8k_lora.data import DataError
 
-register_configs()
-
 
 def build_lora_config(cfg: LoraConfig):
     import peft
@@ -44,8 +42,9 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, report_to: list[str], ru
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length, completion_only_loss=cfg.completion_only_loss, assistant_only_loss=False,
         packing=cfg.packing, padding_free=cfg.padding_free,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # transformers 5 renamed gradient_checkpointing; the new name wins over TRL's default of True
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32, optim=cfg.optim, use_cpu=cfg.use_cpu,
         logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
         eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start,
@@ -107,4 +106,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
     main()

@@ -1,0 +1,33 @@
+# The user's menu: `make help`. Each target is one call into the package; set-up is automatic.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help setup demo test test-fast train lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) && touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install (CPU torch on machines without a GPU)
+
+demo: $(STAMP) ## the whole pipeline on the embedded default: tiny model, synthetic GSM8K, CPU
+	$(PY) -m gsm8k_lora.train experiment=smoke $(ARGS)
+
+test: $(STAMP) ## the test suite (tiny model, CPU, offline; CUDA tests skip without a GPU)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP) ## the tests that run no training job
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+train: $(STAMP) ## a real run: make train ARGS="lora.r=8 trainer.learning_rate=1e-4"
+	$(PY) -m gsm8k_lora.train $(ARGS)
+
+lint: $(STAMP) ## ruff (style and common bugs)
+	$(PY) -m ruff check gsm8k_lora tests
+
+clean: ## remove run outputs (keeps .venv and the model cache)
+	rm -rf outputs/runs outputs/multirun

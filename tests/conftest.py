@@ -1,0 +1,48 @@
+"""Shared fixtures: offline environment, the tiny model (built once), and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# One model cache for the whole suite (and between local runs): the tiny model is built once.
+CACHE = Path(os.environ.get("GSM8K_LORA_TEST_CACHE", ROOT / ".cache" / "models"))
+
+OFFLINE_ENV = {
+    "GSM8K_LORA_CACHE": str(CACHE),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from gsm8k_lora import tiny_model
+
+    return tiny_model.ensure(0, CACHE)
+
+
+def run_cli(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run `python -m gsm8k_lora.<module> args` as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", f"gsm8k_lora.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **OFFLINE_ENV, **(env or {})})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

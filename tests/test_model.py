@@ -1,0 +1,72 @@
+"""The tiny model is built reproducibly and loads through from_pretrained; load failures are clear."""
+
+import json
+
+import pytest
+import torch
+
+from gsm8k_lora import tiny_model
+from gsm8k_lora.config import ModelConfig
+from gsm8k_lora.model import ModelLoadError, load, load_tokenizer, resolve_path
+
+
+def test_tiny_model_is_a_llama_with_its_own_tokenizer(tiny_model_dir):
+    model, tok = load(ModelConfig(name_or_path="builtin:tiny"), str(tiny_model_dir.parent))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 2e7
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token != tok.eos_token
+    assert tok.chat_template and "<|assistant|>" in tok.chat_template
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["model_type"] == "llama"
+
+
+def test_tiny_build_is_deterministic_before_pretraining(tmp_path):
+    a = tiny_model.build(tmp_path / "a", seed=0, pretrain=False)
+    b = tiny_model.build(tmp_path / "b", seed=0, pretrain=False)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_pretrained_tiny_model_writes_steps_but_no_final_answer_line(tiny_model_dir):
+    """The base model knows the words, not the GSM8K answer format: fine-tuning has something to teach."""
+    from gsm8k_lora.data import render_prompt
+    from gsm8k_lora.synthetic import generate
+
+    model, tok = load(ModelConfig(name_or_path="builtin:tiny"), str(tiny_model_dir.parent))
+    prompt = render_prompt(tok, generate(1, 99)[0]["question"], None)
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    assert "####" not in text
+    assert any(ch.isdigit() for ch in text)
+
+
+def test_unreachable_hub_id_suggests_offline_options():
+    with pytest.raises(ModelLoadError, match="model=tiny"):
+        load_tokenizer("no-such-org/no-such-model-xyz", ModelConfig(name_or_path="x"))
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model"):
+        load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    for name in ("chat_template.jinja",):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="model.chat_template_path"):
+        load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path)))
+    template = tmp_path / "t.jinja"
+    template.write_text(tiny_model.CHAT_TEMPLATE)
+    tok = load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path), chat_template_path=str(template)))
+    assert tok.chat_template == tiny_model.CHAT_TEMPLATE
+
+
+def test_resolve_path_passes_hub_ids_and_directories_through():
+    assert resolve_path(ModelConfig(name_or_path="tiiuae/Falcon3-1B-Instruct")) == "tiiuae/Falcon3-1B-Instruct"

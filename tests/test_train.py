@@ -1,0 +1,97 @@
+"""A full tiny run through the real entry point, as `make demo` runs it, then what a user would check."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gsm8k_lora.metrics import series
+from tests.conftest import run_cli
+from tests.wandb_offline import run_contents
+
+SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.max_steps=40",
+                   "trainer.save_merged=true", env=SECRETS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_prints_the_loss_falling_and_the_run_directory(smoke_run):
+    run_dir, proc = smoke_run
+    assert "train loss: first" in proc.stdout and f"run directory: {run_dir}" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["eval_loss_last"] < metrics["eval_loss_first"]
+    assert f"{metrics['train_loss_first']:.4f}" in proc.stdout
+
+
+def test_run_directory_is_complete(smoke_run):
+    run_dir, _ = smoke_run
+    for name in ("config.yaml", "environment.json", "metrics.json", "log_history.json", "loss.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "merged/config.json", "wandb_run.txt", ".hydra/overrides.yaml"):
+        assert (run_dir / name).exists(), name
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["trl"] and env["packages"]["transformers"] and "experiment=smoke" in env["command"]
+    assert "lora:" in (run_dir / "config.yaml").read_text()
+
+
+def test_metrics_are_the_figures_of_the_log_history(smoke_run):
+    run_dir, _ = smoke_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
+    train, val = series(history, "loss"), series(history, "eval_loss")
+    assert metrics["train_loss_first"] == train[0][1] and metrics["train_loss_last"] == train[-1][1]
+    assert metrics["eval_loss_first"] == val[0][1] and val[0][0] == 0  # evaluated before the first step
+    assert metrics["eval_loss_best"] == min(v for _, v in val)
+    assert math.isclose(metrics["eval_loss_decrease_pct"], 100 * (val[0][1] - val[-1][1]) / val[0][1])
+    assert metrics["steps"] == 40 and metrics["stop_reason"] == "completed"
+    assert metrics["rows_train"] == 1080 and metrics["rows_validation"] == 120 and metrics["rows_test"] == 100
+    assert metrics["tokens_seen"] > 40 * 16 * 20
+    assert 0 < metrics["eval_token_accuracy_last"] <= 1 and "not GSM8K accuracy" in metrics["token_accuracy_note"]
+    assert not any(key.startswith("accuracy") or key == "gsm8k_accuracy" for key in metrics)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+
+
+def test_adapter_reloads_and_reproduces_the_trained_model(smoke_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = smoke_run
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    ids = tok("Tom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+        tuned_logits = tuned(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()(ids).logits
+    assert torch.allclose(tuned_logits, merged_logits, atol=1e-4)
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)
+
+
+def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
+    run_dir, _ = smoke_run
+    offline = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    logged = run_contents(offline[0])
+    assert logged["name"] == "experiment=smoke,trainer.max_steps=40,trainer.save_merged=true"
+    assert logged["config"]["lora"]["r"] == 8 and logged["config"]["trainer"]["max_steps"] == 40
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert logged["summary"]["eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])
+    assert logged["summary"]["train_token_accuracy_last"] == pytest.approx(metrics["train_token_accuracy_last"])
+    assert "offline" in (run_dir / "wandb_run.txt").read_text()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            content = path.read_bytes()
+            for secret in SECRETS.values():
+                assert secret.encode() not in content, f"{secret[:6]}... written to {path}"
