@@ -165,12 +165,39 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True  # after training, answer the test questions with baseline and fine-tuned model
+    split: str = "test"
+    limit: int | None = None  # the first N questions; null: all
+    prompt: str = "zero_shot_cot"  # zero_shot_cot | fewshot | lm_eval_gsm8k
+    num_fewshot: int = 5  # fewshot / lm_eval_gsm8k: examples from the train split
+    batch_size: int = 32
+    max_new_tokens: int = 320
+    num_samples: int = 1  # > 1: self-consistency, sampled at `temperature` (maj@k, pass@k)
+    temperature: float = 0.7
+    compare_baseline: bool = True  # also answer with the adapter disabled
+    stop_sequences: list[str] = field(default_factory=lambda: ["Question:", "<|user|>", "\n\nQ:"])
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.split", self.split, ("test", "validation"))
+        _check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be a positive integer or null")
+        _check_choice("eval.prompt", self.prompt, ("zero_shot_cot", "fewshot", "lm_eval_gsm8k"))
+        _check(0 <= self.num_fewshot <= 16, "eval.num_fewshot", self.num_fewshot, "must be in [0, 16]")
+        for key in ("batch_size", "max_new_tokens", "num_samples"):
+            _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be a positive integer")
+        _check(self.num_samples == 1 or self.temperature > 0, "eval.temperature", self.temperature,
+               "must be positive when eval.num_samples > 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     lora: LoraConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    eval: EvalConfig = MISSING
+    adapter: str | None = None  # evaluate: a LoRA adapter directory or a run directory holding adapter/
     experiment_name: str = "default"
     cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
 
@@ -180,7 +207,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig),
-                        ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+                        ("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)
 
 

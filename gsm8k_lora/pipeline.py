@@ -2,6 +2,7 @@
 
     config.yaml        resolved config          environment.json   versions, commit, command, device
     metrics.json       figures of this run      log_history.json   every logged step
+    eval_metrics.json  GSM8K accuracy           predictions.jsonl  graded answers, baseline and fine-tuned
     adapter/           LoRA adapter + tokenizer loss.png           train and validation loss
     checkpoints/       Trainer checkpoints      wandb_run.txt      W&B link (or the sync command)
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import data, plots, tracking
+from gsm8k_lora import data, evaluate, plots, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.metrics import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
 
@@ -77,6 +78,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
     stats = splits.stats
     print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
           f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
+    eval_rows = evaluate.eval_rows(splits, cfg.eval) if cfg.eval.enabled else []
     model, tokenizer = load(cfg.model, cfg.cache_dir)
     train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
 
@@ -90,6 +92,9 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
         trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(adapter_dir)
         metrics = collect_metrics(trainer, splits, cfg)
+        if eval_rows:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
+            evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(), run_dir,
+                              adapters=True, wandb_run=wandb_run)
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")

@@ -92,6 +92,9 @@ def main_guarded(cfg: DictConfig) -> float | None:
 
         return run(config, cfg, Path(HydraConfig.get().runtime.output_dir),
                    run_name_from_overrides(list(HydraConfig.get().overrides.task), config.experiment_name))
+    except ConfigError as err:  # checks that need the data, e.g. eval.limit against the split size
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     except (DataError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

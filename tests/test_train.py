@@ -17,7 +17,7 @@ SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "H
 def smoke_run(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.max_steps=40",
-                   "trainer.save_merged=true", env=SECRETS)
+                   "trainer.save_merged=true", "eval.limit=30", env=SECRETS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -84,7 +84,7 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     offline = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     logged = run_contents(offline[0])
-    assert logged["name"] == "experiment=smoke,trainer.max_steps=40,trainer.save_merged=true"
+    assert logged["name"] == "experiment=smoke,trainer.max_steps=40,trainer.save_merged=true,eval.limit=30"
     assert logged["config"]["lora"]["r"] == 8 and logged["config"]["trainer"]["max_steps"] == 40
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert logged["summary"]["eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])
@@ -95,3 +95,40 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
             content = path.read_bytes()
             for secret in SECRETS.values():
                 assert secret.encode() not in content, f"{secret[:6]}... written to {path}"
+
+
+def test_evaluation_answers_the_same_questions_with_baseline_and_finetuned(smoke_run):
+    run_dir, proc = smoke_run
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    by_model = {m: [r for r in records if r["model"] == m] for m in ("baseline", "finetuned")}
+    assert [r["id"] for r in by_model["baseline"]] == [r["id"] for r in by_model["finetuned"]]
+    assert len(by_model["finetuned"]) == 30 and all(r["id"].startswith("test-") for r in records)
+    for name, recs in by_model.items():
+        assert metrics[f"{name}_gsm8k_accuracy_flexible"] == sum(r["correct"] for r in recs) / 30
+        assert metrics[f"{name}_gsm8k_accuracy_strict"] == sum(r["correct_strict"] for r in recs) / 30
+        key = f"{name}_gsm8k_accuracy_flexible"
+        assert metrics[f"{key}_ci95_low"] <= metrics[key] <= metrics[f"{key}_ci95_high"]
+    # what the demo shows: fine-tuning taught the answer format the base model lacks
+    assert metrics["finetuned_answer_format_rate"] > metrics["baseline_answer_format_rate"]
+    assert 0 <= metrics["paired_flexible_mcnemar_p"] <= 1
+    assert "says nothing about Falcon3" in metrics["note"] and "GSM8K accuracy (finetuned, n=30)" in proc.stdout
+
+
+def test_evaluate_cli_reloads_the_adapter_from_the_run_directory(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    proc = run_cli("evaluate", "experiment=smoke", "logger=none", f"adapter={run_dir}", "eval.limit=30",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "eval_metrics.json").read_text())
+    first = json.loads((run_dir / "eval_metrics.json").read_text())
+    # greedy decoding: the reloaded adapter answers as the trained one did
+    for key in ("baseline_gsm8k_accuracy_flexible", "finetuned_gsm8k_accuracy_flexible",
+                "finetuned_answer_format_rate"):
+        assert again[key] == first[key]
+
+
+def test_eval_limit_beyond_the_split_fails_before_training(tmp_path):
+    proc = run_cli("train", "experiment=smoke", "eval.limit=5000", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2 and "eval.limit=5000 is invalid: the test split has 100 rows" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
