@@ -10,7 +10,7 @@ from gsm8k_lora.config import ConfigError, register_configs, validate
 from tests.conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "data", "lora", "trainer", "logger")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "data", "lora", "trainer", "logger", "eval")}
 
 
 def compose_cfg(*overrides: str):
@@ -77,10 +77,13 @@ def test_sft_config_takes_every_value_from_the_config(tmp_path):
     ("data.val_fraction=0", "data.val_fraction"),
     ("model.dtype=float8", "model.dtype"),
     ("logger.mode=sometimes", "logger.mode"),
+    ("eval.prompt=three_shot", "eval.prompt"),
+    ("eval.limit=0", "eval.limit"),
+    ("eval.num_samples=4 eval.temperature=0", "eval.temperature"),
 ])
 def test_invalid_values_fail_with_the_key_and_what_is_allowed(override, key):
     with pytest.raises(ConfigError) as err:
-        validate(compose_cfg("experiment=smoke", override))
+        validate(compose_cfg("experiment=smoke", *override.split()))
     message = str(err.value)
     assert key in message and "\n" not in message
     assert any(word in message for word in ("must", "allowed"))
