@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help setup demo test test-fast train evaluate lint clean
+.PHONY: help setup demo test test-fast train evaluate bench lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,3 +34,6 @@ clean: ## remove run outputs (keeps .venv and the model cache)
 
 evaluate: $(STAMP) ## GSM8K accuracy of a base model, or base vs adapter: make evaluate ARGS="adapter=outputs/runs/X"
 	$(PY) -m gsm8k_lora.evaluate $(ARGS)
+
+bench: $(STAMP) ## speed figures as ratios measured in one run; writes outputs/bench/<time>.json
+	$(PY) -m gsm8k_lora.bench $(ARGS)

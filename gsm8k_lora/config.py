@@ -176,6 +176,8 @@ class EvalConfig:
     num_samples: int = 1  # > 1: self-consistency, sampled at `temperature` (maj@k, pass@k)
     temperature: float = 0.7
     compare_baseline: bool = True  # also answer with the adapter disabled
+    during_training: bool = False  # at every evaluation, GSM8K accuracy on a fixed validation sample
+    during_training_limit: int = 100  # size of that sample
     stop_sequences: list[str] = field(default_factory=lambda: ["Question:", "<|user|>", "\n\nQ:"])
 
     def __post_init__(self) -> None:
@@ -187,6 +189,8 @@ class EvalConfig:
             _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be a positive integer")
         _check(self.num_samples == 1 or self.temperature > 0, "eval.temperature", self.temperature,
                "must be positive when eval.num_samples > 1")
+        _check(self.during_training_limit > 0, "eval.during_training_limit", self.during_training_limit,
+               "must be a positive integer")
 
 
 @dataclass
@@ -200,6 +204,14 @@ class Config:
     adapter: str | None = None  # evaluate: a LoRA adapter directory or a run directory holding adapter/
     experiment_name: str = "default"
     cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
+
+    def __post_init__(self) -> None:
+        generated = "gsm8k" in self.trainer.metric_for_best_model
+        _check(not generated or self.eval.during_training, "trainer.metric_for_best_model",
+               self.trainer.metric_for_best_model, "a generated-accuracy metric needs eval.during_training=true")
+        _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_accuracy"),
+               "trainer.metric_for_best_model", self.trainer.metric_for_best_model,
+               "allowed: eval_loss, eval_gsm8k_accuracy")
 
 
 def register_configs() -> None:

@@ -59,7 +59,7 @@ class AnswerComplete(StoppingCriteria):
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = "Generating") -> list[dict]:
     """For each prompt, `cfg.num_samples` completions with their generated token counts."""
-    tokenizer.padding_side = "left"  # decoder-only batches must end at the same position
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batches must end at the same position
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     results: list[dict] = [{} for _ in prompts]
@@ -86,4 +86,5 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
                 counts.append(int(keep.numel()))
                 texts.append(tokenizer.decode(keep, skip_special_tokens=True))
             results[i] = {"completions": texts, "generated_tokens": counts}
+    tokenizer.padding_side = side
     return results

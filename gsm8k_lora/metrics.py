@@ -34,7 +34,7 @@ def curve_summary(points: list[tuple[int, float]], prefix: str, lower_is_better:
     out = {f"{prefix}_first": values[0], f"{prefix}_last": values[-1], f"{prefix}_best": best}
     if lower_is_better:
         out[f"{prefix}_decrease_pct"] = decrease_pct(values[0], values[-1])
-        out[f"{prefix}_best_step"] = points[values.index(best)][0]
+    out[f"{prefix}_best_step"] = points[values.index(best)][0]
     return out
 
 
@@ -43,6 +43,7 @@ def summarize_history(history: list[dict]) -> dict:
     out: dict = {}
     out.update(curve_summary(series(history, "loss"), "train_loss"))
     out.update(curve_summary(series(history, "eval_loss"), "eval_loss"))
+    out.update(curve_summary(series(history, "eval_gsm8k_accuracy"), "eval_gsm8k_accuracy", lower_is_better=False))
     for src, name in (("mean_token_accuracy", "train_token_accuracy"),
                       ("eval_mean_token_accuracy", "eval_token_accuracy")):
         points = series(history, src)

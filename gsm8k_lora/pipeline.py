@@ -31,18 +31,28 @@ def format_for_sft(cfg: Config, splits: data.Splits, tokenizer) -> tuple:
     return train, validation
 
 
-def build_trainer(cfg: Config, model, tokenizer, train_ds, val_ds, out_dir: Path, report_to: list[str], name: str):
+def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: Path, report_to: list[str],
+                  name: str):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
+    from gsm8k_lora.callbacks import GSM8KAccuracyCallback
     from gsm8k_lora.train import build_lora_config, build_sft_config
 
+    train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
     callbacks = []
+    if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
+        sample = splits.validation.select(range(min(cfg.eval.during_training_limit, len(splits.validation))))
+        callbacks.append(GSM8KAccuracyCallback(tokenizer, sample.to_list(), cfg.eval, cfg.data.system_prompt))
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience))
-    return SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, report_to, name),
-                      train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                      peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, report_to, name),
+                         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                         peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
+    for callback in callbacks:
+        if isinstance(callback, GSM8KAccuracyCallback):
+            callback.trainer = trainer
+    return trainer
 
 
 def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
@@ -80,12 +90,11 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
           f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
     eval_rows = evaluate.eval_rows(splits, cfg.eval) if cfg.eval.enabled else []
     model, tokenizer = load(cfg.model, cfg.cache_dir)
-    train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
 
     wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved)
     exit_code = 1
     try:
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, run_dir / "checkpoints",
+        trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints",
                                 ["wandb"] if wandb_run else [], name)
         trainer.train()
         adapter_dir = run_dir / "adapter"

@@ -10,7 +10,8 @@ from gsm8k_lora.config import ConfigError, register_configs, validate
 from tests.conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "data", "lora", "trainer", "logger", "eval")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
+          for g in ("model", "data", "lora", "trainer", "logger", "eval")}
 
 
 def compose_cfg(*overrides: str):

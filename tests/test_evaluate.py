@@ -96,3 +96,26 @@ def test_grade_cli_rejects_rows_without_answer(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"completion": "5"}])
     proc = run_cli("grade", str(path), timeout=120)
     assert proc.returncode == 1 and "needs both 'completion' and 'answer'" in proc.stderr
+
+
+def test_needed_tokens_stop_at_the_answer_line(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from gsm8k_lora.bench import needed_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = "Tom has 2+3=<<2+3=5>>5 apples.\n#### 5"
+    n = len(tok(answer, add_special_tokens=False).input_ids)
+    assert needed_tokens(tok, answer + "\nThen more text that was not needed", True) == n
+    plain = len(tok("no final line", add_special_tokens=False).input_ids)
+    assert needed_tokens(tok, "no final line", True) == plain + 1
+
+
+def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
+    proc = run_cli("bench", "--quick", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("*.json")
+    figures = json.loads(result.read_text())
+    for key in ("eval_batched_speedup_x", "eval_generated_over_needed_x", "eval_single_questions_per_s"):
+        assert figures[key] > 0
+    assert "eval_batched_speedup_x" in proc.stdout

@@ -17,7 +17,8 @@ SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "H
 def smoke_run(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.max_steps=40",
-                   "trainer.save_merged=true", "eval.limit=30", env=SECRETS)
+                   "trainer.save_merged=true", "eval.limit=30", "eval.during_training=true",
+                   "eval.during_training_limit=20", env=SECRETS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -60,6 +61,11 @@ def test_metrics_are_the_figures_of_the_log_history(smoke_run):
     assert 0 < metrics["eval_token_accuracy_last"] <= 1 and "not GSM8K accuracy" in metrics["token_accuracy_note"]
     assert not any(key.startswith("accuracy") or key == "gsm8k_accuracy" for key in metrics)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    # generated-answer accuracy on the validation sample at every evaluation, beside the loss
+    accuracy = series(history, "eval_gsm8k_accuracy")
+    assert [step for step, _ in accuracy] == [step for step, _ in val]
+    assert metrics["eval_gsm8k_accuracy_best"] == max(v for _, v in accuracy)
+    assert series(history, "eval_answer_format_rate")[-1][1] > series(history, "eval_answer_format_rate")[0][1]
 
 
 def test_adapter_reloads_and_reproduces_the_trained_model(smoke_run, tiny_model_dir):
@@ -84,7 +90,7 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     offline = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     logged = run_contents(offline[0])
-    assert logged["name"] == "experiment=smoke,trainer.max_steps=40,trainer.save_merged=true,eval.limit=30"
+    assert logged["name"].startswith("experiment=smoke,trainer.max_steps=40,trainer.save_merged=true,eval.limit=30")
     assert logged["config"]["lora"]["r"] == 8 and logged["config"]["trainer"]["max_steps"] == 40
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert logged["summary"]["eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])

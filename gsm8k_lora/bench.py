@@ -1,0 +1,114 @@
+"""Benchmarks: `python -m gsm8k_lora.bench [--quick] [--adapter RUN_DIR]` (or `make bench`).
+
+Speed is measured as a ratio of two variants in the same process on the same inputs, because
+these machines are noisy. Writes `outputs/bench/<time>.json` and prints a table.
+
+Evaluation figures (tiny model, CPU unless a GPU is present):
+- questions/s with batched generation against one question at a time (target >= 5x);
+- generated tokens per question against the tokens needed to reach the final answer (target <= 1.2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from gsm8k_lora import tracking
+from gsm8k_lora.config import EvalConfig, ModelConfig
+from gsm8k_lora.generation import build_prompt, generate
+
+_ANSWER_END_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+")
+
+
+def needed_tokens(tokenizer, completion: str, ended_with_eos: bool) -> int:
+    """Tokens up to the end of the final answer: through the `#### N` number, else the whole text
+    (+1 for the EOS that a finished answer needs)."""
+    match = _ANSWER_END_RE.search(completion)
+    text = completion[: match.end()] if match else completion
+    return len(tokenizer(text, add_special_tokens=False).input_ids) + (1 if ended_with_eos and not match else 0)
+
+
+def time_generation(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> tuple[float, list[dict]]:
+    start = time.perf_counter()
+    out = generate(model, tokenizer, prompts, cfg, desc=f"batch size {cfg.batch_size}")
+    return time.perf_counter() - start, out
+
+
+def bench_eval(model, tokenizer, questions: list[str], batch_size: int, max_new_tokens: int) -> dict:
+    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    prompts = [build_prompt(tokenizer, q, cfg, [], None) for q in questions]
+    generate(model, tokenizer, prompts[:2], dataclasses.replace(cfg, max_new_tokens=4))  # warm-up
+    single_s, _ = time_generation(model, tokenizer, prompts, dataclasses.replace(cfg, batch_size=1))
+    batched_s, out = time_generation(model, tokenizer, prompts, cfg)
+    generated = sum(o["generated_tokens"][0] for o in out)
+    needed = sum(needed_tokens(tokenizer, o["completions"][0], True) for o in out)
+    return {
+        "eval_questions": len(prompts),
+        "eval_batch_size": batch_size,
+        "eval_single_questions_per_s": len(prompts) / single_s,
+        "eval_batched_questions_per_s": len(prompts) / batched_s,
+        "eval_batched_speedup_x": single_s / batched_s,
+        "eval_generated_tokens_per_question": generated / len(prompts),
+        "eval_needed_tokens_per_question": needed / len(prompts),
+        "eval_generated_over_needed_x": generated / max(needed, 1),
+    }
+
+
+TARGETS = {"eval_batched_speedup_x": (">=", 5.0), "eval_generated_over_needed_x": ("<=", 1.2)}
+
+
+def print_table(results: dict) -> None:
+    print(f"{'figure':42s} {'value':>12s}  target")
+    for key, value in results.items():
+        if isinstance(value, float):
+            target = TARGETS.get(key)
+            mark = ""
+            if target:
+                ok = value >= target[1] if target[0] == ">=" else value <= target[1]
+                mark = f"{target[0]} {target[1]}  {'met' if ok else 'NOT met'}"
+            print(f"{key:42s} {value:12.3f}  {mark}")
+        elif key != "environment":
+            print(f"{key:42s} {value!s:>12s}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m gsm8k_lora.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few questions only (the test suite uses this)")
+    parser.add_argument("--adapter", help="a run directory or adapter to benchmark instead of the base tiny model")
+    parser.add_argument("--out", default="outputs/bench", help="where the JSON result goes")
+    args = parser.parse_args(argv)
+
+    from gsm8k_lora import synthetic
+    from gsm8k_lora.model import load
+
+    torch.manual_seed(0)
+    model, tokenizer = load(ModelConfig(name_or_path="builtin:tiny"))
+    if args.adapter:
+        from peft import PeftModel
+
+        from gsm8k_lora.evaluate import resolve_adapter
+
+        model = PeftModel.from_pretrained(model, resolve_adapter(args.adapter))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    n = 8 if args.quick else 64
+    questions = [row["question"] for row in synthetic.generate(n, seed=123)]
+    results = {"mode": "quick" if args.quick else "full", "model": "tiny" + ("+adapter" if args.adapter else ""),
+               **bench_eval(model, tokenizer, questions, batch_size=min(32, n), max_new_tokens=128),
+               "environment": tracking.environment()}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    tracking.write_json(path, results)
+    print_table(results)
+    print(f"written: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""GSM8K accuracy during training, beside the validation loss.
+
+SFTTrainer evaluates loss only; this callback answers a fixed sample of validation questions at
+each evaluation and adds `eval_gsm8k_accuracy` to the metrics before early stopping and best-
+checkpoint selection read them (it must come before EarlyStoppingCallback in the list), so
+`trainer.metric_for_best_model=eval_gsm8k_accuracy` keeps the checkpoint that answers best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import TrainerCallback
+
+from gsm8k_lora.config import EvalConfig
+from gsm8k_lora.generation import build_prompt, generate
+
+
+class GSM8KAccuracyCallback(TrainerCallback):
+    def __init__(self, tokenizer, rows: list[dict], cfg: EvalConfig, system_prompt: str | None):
+        self.tokenizer, self.rows = tokenizer, rows
+        self.cfg = dataclasses.replace(cfg, num_samples=1)  # greedy: comparable from step to step
+        self.prompts = [build_prompt(tokenizer, r["question"], self.cfg, [], system_prompt) for r in rows]
+        self.trainer = None  # set by the pipeline once the trainer exists; used to log
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        from gsm8k_lora.evaluate import score
+
+        was_training = model.training
+        generations = generate(model, self.tokenizer, self.prompts, self.cfg, desc="GSM8K validation answers")
+        if was_training:
+            model.train()
+        records = score(self.rows, generations, "during_training")
+        n = len(records)
+        figures = {"eval_gsm8k_accuracy": sum(r["correct"] for r in records) / n,
+                   "eval_gsm8k_accuracy_strict": sum(r["correct_strict"] for r in records) / n,
+                   "eval_answer_format_rate": sum(r["explicit_answer"] for r in records) / n}
+        if metrics is not None:
+            metrics.update(figures)  # the same dict the Trainer reads for best-metric and early stopping
+        if self.trainer is not None:
+            self.trainer.log(figures)
