@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+DIR ?=
+SWEEP ?= lr_epochs
+EXP ?=
 
-.PHONY: help setup demo test test-fast train evaluate bench lint clean
+.PHONY: help setup demo test test-fast train evaluate bench sweep compare lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,3 +40,9 @@ evaluate: $(STAMP) ## GSM8K accuracy of a base model, or base vs adapter: make e
 
 bench: $(STAMP) ## speed figures as ratios measured in one run; writes outputs/bench/<time>.json
 	$(PY) -m gsm8k_lora.bench $(ARGS)
+
+sweep: $(STAMP) ## Hydra multirun of sweeps/$(SWEEP).yaml; EXP=smoke for the tiny CPU grid
+	$(PY) -m gsm8k_lora.train -m --config-dir sweeps --config-name $(SWEEP) $(if $(EXP),experiment=$(EXP)) $(ARGS)
+
+compare: $(STAMP) ## table and plots of a sweep: make compare DIR=outputs/multirun/<sweep>
+	$(PY) -m gsm8k_lora.compare $(DIR)

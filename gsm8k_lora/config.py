@@ -194,6 +194,17 @@ class EvalConfig:
 
 
 @dataclass
+class GridConfig:
+    """Values the grid sweep files in sweeps/ read, so an experiment can scale a sweep to its setting."""
+
+    epochs: str = "1,2,3"
+    learning_rates: str = "1e-4,2e-4,5e-4"
+
+
+OBJECTIVES = ("eval_loss_best", "eval_gsm8k_accuracy_best", "finetuned_gsm8k_accuracy_flexible")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -203,6 +214,8 @@ class Config:
     eval: EvalConfig = MISSING
     adapter: str | None = None  # evaluate: a LoRA adapter directory or a run directory holding adapter/
     experiment_name: str = "default"
+    objective: str = "eval_loss_best"  # what a run returns to a sweeper (Optuna)
+    grid: GridConfig = field(default_factory=GridConfig)
     cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
 
     def __post_init__(self) -> None:
@@ -212,6 +225,11 @@ class Config:
         _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_accuracy"),
                "trainer.metric_for_best_model", self.trainer.metric_for_best_model,
                "allowed: eval_loss, eval_gsm8k_accuracy")
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check(self.eval.enabled or not self.objective.startswith("finetuned"), "objective", self.objective,
+               "needs eval.enabled=true")
+        _check(self.eval.during_training or not self.objective.startswith("eval_gsm8k"), "objective",
+               self.objective, "needs eval.during_training=true")
 
 
 def register_configs() -> None:

@@ -78,8 +78,8 @@ def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
     return metrics
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | None:
-    """One run; returns the best validation loss (the value an Optuna sweep minimises)."""
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
+    """One run; returns its figures (metrics.json and eval_metrics.json together)."""
     from gsm8k_lora.model import load
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,9 +101,10 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
         trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(adapter_dir)
         metrics = collect_metrics(trainer, splits, cfg)
+        eval_figures = {}
         if eval_rows:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
-            evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(), run_dir,
-                              adapters=True, wandb_run=wandb_run)
+            eval_figures = evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(),
+                                             run_dir, adapters=True, wandb_run=wandb_run)
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")
@@ -119,7 +120,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> float | N
                 wandb_run.log({"plots/loss": wandb.Image(str(plot))})
         report_loss(metrics, run_dir)
         exit_code = 0
-        return metrics.get("eval_loss_best")
+        return {**metrics, **eval_figures}
     finally:
         tracking.finish_wandb(wandb_run, exit_code)
 

@@ -29,3 +29,72 @@ def loss_curves(history: list[dict], path: Path, title: str = "Loss") -> Path | 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _override(job: dict, key: str) -> str | None:
+    return next((o.partition("=")[2] for o in job["overrides"] if o.partition("=")[0] == key), None)
+
+
+def accuracy_grid(jobs: list[dict], path: Path) -> Path | None:
+    """Fine-tuned GSM8K accuracy over the learning-rate x epochs grid (bars when it is not a grid)."""
+    scored = [j for j in jobs if "finetuned_gsm8k_accuracy_flexible" in j["eval"]]
+    if not scored:
+        return None
+    lrs = sorted({_override(j, "trainer.learning_rate") for j in scored} - {None}, key=float)
+    epochs = sorted({_override(j, "trainer.num_train_epochs") for j in scored} - {None}, key=float)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if len(lrs) > 1 and len(epochs) > 1:
+        grid = [[float("nan")] * len(lrs) for _ in epochs]
+        for j in scored:
+            lr, ep = _override(j, "trainer.learning_rate"), _override(j, "trainer.num_train_epochs")
+            if lr in lrs and ep in epochs:
+                grid[epochs.index(ep)][lrs.index(lr)] = j["eval"]["finetuned_gsm8k_accuracy_flexible"]
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0.0)
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                ax.text(x, y, "failed" if value != value else f"{value:.1%}", ha="center", va="center", color="w")
+        ax.set_xticks(range(len(lrs)), lrs)
+        ax.set_yticks(range(len(epochs)), epochs)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("epochs")
+        fig.colorbar(image, ax=ax, label="GSM8K accuracy (flexible)")
+    else:
+        labels = [j["job"] for j in scored]
+        ax.bar(labels, [j["eval"]["finetuned_gsm8k_accuracy_flexible"] for j in scored], label="fine-tuned")
+        ax.plot(labels, [j["eval"].get("baseline_gsm8k_accuracy_flexible", float("nan")) for j in scored], "k_",
+                markersize=20, label="baseline")
+        ax.set_xlabel("job")
+        ax.set_ylabel("GSM8K accuracy (flexible)")
+        ax.legend()
+    ax.set_title("Fine-tuned GSM8K accuracy (generated answers)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def val_loss_curves(jobs: list[dict], path: Path) -> Path | None:
+    import json
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    drawn = 0
+    for job in jobs:
+        history_file = job["dir"] / "log_history.json"
+        if not history_file.exists():
+            continue
+        points = series(json.loads(history_file.read_text())["log_history"], "eval_loss")
+        label = " ".join(o for o in job["overrides"] if o.startswith(("trainer.", "lora."))) or job["job"]
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3, label=f"{job['job']}: {label}")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss of every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

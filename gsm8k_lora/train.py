@@ -78,26 +78,41 @@ def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
 
 
 def main_guarded(cfg: DictConfig) -> float | None:
-    """Validate, then run; turn expected failures into one line and a non-zero exit."""
+    """Validate, then run; expected failures become one line and a non-zero exit (in a sweep, the
+    job is marked failed and Hydra goes on with the others)."""
+    from hydra.types import RunMode
+
+    from gsm8k_lora import jobs
     from gsm8k_lora.model import ModelLoadError
 
+    hydra_cfg = HydraConfig.get()
+    job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    done = jobs.completed(job_dir, overrides)
+    if done is not None:
+        print(f"skipping {job_dir}: completed before with the same overrides ({done['objective']}={done['value']})")
+        return done["value"]
     try:
         config = validate(cfg)
         check_hardware(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
+        if multirun and config.logger.group is None:  # one W&B group per sweep: its directory name
+            config.logger.group = Path(hydra_cfg.sweep.dir).name
         from gsm8k_lora.pipeline import run
 
-        return run(config, cfg, Path(HydraConfig.get().runtime.output_dir),
-                   run_name_from_overrides(list(HydraConfig.get().overrides.task), config.experiment_name))
-    except ConfigError as err:  # checks that need the data, e.g. eval.limit against the split size
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (DataError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name))
+    except (ConfigError, DataError, ModelLoadError) as err:
+        jobs.mark_failed(job_dir, overrides, err)
+        if multirun:
+            raise
+        label = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{label}: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
+    except Exception as err:
+        jobs.mark_failed(job_dir, overrides, err)
+        raise
+    value = results.get(config.objective)
+    jobs.mark_done(job_dir, overrides, config.objective, value)
+    return value
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
