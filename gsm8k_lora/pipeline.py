@@ -82,8 +82,9 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     """One run; returns its figures (metrics.json and eval_metrics.json together)."""
     from gsm8k_lora.model import load
 
+    main_process = tracking.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = write_run_record(run_dir, raw_cfg)
+    resolved = write_run_record(run_dir, raw_cfg) if main_process else {}
     splits = data.build_splits(cfg.data)  # data problems surface before the model loads
     stats = splits.stats
     print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
@@ -91,7 +92,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     eval_rows = evaluate.eval_rows(splits, cfg.eval) if cfg.eval.enabled else []
     model, tokenizer = load(cfg.model, cfg.cache_dir)
 
-    wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved)
+    wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved) if main_process else None
     exit_code = 1
     try:
         trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints",
@@ -99,6 +100,9 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
         trainer.train()
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))
+        if not main_process:
+            exit_code = 0
+            return {}
         tokenizer.save_pretrained(adapter_dir)
         metrics = collect_metrics(trainer, splits, cfg)
         eval_figures = {}

@@ -53,6 +53,11 @@ def environment() -> dict:
     }
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (and always without them): the one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write atomically, so a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from gsm8k_lora import tracking
 from gsm8k_lora.config import Config, ConfigError, LoraConfig, TrainerConfig, register_configs, validate
 from gsm8k_lora.data import DataError
 
@@ -111,7 +112,8 @@ def main_guarded(cfg: DictConfig) -> float | None:
         jobs.mark_failed(job_dir, overrides, err)
         raise
     value = results.get(config.objective)
-    jobs.mark_done(job_dir, overrides, config.objective, value)
+    if tracking.is_main_process():
+        jobs.mark_done(job_dir, overrides, config.objective, value)
     return value
 
 

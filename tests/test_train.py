@@ -2,12 +2,15 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from gsm8k_lora.metrics import series
-from tests.conftest import run_cli
+from tests.conftest import OFFLINE_ENV, ROOT, run_cli
 from tests.wandb_offline import run_contents
 
 SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
@@ -140,3 +143,16 @@ def test_eval_limit_beyond_the_split_fails_before_training(tmp_path):
     proc = run_cli("train", "experiment=smoke", "eval.limit=5000", f"hydra.run.dir={tmp_path}", timeout=120)
     assert proc.returncode == 2 and "eval.limit=5000 is invalid: the test split has 100 rows" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, tiny_model_dir):
+    """The multi-GPU path (torchrun / accelerate launch), exercised with two CPU processes over gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gsm8k_lora.train",
+           "experiment=smoke", "logger=none", "trainer.max_steps=6", "trainer.eval_steps=3", "trainer.save_steps=3",
+           "eval.limit=4", "data.num_train=200", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # 180 training rows, 16 per device on 2 devices: an epoch is 6 optimizer steps, not 12
+    assert metrics["steps"] == 6 and metrics["epochs"] == pytest.approx(1.0)
+    assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("GSM8K accuracy (finetuned") == 1
