@@ -194,6 +194,15 @@ class EvalConfig:
 
 
 @dataclass
+class ReportConfig:
+    enabled: bool = True  # write report.md at the end of each run
+    gpu_hour_price_usd: float = 2.5  # an assumption for the cost line; set it to what you pay
+
+    def __post_init__(self) -> None:
+        _check(self.gpu_hour_price_usd >= 0, "report.gpu_hour_price_usd", self.gpu_hour_price_usd, "must be >= 0")
+
+
+@dataclass
 class GridConfig:
     """Values the grid sweep files in sweeps/ read, so an experiment can scale a sweep to its setting."""
 
@@ -216,6 +225,7 @@ class Config:
     experiment_name: str = "default"
     objective: str = "eval_loss_best"  # what a run returns to a sweeper (Optuna)
     grid: GridConfig = field(default_factory=GridConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
 
     def __post_init__(self) -> None:

@@ -122,6 +122,10 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
                 import wandb
 
                 wandb_run.log({"plots/loss": wandb.Image(str(plot))})
+        if cfg.report.enabled:
+            from gsm8k_lora.report import write_report
+
+            print(f"report: {write_report(run_dir, cfg.report.gpu_hour_price_usd, wandb_run)}")
         report_loss(metrics, run_dir)
         exit_code = 0
         return {**metrics, **eval_figures}

@@ -98,3 +98,23 @@ def val_loss_curves(jobs: list[dict], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def accuracy_by_steps(rows: list[tuple[int, int, float]], path: Path) -> Path | None:
+    """GSM8K accuracy by the number of reasoning steps in the gold solution, with question counts."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [str(s) for s, _, _ in rows]
+    bars = ax.bar(steps, [a for _, _, a in rows])
+    for bar, (_, n, _) in zip(bars, rows, strict=True):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xlabel("reasoning steps in the gold solution")
+    ax.set_ylabel("GSM8K accuracy (flexible)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Accuracy by problem length")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

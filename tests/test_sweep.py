@@ -109,3 +109,12 @@ def test_slurm_sweep_file_composes_with_the_launcher():
     assert proc.returncode == 0, proc.stderr[-2000:]
     launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
+
+
+def test_sweep_report_compares_the_runs(smoke_sweep):
+    sweep_dir, _ = smoke_sweep
+    proc = run_cli("report", str(sweep_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = (sweep_dir / "report.md").read_text()
+    assert report.count("| 0 |") + report.count("**0") >= 1 and "(best)" in report
+    assert report.count("- job ") == 4

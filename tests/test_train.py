@@ -156,3 +156,30 @@ def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, t
     # 180 training rows, 16 per device on 2 devices: an epoch is 6 optimizer steps, not 12
     assert metrics["steps"] == 6 and metrics["epochs"] == pytest.approx(1.0)
     assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("GSM8K accuracy (finetuned") == 1
+
+
+def test_report_states_the_figures_of_the_metrics_files(smoke_run):
+    from gsm8k_lora.analysis import read_learning_curve
+
+    run_dir, proc = smoke_run
+    report = (run_dir / "report.md").read_text()
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ev = json.loads((run_dir / "eval_metrics.json").read_text())
+    history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
+    for key in ("train_loss_first", "train_loss_last", "eval_loss_best", "eval_token_accuracy_last"):
+        assert f"{m[key]:.4f}" in report, key
+    assert f"{m['eval_loss_decrease_pct']:.1f}%" in report
+    assert f"{m['rows_train']} train / {m['rows_validation']} validation / {m['rows_test']} test" in report
+    for name in ("baseline", "finetuned"):
+        key = f"{name}_gsm8k_accuracy_flexible"
+        assert f"| {name} | 30 | {ev[key]:.1%} | [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]" in report
+    assert f"p={ev['paired_flexible_mcnemar_p']:.3g}" in report
+    reading = read_learning_curve(series(history, "loss"), series(history, "eval_loss"))
+    assert reading.sentence in report
+    assert "It is not GSM8K accuracy" in report and "a CPU run, no GPU-hours" in report
+    assert (run_dir / "accuracy_by_steps.png").stat().st_size > 0
+    # the CLI rewrites the same report from the files alone
+    before = report
+    proc = run_cli("report", str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "report.md").read_text() == before

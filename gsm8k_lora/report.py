@@ -1,0 +1,208 @@
+"""The analysis report of a run or a sweep: `python -m gsm8k_lora.report RUN_OR_SWEEP_DIR`.
+
+Written at the end of every `train` run too. Reads only the run directory's files and writes
+`report.md` beside them, with its plots; every figure in it is one of those files' figures or is
+computed from them here (`analysis.py`), never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from gsm8k_lora import analysis, plots
+from gsm8k_lora.config import ReportConfig
+from gsm8k_lora.metrics import series
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def load_run(run_dir: Path) -> dict:
+    predictions_file = run_dir / "predictions.jsonl"
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()] \
+        if predictions_file.exists() else []
+    return {
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {},
+        "environment": _load(run_dir / "environment.json"),
+        "metrics": _load(run_dir / "metrics.json"),
+        "history": _load(run_dir / "log_history.json").get("log_history", []),
+        "eval": _load(run_dir / "eval_metrics.json"),
+        "predictions": predictions,
+    }
+
+
+def f(value, spec: str = ".4f", missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def overview(run: dict, price: float) -> list[str]:
+    cfg, env, m = run["config"], run["environment"], run["metrics"]
+    model, data, lora, tr = cfg.get("model", {}), cfg.get("data", {}), cfg.get("lora", {}), cfg.get("trainer", {})
+    gpu_count = env.get("gpu_count", 0)
+    gpu_hours, cost = analysis.cost_usd(m.get("train_runtime_s") or 0.0, gpu_count, price)
+    cost_line = (f"- Cost: {gpu_hours:.3f} GPU-hours x ${price:.2f} per GPU-hour = **${cost:.2f}** "
+                 f"(the price is `report.gpu_hour_price_usd`, an assumption to set to yours; training time only)"
+                 if gpu_count else "- Cost: a CPU run, no GPU-hours.")
+    return [
+        "## 1. Overview",
+        f"- Model: `{model.get('name_or_path')}` (dtype {model.get('dtype')}, 4-bit: {model.get('load_in_4bit')})",
+        f"- Data: {data.get('source')} {data.get('path') or ''} — {m.get('rows_train')} train / "
+        f"{m.get('rows_validation')} validation / {m.get('rows_test')} test rows; "
+        f"{(m.get('rows_dropped_train') or 0) + (m.get('rows_dropped_test') or 0)} malformed rows dropped",
+        f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+        f"bias={lora.get('bias')}, targets={lora.get('target_modules')}; {m.get('trainable_params')} trainable of "
+        f"{m.get('total_params')} parameters",
+        f"- Trainer: lr {tr.get('learning_rate')}, {tr.get('num_train_epochs')} epochs (max_steps "
+        f"{tr.get('max_steps')}), batch {tr.get('per_device_train_batch_size')} x accumulation "
+        f"{tr.get('gradient_accumulation_steps')}, bf16 {tr.get('bf16')}, early stopping patience "
+        f"{tr.get('early_stopping_patience')}",
+        f"- Hardware: {env.get('device')} ({gpu_count} GPU), {env.get('cpu_count')} CPU cores; "
+        f"torch {env.get('packages', {}).get('torch')}, trl {env.get('packages', {}).get('trl')}",
+        f"- Runtime: {f(m.get('train_runtime_s'), '.1f')} s training, {m.get('steps')} steps, "
+        f"{m.get('tokens_seen')} tokens seen; stop: {m.get('stop_reason')}",
+        cost_line,
+    ]
+
+
+def loss_section(m: dict) -> list[str]:
+    rows = ["| loss | first | last | best | decrease |", "|---|---|---|---|---|"]
+    for key, name in (("train_loss", "train"), ("eval_loss", "validation")):
+        rows.append(f"| {name} | {f(m.get(key + '_first'))} | {f(m.get(key + '_last'))} | {f(m.get(key + '_best'))} "
+                    f"| {f(m.get(key + '_decrease_pct'), '.1f')}% |")
+    return ["## 2. Loss", *rows, "", "![loss](loss.png)"]
+
+
+def curve_section(run: dict) -> tuple[list[str], analysis.CurveReading]:
+    reading = analysis.read_learning_curve(series(run["history"], "loss"), series(run["history"], "eval_loss"))
+    early = run["metrics"].get("stop_reason") == "early_stopping"
+    return ["## 3. Learning curve", f"- {reading.sentence}",
+            f"- Early stopping {'fired' if early else 'did not fire'} "
+            f"(stop reason: {run['metrics'].get('stop_reason')})."], reading
+
+
+def token_accuracy_section(m: dict) -> list[str]:
+    return ["## 4. Next-token accuracy (not GSM8K accuracy)",
+            f"- Train next-token accuracy: first {f(m.get('train_token_accuracy_first'))}, last "
+            f"{f(m.get('train_token_accuracy_last'))}; validation: first {f(m.get('eval_token_accuracy_first'))}, "
+            f"last {f(m.get('eval_token_accuracy_last'))}.",
+            "- This is the share of reference-solution tokens the model predicts as its top-1 next token under "
+            "teacher forcing. It is not GSM8K accuracy (section 5): a model can predict most reference tokens and "
+            "still get the final number wrong."]
+
+
+def gsm8k_section(ev: dict) -> list[str]:
+    if not ev:
+        return ["## 5. GSM8K accuracy", "- Not evaluated (eval.enabled=false)."]
+    out = ["## 5. GSM8K accuracy (generated answers, graded)",
+           "| model | n | flexible | 95% CI | strict | answer format rate |", "|---|---|---|---|---|---|"]
+    for name in ("baseline", "finetuned"):
+        key = f"{name}_gsm8k_accuracy_flexible"
+        if key in ev:
+            out.append(f"| {name} | {ev[f'{name}_n']} | {ev[key]:.1%} | [{ev[key + '_ci95_low']:.1%}, "
+                       f"{ev[key + '_ci95_high']:.1%}] | {ev[f'{name}_gsm8k_accuracy_strict']:.1%} | "
+                       f"{ev[f'{name}_answer_format_rate']:.1%} |")
+    if "paired_flexible_difference" in ev:
+        out += ["", f"- Fine-tuned minus baseline (flexible): {ev['paired_flexible_difference']:+.1%}; exact McNemar "
+                f"p={ev['paired_flexible_mcnemar_p']:.3g}; {ev['paired_flexible_only_finetuned_correct']} questions "
+                f"right only after fine-tuning, {ev['paired_flexible_only_baseline_correct']} right only before.",
+                f"- Strict: {ev['paired_strict_difference']:+.1%} (p={ev['paired_strict_mcnemar_p']:.3g})."]
+    if ev.get("note"):
+        out.append(f"- {ev['note']}")
+    return out
+
+
+def failure_section(run: dict, run_dir: Path) -> list[str]:
+    tuned = [r for r in run["predictions"] if r["model"] == "finetuned"] or run["predictions"]
+    if not tuned:
+        return ["## 6. Where it fails", "- No predictions to analyse."]
+    max_new = run["config"].get("eval", {}).get("max_new_tokens", 10**9)
+    by_steps = analysis.accuracy_by_steps(tuned)
+    plots.accuracy_by_steps(by_steps, run_dir / "accuracy_by_steps.png")
+    out = ["## 6. Where it fails", f"Model: {tuned[0]['model']}.", "", "| reasoning steps | questions | accuracy |",
+           "|---|---|---|", *[f"| {s} | {n} | {a:.1%} |" for s, n, a in by_steps], "",
+           "![accuracy by steps](accuracy_by_steps.png)", "", "| error category | wrong answers |", "|---|---|"]
+    breakdown = analysis.error_breakdown(tuned, max_new)
+    out += [f"| {analysis.ERROR_CATEGORIES[k]} | {n} |" for k, n in breakdown["counts"].items()]
+    for key, records in breakdown["examples"].items():
+        out += ["", f"**{analysis.ERROR_CATEGORIES[key]}**"]
+        for r in records:
+            slips = analysis.arithmetic_slips(r["completion"])
+            out += [f"- Q: {r['question']}  ", f"  gold {r['gold']}, predicted {r['pred']}"
+                    + (f", false calculation `{slips[0]}`" if slips else "") + "  ",
+                    "  completion: `" + r["completion"].replace("\n", " ⏎ ").replace("`", "'")[:400] + "`"]
+    return out
+
+
+def build(run_dir: Path, price: float) -> str:
+    run = load_run(run_dir)
+    if not run["metrics"]:
+        raise FileNotFoundError(f"{run_dir} has no metrics.json: not a finished run directory")
+    plots.loss_curves(run["history"], run_dir / "loss.png")
+    curve_lines, reading = curve_section(run)
+    early = run["metrics"].get("stop_reason") == "early_stopping"
+    sections = [
+        [f"# Report: {run_dir.name}", "", "Every figure below is read from this run directory's files."],
+        overview(run, price), loss_section(run["metrics"]), curve_lines, token_accuracy_section(run["metrics"]),
+        gsm8k_section(run["eval"]), failure_section(run, run_dir),
+        ["## 7. What to try next", *[f"- {s}" for s in analysis.next_steps(reading, early, run["eval"])]],
+    ]
+    return "\n\n".join("\n".join(s) for s in sections) + "\n"
+
+
+def build_sweep(sweep_dir: Path) -> str:
+    from gsm8k_lora.compare import compare, to_markdown
+
+    rows, best = compare(sweep_dir)
+    lines = [f"# Sweep report: {sweep_dir.name}", "", to_markdown(rows, best), "## Learning curves"]
+    for row in rows:
+        history = _load(sweep_dir / row["job"] / "log_history.json").get("log_history", [])
+        reading = analysis.read_learning_curve(series(history, "loss"), series(history, "eval_loss"))
+        lines.append(f"- job {row['job']} ({row['overrides']}): {reading.sentence}")
+    lines += ["", "![accuracy grid](accuracy_grid.png)", "", "![validation loss](val_loss_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(target: Path, price: float, wandb_run=None) -> Path:
+    is_sweep = (target / "multirun.yaml").exists()
+    text = build_sweep(target) if is_sweep else build(target, price)
+    path = target / "report.md"
+    path.write_text(text, encoding="utf-8")
+    if wandb_run is not None:
+        import wandb
+
+        images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in target.glob("*.png")}
+        wandb_run.log(images)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gsm8k_lora.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory, or a sweep directory (with multirun.yaml)")
+    parser.add_argument("--gpu-hour-price", type=float, default=None,
+                        help="price per GPU-hour in USD (default: the run's report.gpu_hour_price_usd)")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
+        return 1
+    price = args.gpu_hour_price
+    if price is None:
+        cfg_file = args.run_dir / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+        price = (cfg or {}).get("report", {}).get("gpu_hour_price_usd", ReportConfig.gpu_hour_price_usd)
+    try:
+        path = write_report(args.run_dir, price)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
