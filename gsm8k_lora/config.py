@@ -128,6 +128,7 @@ class TrainerConfig:
     dataloader_num_workers: int = 0
     seed: int = 42
     save_merged: bool = False  # also write adapter merged into the base weights
+    resume: str = "auto"  # auto: from the run directory's last complete checkpoint, if any; never; or a path
 
     def __post_init__(self) -> None:
         _check(self.num_train_epochs > 0, "trainer.num_train_epochs", self.num_train_epochs, "must be positive")
@@ -143,6 +144,10 @@ class TrainerConfig:
         _check(not (self.bf16 and self.fp16), "trainer.fp16", self.fp16, "cannot be true together with bf16")
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                "trainer.early_stopping_patience", self.early_stopping_patience, "must be positive or null")
+        # a non-finite loss must be seen in the logs before the next checkpoint is written
+        _check(self.save_steps % self.logging_steps == 0, "trainer.save_steps", self.save_steps,
+               f"must be a multiple of trainer.logging_steps={self.logging_steps}")
+        _check(bool(self.resume), "trainer.resume", self.resume, "allowed: auto, never, or a checkpoint path")
         if self.early_stopping_patience is not None:
             # transformers keeps the best checkpoint by comparing saved steps with evaluated steps
             _check(self.save_steps % self.eval_steps == 0, "trainer.save_steps", self.save_steps,

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from gsm8k_lora import data, evaluate, plots, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.metrics import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
+from gsm8k_lora.resilience import CheckpointGuard, RunStopped, oom_message, resume_checkpoint
 
 
 def write_run_record(run_dir: Path, raw_cfg: DictConfig) -> dict:
@@ -40,7 +43,7 @@ def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: P
     from gsm8k_lora.train import build_lora_config, build_sft_config
 
     train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
-    callbacks = []
+    callbacks = [CheckpointGuard(out_dir, tracking.is_main_process())]
     if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
         sample = splits.validation.select(range(min(cfg.eval.during_training_limit, len(splits.validation))))
         callbacks.append(GSM8KAccuracyCallback(tokenizer, sample.to_list(), cfg.eval, cfg.data.system_prompt))
@@ -53,6 +56,27 @@ def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: P
         if isinstance(callback, GSM8KAccuracyCallback):
             callback.trainer = trainer
     return trainer
+
+
+def train(trainer, cfg: Config, run_dir: Path, name: str) -> None:
+    """trainer.train(), resumed from the last complete checkpoint when there is one; a signal, a NaN
+    or an out-of-memory error ends it with a message that says what to do."""
+    import torch
+
+    checkpoint = resume_checkpoint(cfg.trainer.resume, run_dir / "checkpoints")
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError:
+        raise RunStopped(oom_message(cfg)) from None
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointGuard))
+    if guard.signal_name:
+        typed = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
+        command = shlex.join(["python", "-m", "gsm8k_lora.train", *typed])
+        raise RunStopped(f"stopped by {guard.signal_name} at step {trainer.state.global_step}, checkpoint saved. "
+                         f"Resume with: {command} hydra.run.dir={run_dir} trainer.resume=auto",
+                         exit_code=130 if guard.signal_name == "SIGINT" else 143)
 
 
 def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
@@ -97,7 +121,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     try:
         trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints",
                                 ["wandb"] if wandb_run else [], name)
-        trainer.train()
+        train(trainer, cfg, run_dir, name)
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         if not main_process:

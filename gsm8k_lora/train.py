@@ -53,6 +53,7 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, report_to: list[str], ru
         load_best_model_at_end=early_stopping, metric_for_best_model=cfg.metric_for_best_model,
         greater_is_better="loss" not in cfg.metric_for_best_model,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=cfg.dataloader_num_workers,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where CheckpointGuard stops the run
         disable_tqdm=False,
     )
 
@@ -85,6 +86,7 @@ def main_guarded(cfg: DictConfig) -> float | None:
 
     from gsm8k_lora import jobs
     from gsm8k_lora.model import ModelLoadError
+    from gsm8k_lora.resilience import RunStopped
 
     hydra_cfg = HydraConfig.get()
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
@@ -101,13 +103,14 @@ def main_guarded(cfg: DictConfig) -> float | None:
         from gsm8k_lora.pipeline import run
 
         results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name))
-    except (ConfigError, DataError, ModelLoadError) as err:
+    except (ConfigError, DataError, ModelLoadError, RunStopped) as err:
         jobs.mark_failed(job_dir, overrides, err)
-        if multirun:
+        interrupted = isinstance(err, RunStopped) and err.exit_code > 100  # a signal stops a whole sweep too
+        if multirun and not interrupted:
             raise
-        label = "config error" if isinstance(err, ConfigError) else "error"
+        label = "config error" if isinstance(err, ConfigError) else ("stopped" if interrupted else "error")
         print(f"{label}: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
+        sys.exit(getattr(err, "exit_code", 2 if isinstance(err, ConfigError) else 1))
     except Exception as err:
         jobs.mark_failed(job_dir, overrides, err)
         raise

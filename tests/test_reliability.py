@@ -1,0 +1,172 @@
+"""Runs survive interruption, bad input and unreachable services, and lose nothing."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gsm8k_lora.resilience import MARKER, CheckpointGuard, RunStopped, oom_message, resume_checkpoint
+from tests.conftest import OFFLINE_ENV, ROOT, run_cli, write_jsonl
+
+SHORT = ["experiment=smoke", "logger=none", "trainer.max_steps=12", "trainer.save_steps=4", "trainer.eval_steps=4",
+         "trainer.logging_steps=2", "eval.enabled=false", "report.enabled=false", "data.num_train=300"]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gsm8k_lora.train", *SHORT, f"hydra.run.dir={run_dir}", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **OFFLINE_ENV})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("reference")
+    proc = run_cli("train", *SHORT, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reaches_the_same_steps_and_loss(tmp_path, reference):
+    proc = start(tmp_path)
+    wait_for(tmp_path / "checkpoints" / "checkpoint-4" / MARKER, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "metrics.json").exists()
+    resumed = run_cli("train", *SHORT, f"hydra.run.dir={tmp_path}", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-" in resumed.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == reference["steps"] == 12
+    # same optimizer, scheduler, RNG and data order: the same numbers as the run never interrupted
+    assert metrics["train_loss_last"] == pytest.approx(reference["train_loss_last"], rel=1e-5)
+    assert metrics["eval_loss_last"] == pytest.approx(reference["eval_loss_last"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir):
+    proc = start(tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143
+    assert "stopped by SIGTERM" in err and "trainer.resume=auto" in err and f"hydra.run.dir={tmp_path}" in err
+    step = int(err.split("at step ")[1].split(",")[0])
+    assert (tmp_path / "checkpoints" / f"checkpoint-{step}" / MARKER).exists()
+    assert "SIGTERM" in json.loads((tmp_path / "failed.json").read_text())["error"]
+    resumed = run_cli("train", *SHORT, f"hydra.run.dir={tmp_path}")
+    assert resumed.returncode == 0 and f"checkpoint-{step}" in resumed.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 12
+    assert (tmp_path / "done.json").exists() and not (tmp_path / "failed.json").exists()
+
+
+def test_resume_skips_half_written_checkpoints(tmp_path):
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        if complete:
+            (folder / MARKER).write_text(str(step))
+    assert resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-8")
+    assert resume_checkpoint("never", tmp_path) is None
+    assert resume_checkpoint("auto", tmp_path / "none") is None
+    with pytest.raises(RunStopped, match="not a checkpoint directory"):
+        resume_checkpoint(str(tmp_path / "nope"), tmp_path)
+
+
+class _State:
+    global_step = 10
+
+
+@pytest.mark.parametrize("logs", [{"loss": math.nan}, {"loss": math.inf}, {"eval_loss": math.nan}])
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, logs):
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / MARKER).write_text("8")
+    guard = CheckpointGuard(tmp_path, main_process=True)
+    guard.on_log(None, _State(), None, logs={"loss": 1.0})  # finite: nothing happens
+    with pytest.raises(RunStopped, match=r"became (nan|inf) at step 10; the last good checkpoint is .*checkpoint-8"):
+        guard.on_log(None, _State(), None, logs=logs)
+
+
+def test_sft_config_lets_a_nan_reach_the_logs(tmp_path):
+    from gsm8k_lora.config import TrainerConfig
+    from gsm8k_lora.train import build_sft_config
+
+    assert build_sft_config(TrainerConfig(use_cpu=True), tmp_path, [], "x").logging_nan_inf_filter is False
+
+
+def test_oom_message_names_the_settings_that_reduce_memory():
+    from gsm8k_lora.config import ModelConfig, TrainerConfig
+
+    class Cfg:
+        trainer = TrainerConfig(per_device_train_batch_size=16, gradient_accumulation_steps=1)
+        model = ModelConfig(name_or_path="x")
+
+    message = oom_message(Cfg)
+    assert "per_device_train_batch_size=8" in message and "gradient_accumulation_steps=2" in message
+    assert "gradient_checkpointing=true" in message and "falcon3_1b_qlora" in message and "\n" not in message
+
+
+def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
+    from gsm8k_lora.config import LoggerConfig
+    from gsm8k_lora.tracking import finish_wandb, start_wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port on this machine
+    run = start_wandb(LoggerConfig(backend="wandb", init_timeout_s=10), tmp_path, "x", {"a": 1})
+    try:
+        assert run.offline
+        run.log({"loss": 1.0})
+    finally:
+        finish_wandb(run)
+    out = capsys.readouterr()
+    assert "logging offline instead" in out.err and "wandb sync" in out.out
+    assert "0" * 40 not in (tmp_path / "wandb_run.txt").read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["data=local", "data.path=/nonexistent/gsm8k"], "does not exist"),
+    (["model.name_or_path=no-such-org/no-such-model"], "Offline, use model=tiny"),
+    (["data=gsm8k", "data.path=no-such-org/no-such-dataset"], "Offline, use data=synthetic"),
+])
+def test_bad_inputs_fail_with_one_line_and_no_training(tmp_path, args, needle):
+    proc = run_cli("train", "experiment=smoke", "logger=none", f"hydra.run.dir={tmp_path}", *args, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "failed.json").exists()
+
+
+def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
+    data_dir = tmp_path / "data"
+    write_jsonl(data_dir / "train.jsonl", [{"question": "q", "answer": "a\n#### 1"}] * 20)
+    with (data_dir / "train.jsonl").open("a") as handle:
+        handle.write("{not json\n")
+    proc = run_cli("train", "experiment=smoke", "logger=none", "data=local", f"data.path={data_dir}",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
+    assert proc.returncode == 1 and "train.jsonl:21: malformed JSON" in proc.stderr
+
+
+def test_a_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "model").mkdir()
+    proc = run_cli("train", "experiment=smoke", "logger=none", f"model.name_or_path={tmp_path / 'model'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
+    assert proc.returncode == 1 and "is a directory but not a Hugging Face model" in proc.stderr
