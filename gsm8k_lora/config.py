@@ -110,8 +110,9 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     max_length: int | None = 1024
     completion_only_loss: bool = True
-    packing: bool = False
-    padding_free: bool = False
+    packing: bool = False  # BFD packing, position ids reset per example (implies padding-free)
+    padding_free: bool = False  # one flat sequence per batch, no pad tokens
+    train_sampling_strategy: str = "random"  # group_by_length: batches of similar length, less padding
     gradient_checkpointing: bool = False
     bf16: bool = False
     fp16: bool = False
@@ -147,6 +148,9 @@ class TrainerConfig:
         # a non-finite loss must be seen in the logs before the next checkpoint is written
         _check(self.save_steps % self.logging_steps == 0, "trainer.save_steps", self.save_steps,
                f"must be a multiple of trainer.logging_steps={self.logging_steps}")
+        _check_choice("trainer.train_sampling_strategy", self.train_sampling_strategy, ("random", "group_by_length"))
+        _check(not (self.padding_free and not self.packing and self.max_length is not None), "trainer.max_length",
+               self.max_length, "must be null with padding_free=true and packing=false (TRL does not truncate then)")
         _check(bool(self.resume), "trainer.resume", self.resume, "allowed: auto, never, or a checkpoint path")
         if self.early_stopping_patience is not None:
             # transformers keeps the best checkpoint by comparing saved steps with evaluated steps

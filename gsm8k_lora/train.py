@@ -42,7 +42,7 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, report_to: list[str], ru
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length, completion_only_loss=cfg.completion_only_loss, assistant_only_loss=False,
-        packing=cfg.packing, padding_free=cfg.padding_free,
+        packing=cfg.packing, padding_free=cfg.padding_free, train_sampling_strategy=cfg.train_sampling_strategy,
         # transformers 5 renamed gradient_checkpointing; the new name wins over TRL's default of True
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,

@@ -1,0 +1,120 @@
+"""Training throughput for `make bench`: real (non-padding) tokens per second and padding efficiency.
+
+Each variant trains the same freshly loaded model on the same rows for the same number of steps,
+in one process, so the ratio between variants holds on a noisy machine. Tokens are counted at the
+collator (wrapped, not replaced): `real` are example tokens, `computed` are the positions the
+model ran, padding included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gsm8k_lora import synthetic
+from gsm8k_lora.config import LoraConfig, TrainerConfig
+
+
+def gsm8k_like_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows whose solution lengths spread like GSM8K's (about 2 to 8 reasoning lines, a long tail):
+    each row chains 1-4 generated problems into one question and one worked solution."""
+    rng = random.Random(seed)
+    pool = synthetic.generate(4 * n, seed=seed + 7)
+    rows = []
+    for i in range(n):
+        k = rng.choices([1, 2, 3, 4], weights=[4, 3, 2, 1])[0]
+        parts = pool[4 * i: 4 * i + k]
+        question = " Then: ".join(p["question"] for p in parts)
+        steps = [line for p in parts for line in p["answer"].rsplit("####", 1)[0].strip().splitlines()]
+        total = sum(int(p["answer"].rsplit("####", 1)[1]) for p in parts)
+        rows.append({"question": question, "answer": "\n".join(steps) + f"\nIn all: {total}.\n#### {total}"})
+    return rows
+
+
+class CountingCollator:
+    def __init__(self, inner, pad_id: int):
+        self.inner, self.pad_id = inner, pad_id
+        self.real = self.computed = 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.real += sum(len(e["input_ids"]) for e in examples)
+        self.computed += batch["input_ids"].numel()
+        return batch
+
+
+def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from gsm8k_lora.data import to_prompt_completion
+    from gsm8k_lora.train import build_lora_config
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no",
+                         eval_strategy="no", logging_steps=steps, use_cpu=not cuda, seed=0, disable_tqdm=True,
+                         **sft_kwargs)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                             peft_config=build_lora_config(LoraConfig()))
+        counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
+        trainer.data_collator = counter
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"variant": name, "steps": steps, "seconds": seconds, "real_tokens": counter.real,
+            "computed_tokens": counter.computed, "padding_efficiency": counter.real / max(counter.computed, 1),
+            "real_tokens_per_s": counter.real / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def variants(cfg: TrainerConfig, batch_size: int) -> dict[str, dict]:
+    """TRL's plain SFTConfig defaults against this package's setting for the device, same batch."""
+    plain = {"per_device_train_batch_size": batch_size}
+    if not torch.cuda.is_available():
+        plain["bf16"] = False  # hold precision equal on CPU: the comparison is about batching and checkpointing
+    ours = {"per_device_train_batch_size": batch_size, "bf16": cfg.bf16, "activation_checkpointing":
+            cfg.gradient_checkpointing, "padding_free": cfg.padding_free, "packing": cfg.packing,
+            "train_sampling_strategy": cfg.train_sampling_strategy, "max_length": cfg.max_length}
+    return {"trl_defaults": plain, "package_default": ours}
+
+
+def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch_size: int) -> dict:
+    rows = gsm8k_like_rows(steps * batch_size + batch_size)
+    lr = trainer_cfg.learning_rate
+    results = {name: run_variant(name, kwargs, model_dir, rows, steps, lr)
+               for name, kwargs in variants(dataclasses.replace(trainer_cfg), batch_size).items()}
+    base, ours = results["trl_defaults"], results["package_default"]
+    return {
+        "train_padding_efficiency_trl_defaults": base["padding_efficiency"],
+        "train_padding_efficiency_default": ours["padding_efficiency"],
+        "train_real_tokens_per_s_trl_defaults": base["real_tokens_per_s"],
+        "train_real_tokens_per_s_default": ours["real_tokens_per_s"],
+        "train_speedup_x": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
+        "train_variants": list(results.values()),
+    }
+
+
+def default_trainer_config(cuda: bool) -> TrainerConfig:
+    """The trainer preset this package uses on the device, read from conf/trainer/*.yaml."""
+    import yaml
+
+    name = "default" if cuda else "cpu_smoke"
+    path = Path(__file__).resolve().parents[1] / "conf" / "trainer" / f"{name}.yaml"
+    values = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
+    return TrainerConfig(**values)
