@@ -8,7 +8,6 @@ model ran, padding included.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import tempfile
 import time
@@ -48,7 +47,8 @@ class CountingCollator:
         return batch
 
 
-def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float) -> dict:
+def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float,
+                load_kwargs: dict | None = None) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -59,7 +59,8 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(load_kwargs or {}))
+    model.config.use_cache = False  # as in training: packed-sequence masks need it off
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no",
@@ -94,15 +95,49 @@ def variants(cfg: TrainerConfig, batch_size: int) -> dict[str, dict]:
     return {"trl_defaults": plain, "package_default": ours}
 
 
-def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch_size: int) -> dict:
-    rows = gsm8k_like_rows(steps * batch_size + batch_size)
+def epoch_padding_efficiency(lengths: list[int], batch_size: int, strategy: str, seed: int = 0) -> float:
+    """Real / computed tokens over a whole epoch, batches drawn by the Trainer's own sampler code
+    (transformers' length grouping) or at random; padding-free computes no padding at all."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    if strategy == "padding_free":
+        return 1.0
+    generator = torch.Generator().manual_seed(seed)
+    order = (get_length_grouped_indices(lengths, batch_size, generator=generator) if strategy == "group_by_length"
+             else torch.randperm(len(lengths), generator=generator).tolist())
+    real = computed = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real, computed = real + sum(batch), computed + max(batch) * len(batch)
+    return real / computed
+
+
+def strategy_of(cfg: TrainerConfig) -> str:
+    return "padding_free" if cfg.padding_free or cfg.packing else cfg.train_sampling_strategy
+
+
+def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch_size: int,
+                   epoch_rows: int = 6726) -> dict:
+    """Epoch-level padding efficiency on GSM8K-size data, and tokens/s over `steps` steps of it."""
+    from transformers import AutoTokenizer
+
+    from gsm8k_lora.data import render_prompt
+
+    rows = gsm8k_like_rows(epoch_rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tokenizer(render_prompt(tokenizer, r["question"], None) + r["answer"]).input_ids) + 1
+               for r in rows]
     lr = trainer_cfg.learning_rate
     results = {name: run_variant(name, kwargs, model_dir, rows, steps, lr)
-               for name, kwargs in variants(dataclasses.replace(trainer_cfg), batch_size).items()}
+               for name, kwargs in variants(trainer_cfg, batch_size).items()}
     base, ours = results["trl_defaults"], results["package_default"]
     return {
-        "train_padding_efficiency_trl_defaults": base["padding_efficiency"],
-        "train_padding_efficiency_default": ours["padding_efficiency"],
+        "train_rows_per_epoch": epoch_rows,
+        "train_mean_tokens_per_row": sum(lengths) / len(lengths),
+        "train_padding_efficiency_trl_defaults": epoch_padding_efficiency(lengths, batch_size, "random"),
+        "train_padding_efficiency_default": epoch_padding_efficiency(lengths, batch_size, strategy_of(trainer_cfg)),
+        "train_padding_efficiency_measured_trl_defaults": base["padding_efficiency"],
+        "train_padding_efficiency_measured_default": ours["padding_efficiency"],
         "train_real_tokens_per_s_trl_defaults": base["real_tokens_per_s"],
         "train_real_tokens_per_s_default": ours["real_tokens_per_s"],
         "train_speedup_x": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
@@ -111,10 +146,13 @@ def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch
 
 
 def default_trainer_config(cuda: bool) -> TrainerConfig:
-    """The trainer preset this package uses on the device, read from conf/trainer/*.yaml."""
-    import yaml
+    """The trainer preset this package uses on the device, composed from conf/ as a run would be."""
+    from hydra import compose, initialize_config_dir
 
-    name = "default" if cuda else "cpu_smoke"
-    path = Path(__file__).resolve().parents[1] / "conf" / "trainer" / f"{name}.yaml"
-    values = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
-    return TrainerConfig(**values)
+    from gsm8k_lora.config import register_configs, validate
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"trainer={'default' if cuda else 'cpu_smoke'}"])
+    return validate(cfg).trainer

@@ -111,11 +111,27 @@ def test_needed_tokens_stop_at_the_answer_line(tiny_model_dir):
     assert needed_tokens(tok, "no final line", True) == plain + 1
 
 
+@pytest.mark.slow
 def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
     proc = run_cli("bench", "--quick", "--out", str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("*.json")
     figures = json.loads(result.read_text())
-    for key in ("eval_batched_speedup_x", "eval_generated_over_needed_x", "eval_single_questions_per_s"):
+    for key in ("eval_batched_speedup_x", "eval_generated_over_needed_x", "eval_single_questions_per_s",
+                "train_speedup_x", "train_padding_efficiency_default", "train_padding_efficiency_trl_defaults"):
         assert figures[key] > 0
+    assert {v["variant"] for v in figures["train_variants"]} == {"trl_defaults", "package_default"}
     assert "eval_batched_speedup_x" in proc.stdout
+
+
+@pytest.mark.parametrize("strategy, expected", [("padding_free", 1.0), ("random", None), ("group_by_length", None)])
+def test_epoch_padding_efficiency(strategy, expected):
+    from gsm8k_lora.bench_train import epoch_padding_efficiency
+
+    lengths = [10, 200, 12, 190, 11, 205, 9, 198] * 50
+    value = epoch_padding_efficiency(lengths, 4, strategy)
+    if expected is not None:
+        assert value == expected
+    else:
+        assert 0 < value <= 1
+    assert epoch_padding_efficiency(lengths, 4, "group_by_length") > epoch_padding_efficiency(lengths, 4, "random")
