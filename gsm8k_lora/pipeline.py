@@ -58,7 +58,7 @@ def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: P
     return trainer
 
 
-def train(trainer, cfg: Config, run_dir: Path, name: str) -> None:
+def train(trainer, cfg: Config, run_dir: Path) -> None:
     """trainer.train(), resumed from the last complete checkpoint when there is one; a signal, a NaN
     or an out-of-memory error ends it with a message that says what to do."""
     import torch
@@ -102,6 +102,18 @@ def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
     return metrics
 
 
+def write_training_results(trainer, splits: data.Splits, cfg: Config, run_dir: Path, name: str, wandb_run) -> dict:
+    """metrics.json, log_history.json and loss.png, written before evaluation so a failure there loses none."""
+    metrics = collect_metrics(trainer, splits, cfg)
+    history = trainer.state.log_history
+    tracking.write_json(run_dir / "log_history.json", {"log_history": history})
+    plots.loss_curves(history, run_dir / "loss.png", title=f"Loss: {name}")
+    tracking.write_json(run_dir / "metrics.json", metrics)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    return metrics
+
+
 def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     """One run; returns its figures (metrics.json and eval_metrics.json together)."""
     from gsm8k_lora.model import load
@@ -121,14 +133,14 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     try:
         trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints",
                                 ["wandb"] if wandb_run else [], name)
-        train(trainer, cfg, run_dir, name)
+        train(trainer, cfg, run_dir)
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         if not main_process:
             exit_code = 0
             return {}
         tokenizer.save_pretrained(adapter_dir)
-        metrics = collect_metrics(trainer, splits, cfg)
+        metrics = write_training_results(trainer, splits, cfg, run_dir, name, wandb_run)
         eval_figures = {}
         if eval_rows:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             eval_figures = evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(),
@@ -136,28 +148,18 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")
-        history = trainer.state.log_history
-        tracking.write_json(run_dir / "log_history.json", {"log_history": history})
-        plot = plots.loss_curves(history, run_dir / "loss.png", title=f"Loss: {name}")
-        tracking.write_json(run_dir / "metrics.json", metrics)
-        if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-            if plot:
-                import wandb
-
-                wandb_run.log({"plots/loss": wandb.Image(str(plot))})
         if cfg.report.enabled:
             from gsm8k_lora.report import write_report
 
             print(f"report: {write_report(run_dir, cfg.report.gpu_hour_price_usd, wandb_run)}")
-        report_loss(metrics, run_dir)
+        print_loss_summary(metrics, run_dir)
         exit_code = 0
         return {**metrics, **eval_figures}
     finally:
         tracking.finish_wandb(wandb_run, exit_code)
 
 
-def report_loss(metrics: dict, run_dir: Path) -> None:
+def print_loss_summary(metrics: dict, run_dir: Path) -> None:
     def fmt(key: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else f"{value:.4f}"

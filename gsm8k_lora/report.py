@@ -143,7 +143,8 @@ def build(run_dir: Path, price: float) -> str:
     run = load_run(run_dir)
     if not run["metrics"]:
         raise FileNotFoundError(f"{run_dir} has no metrics.json: not a finished run directory")
-    plots.loss_curves(run["history"], run_dir / "loss.png")
+    if not (run_dir / "loss.png").exists():
+        plots.loss_curves(run["history"], run_dir / "loss.png")
     curve_lines, reading = curve_section(run)
     early = run["metrics"].get("stop_reason") == "early_stopping"
     sections = [
