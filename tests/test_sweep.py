@@ -11,7 +11,7 @@ from tests.wandb_offline import run_contents
 
 pytestmark = pytest.mark.slow
 TINY = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_steps=3", "trainer.save_steps=3",
-        "eval.limit=6", "eval.max_new_tokens=48", "data.num_train=120", "data.num_test=10"]
+        "trainer.logging_steps=3", "eval.limit=6", "eval.max_new_tokens=48", "data.num_train=120", "data.num_test=10"]
 
 
 def sweep(sweep_dir, *extra, name="lr_epochs"):

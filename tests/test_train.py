@@ -149,6 +149,7 @@ def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, t
     """The multi-GPU path (torchrun / accelerate launch), exercised with two CPU processes over gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gsm8k_lora.train",
            "experiment=smoke", "logger=none", "trainer.max_steps=6", "trainer.eval_steps=3", "trainer.save_steps=3",
+           "trainer.logging_steps=3",
            "eval.limit=4", "data.num_train=200", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
