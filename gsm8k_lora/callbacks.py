@@ -39,3 +39,35 @@ class GSM8KAccuracyCallback(TrainerCallback):
             metrics.update(figures)  # the same dict the Trainer reads for best-metric and early stopping
         if self.trainer is not None:
             self.trainer.log(figures)
+
+
+def safe_wandb_callback():
+    """transformers' WandbCallback, except that a W&B failure mid-run (service crash, lost network,
+    quota) turns W&B logging off with one line instead of ending the training: every figure is
+    also written to the run directory."""
+    import sys
+
+    from transformers.integrations import WandbCallback
+
+    class SafeWandbCallback(WandbCallback):
+        failed = False
+
+    def guarded(name: str):
+        original = getattr(WandbCallback, name)
+
+        def method(self, *args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return original(self, *args, **kwargs)
+            except Exception as err:
+                self.failed = True
+                print(f"W&B failed ({type(err).__name__}: {err}); training goes on without W&B, and the run "
+                      f"directory keeps every figure", file=sys.stderr)
+                return None
+
+        return method
+
+    for name in ("setup", "on_train_begin", "on_train_end", "on_log", "on_save", "on_predict"):
+        setattr(SafeWandbCallback, name, guarded(name))
+    return SafeWandbCallback()

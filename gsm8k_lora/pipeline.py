@@ -34,22 +34,23 @@ def format_for_sft(cfg: Config, splits: data.Splits, tokenizer) -> tuple:
     return train, validation
 
 
-def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: Path, report_to: list[str],
-                  name: str):
+def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: Path, use_wandb: bool, name: str):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    from gsm8k_lora.callbacks import GSM8KAccuracyCallback
+    from gsm8k_lora.callbacks import GSM8KAccuracyCallback, safe_wandb_callback
     from gsm8k_lora.train import build_lora_config, build_sft_config
 
     train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
     callbacks = [CheckpointGuard(out_dir, tracking.is_main_process())]
+    if use_wandb:  # added here, not through report_to, so a W&B failure cannot end the run
+        callbacks.append(safe_wandb_callback())
     if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
         sample = splits.validation.select(range(min(cfg.eval.during_training_limit, len(splits.validation))))
         callbacks.append(GSM8KAccuracyCallback(tokenizer, sample.to_list(), cfg.eval, cfg.data.system_prompt))
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, report_to, name),
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, [], name),
                          train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                          peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
     for callback in callbacks:
@@ -131,8 +132,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved) if main_process else None
     exit_code = 1
     try:
-        trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints",
-                                ["wandb"] if wandb_run else [], name)
+        trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", wandb_run is not None, name)
         train(trainer, cfg, run_dir)
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))

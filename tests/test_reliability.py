@@ -170,3 +170,21 @@ def test_a_directory_that_is_not_a_model(tmp_path):
     proc = run_cli("train", "experiment=smoke", "logger=none", f"model.name_or_path={tmp_path / 'model'}",
                    f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
     assert proc.returncode == 1 and "is a directory but not a Hugging Face model" in proc.stderr
+
+
+def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(capsys):
+    from gsm8k_lora.callbacks import safe_wandb_callback
+
+    class Broken:
+        def log(self, *args, **kwargs):
+            raise ConnectionError("wandb service went away")
+
+    class State:
+        is_world_process_zero, global_step = True, 3
+
+    callback = safe_wandb_callback()
+    callback._initialized, callback._wandb = True, Broken()
+    callback.on_log(None, State(), None, logs={"loss": 1.0})  # must not raise
+    callback.on_log(None, State(), None, logs={"loss": 0.9})  # and stays quiet once off
+    assert callback.failed
+    assert capsys.readouterr().err.count("training goes on without W&B") == 1

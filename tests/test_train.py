@@ -98,6 +98,7 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert logged["summary"]["eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])
     assert logged["summary"]["train_token_accuracy_last"] == pytest.approx(metrics["train_token_accuracy_last"])
+    assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= logged["history_keys"]  # the live curves
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
     assert logged["summary"]["finetuned_gsm8k_accuracy_flexible"] == evaluated["finetuned_gsm8k_accuracy_flexible"]
     assert "offline" in (run_dir / "wandb_run.txt").read_text()

@@ -45,8 +45,8 @@ def _items(items) -> dict:
 
 
 def run_contents(path: Path) -> dict:
-    """{'name', 'group', 'project', 'config': {...}, 'summary': {...}} from an offline run file."""
-    out: dict = {"config": {}, "summary": {}}
+    """{'name', 'group', 'project', 'config', 'summary', 'history_keys'} from an offline run file."""
+    out: dict = {"config": {}, "summary": {}, "history_keys": set()}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -56,4 +56,6 @@ def run_contents(path: Path) -> dict:
             out["config"].update(_items(record.config.update))
         elif kind == "summary":
             out["summary"].update(_items(record.summary.update))
+        elif kind == "history":
+            out["history_keys"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return out
