@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     tiny_dir = resolve_path(ModelConfig(name_or_path="builtin:tiny"))
     cuda = torch.cuda.is_available()
     results.update(bench_training(tiny_dir, default_trainer_config(cuda), steps=3 if args.quick else 20,
-                                  batch_size=16, epoch_rows=400 if args.quick else 6726))
+                                  epoch_rows=400 if args.quick else 6726))
     if cuda:
         from gsm8k_lora.bench_cuda import bench_cuda
 
-        results.update(bench_cuda(Path(tiny_dir), steps=5 if args.quick else 30, batch_size=16, quick=args.quick))
+        results.update(bench_cuda(Path(tiny_dir), steps=5 if args.quick else 30, quick=args.quick))
     results["environment"] = tracking.environment()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

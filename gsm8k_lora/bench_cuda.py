@@ -73,7 +73,7 @@ def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch
             "gen_note": "random weights never stop early: every prompt generates max_new_tokens (worst case)"}
 
 
-def bench_cuda(tiny_dir: Path, steps: int, batch_size: int, quick: bool) -> dict:
+def bench_cuda(tiny_dir: Path, steps: int, quick: bool) -> dict:
     from transformers import BitsAndBytesConfig
 
     from gsm8k_lora.bench_train import default_trainer_config
@@ -81,12 +81,12 @@ def bench_cuda(tiny_dir: Path, steps: int, batch_size: int, quick: bool) -> dict
     n_params = param_count()
     device = torch.cuda.get_device_name(0)
     peak = peak_tflops(device)
-    rows = gsm8k_like_rows(max(steps * batch_size * 4, 512))
+    rows = gsm8k_like_rows(6726)
     out: dict = {"cuda_device": device, "falcon3_params": n_params, "peak_bf16_tflops": peak}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_falcon3_shaped(Path(tmp) / "falcon3-shaped", tiny_dir)
         cfg: TrainerConfig = default_trainer_config(cuda=True)
-        runs = variants(cfg, batch_size)
+        runs = variants(cfg)
         runs["qlora"] = {**runs["package_default"]}
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)

@@ -84,14 +84,18 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
-def variants(cfg: TrainerConfig, batch_size: int) -> dict[str, dict]:
-    """TRL's plain SFTConfig defaults against this package's setting for the device, same batch."""
-    plain = {"per_device_train_batch_size": batch_size}
+def variants(cfg: TrainerConfig) -> dict[str, dict]:
+    """TRL's plain SFTConfig defaults against this package's preset for the device, with the same
+    number of examples per optimizer step (the preset's batch x accumulation)."""
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    plain = {"per_device_train_batch_size": per_step}
     if not torch.cuda.is_available():
         plain["bf16"] = False  # hold precision equal on CPU: the comparison is about batching and checkpointing
-    ours = {"per_device_train_batch_size": batch_size, "bf16": cfg.bf16, "activation_checkpointing":
-            cfg.gradient_checkpointing, "padding_free": cfg.padding_free, "packing": cfg.packing,
-            "train_sampling_strategy": cfg.train_sampling_strategy, "max_length": cfg.max_length}
+    ours = {"per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "bf16": cfg.bf16,
+            "activation_checkpointing": cfg.gradient_checkpointing, "padding_free": cfg.padding_free,
+            "packing": cfg.packing, "train_sampling_strategy": cfg.train_sampling_strategy,
+            "max_length": cfg.max_length}
     return {"trl_defaults": plain, "package_default": ours}
 
 
@@ -116,8 +120,7 @@ def strategy_of(cfg: TrainerConfig) -> str:
     return "padding_free" if cfg.padding_free or cfg.packing else cfg.train_sampling_strategy
 
 
-def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch_size: int,
-                   epoch_rows: int = 6726) -> dict:
+def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, epoch_rows: int = 6726) -> dict:
     """Epoch-level padding efficiency on GSM8K-size data, and tokens/s over `steps` steps of it."""
     from transformers import AutoTokenizer
 
@@ -129,13 +132,15 @@ def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, batch
                for r in rows]
     lr = trainer_cfg.learning_rate
     results = {name: run_variant(name, kwargs, model_dir, rows, steps, lr)
-               for name, kwargs in variants(trainer_cfg, batch_size).items()}
+               for name, kwargs in variants(trainer_cfg).items()}
     base, ours = results["trl_defaults"], results["package_default"]
     return {
         "train_rows_per_epoch": epoch_rows,
         "train_mean_tokens_per_row": sum(lengths) / len(lengths),
-        "train_padding_efficiency_trl_defaults": epoch_padding_efficiency(lengths, batch_size, "random"),
-        "train_padding_efficiency_default": epoch_padding_efficiency(lengths, batch_size, strategy_of(trainer_cfg)),
+        "train_padding_efficiency_trl_defaults": epoch_padding_efficiency(
+            lengths, trainer_cfg.per_device_train_batch_size * trainer_cfg.gradient_accumulation_steps, "random"),
+        "train_padding_efficiency_default": epoch_padding_efficiency(
+            lengths, trainer_cfg.per_device_train_batch_size, strategy_of(trainer_cfg)),
         "train_padding_efficiency_measured_trl_defaults": base["padding_efficiency"],
         "train_padding_efficiency_measured_default": ours["padding_efficiency"],
         "train_real_tokens_per_s_trl_defaults": base["real_tokens_per_s"],
