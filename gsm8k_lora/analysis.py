@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -70,50 +71,27 @@ _CALC_RES = (
     re.compile(r"<<\s*([-+*/().\d\s,]+?)\s*=\s*(-?[\d.,]+)\s*>>"),
     re.compile(r"(?<![\w.<])(\d[\d,]*(?:\.\d+)?(?:\s*[-+*/x×]\s*\d[\d,]*(?:\.\d+)?)+)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)"),
 )
-_TOKEN_RE = re.compile(r"\d[\d,]*(?:\.\d+)?|[-+*/()]")
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b}
 
 
 def evaluate_expression(expr: str) -> Fraction | None:
-    """+ - * / and parentheses over numbers, exactly; None for anything else (never eval())."""
-    tokens = _TOKEN_RE.findall(expr.replace("x", "*").replace("×", "*"))
-    pos = 0
+    """+ - * / and parentheses over numbers, exactly (Fractions); None for anything else. Python's own
+    parser reads the expression; only these node types are evaluated, so nothing is ever executed."""
+    text = expr.replace(",", "").replace("×", "*").replace("x", "*")
 
-    def atom() -> Fraction:
-        nonlocal pos
-        tok = tokens[pos]
-        pos += 1
-        if tok == "(":
-            value = sum_()
-            pos += 1  # ")"
-            return value
-        if tok == "-":
-            return -atom()
-        return to_value(tok)
-
-    def product() -> Fraction:
-        nonlocal pos
-        value = atom()
-        while pos < len(tokens) and tokens[pos] in "*/":
-            op = tokens[pos]
-            pos += 1
-            rhs = atom()
-            value = value * rhs if op == "*" else value / rhs
-        return value
-
-    def sum_() -> Fraction:
-        nonlocal pos
-        value = product()
-        while pos < len(tokens) and tokens[pos] in "+-":
-            op = tokens[pos]
-            pos += 1
-            rhs = product()
-            value = value + rhs if op == "+" else value - rhs
-        return value
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(str(node.value))
+        raise ValueError(f"not arithmetic: {ast.dump(node)}")
 
     try:
-        value = sum_()
-        return value if pos == len(tokens) else None
-    except (IndexError, TypeError, ZeroDivisionError):
+        return value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError):
         return None
 
 
