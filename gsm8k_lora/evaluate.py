@@ -159,11 +159,15 @@ def resolve_adapter(path: str) -> str:
 
 
 def main_guarded(raw: DictConfig, run_dir: Path) -> dict:
+    import torch
+
     from gsm8k_lora.data import DataError, build_splits
     from gsm8k_lora.model import ModelLoadError, load
 
     try:
         cfg = validate(raw)
+        if cfg.model.load_in_4bit and not torch.cuda.is_available():
+            raise ConfigError("model.load_in_4bit=True is invalid: 4-bit models need a CUDA GPU")
         adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
         splits = build_splits(cfg.data)
         rows = eval_rows(splits, cfg.eval)
@@ -178,9 +182,8 @@ def main_guarded(raw: DictConfig, run_dir: Path) -> dict:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    import torch
-
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is already placed by its device map
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_eval(cfg, model, tokenizer, rows, splits.train.to_list(), run_dir, adapters=adapter is not None)
 
