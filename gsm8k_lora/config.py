@@ -34,7 +34,7 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on a bf16 GPU, else float32
     attn_implementation: str = "sdpa"
-    load_in_4bit: bool = False  # QLoRA through bitsandbytes (CUDA only)
+    load_in_4bit: bool = False  # QLoRA through bitsandbytes (CUDA; CPU where bitsandbytes has CPU kernels)
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     chat_template_path: str | None = None  # a .jinja file for tokenizers without a chat template
@@ -244,6 +244,9 @@ class Config:
         _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_accuracy"),
                "trainer.metric_for_best_model", self.trainer.metric_for_best_model,
                "allowed: eval_loss, eval_gsm8k_accuracy")
+        _check(not (self.trainer.save_merged and self.model.load_in_4bit), "trainer.save_merged",
+               self.trainer.save_merged, "must be false with model.load_in_4bit=true: merging re-quantises the "
+               "weights and rounds most of the adapter away; merge the saved adapter into the bf16 base instead")
         _check_choice("objective", self.objective, OBJECTIVES)
         _check(self.eval.enabled or not self.objective.startswith("finetuned"), "objective", self.objective,
                "needs eval.enabled=true")

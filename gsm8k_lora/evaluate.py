@@ -162,12 +162,12 @@ def main_guarded(raw: DictConfig, run_dir: Path) -> dict:
     import torch
 
     from gsm8k_lora.data import DataError, build_splits
-    from gsm8k_lora.model import ModelLoadError, load
+    from gsm8k_lora.model import ModelLoadError, four_bit_device, load
 
     try:
         cfg = validate(raw)
-        if cfg.model.load_in_4bit and not torch.cuda.is_available():
-            raise ConfigError("model.load_in_4bit=True is invalid: 4-bit models need a CUDA GPU")
+        if cfg.model.load_in_4bit:
+            four_bit_device()  # bitsandbytes installed, with kernels for this device
         adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
         splits = build_splits(cfg.data)
         rows = eval_rows(splits, cfg.eval)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gsm8k_lora import tiny_model
-from gsm8k_lora.config import ModelConfig
+from gsm8k_lora.config import ConfigError, ModelConfig
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -60,6 +60,22 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def four_bit_device(use_cpu: bool = False) -> str:
+    """Where a 4-bit model runs here: the current CUDA device, else the CPU where the installed
+    bitsandbytes has CPU kernels (slow, but the same QLoRA code path). Checked before any load."""
+    if torch.cuda.is_available() and not use_cpu:
+        return f"cuda:{torch.cuda.current_device()}"
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("model.load_in_4bit=True is invalid: bitsandbytes is not installed; "
+                          "pip install -e .[qlora], or set model.load_in_4bit=false") from None
+    if "cpu" not in getattr(bitsandbytes, "supported_torch_devices", ()):
+        raise ConfigError(f"model.load_in_4bit=True is invalid: there is no CUDA GPU and bitsandbytes "
+                          f"{bitsandbytes.__version__} has no CPU kernels; use a CUDA GPU or model.load_in_4bit=false")
+    return "cpu"
+
+
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     if not cfg.load_in_4bit:
         return None
@@ -70,22 +86,58 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_model(path: str, cfg: ModelConfig) -> PreTrainedModel:
+def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False) -> PreTrainedModel:
     dtype = resolve_dtype(cfg.dtype)
     kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
     quant = quantization_config(cfg, dtype)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
+        kwargs.update(quantization_config=quant, device_map={"": four_bit_device(use_cpu)})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise _explain(path, err) from None
+    if quant is not None and kwargs["device_map"][""] == "cpu":
+        keep_cpu_4bit_differentiable(model)
     model.config.use_cache = False  # training; generation turns it back on
     return model
 
 
-def load(cfg: ModelConfig, cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
+    """bitsandbytes' CPU path repacks 4-bit weights for an AVX512-BF16 inference kernel on the first
+    no-grad forward in eval mode (any evaluation pass), and that kernel has no backward: training after
+    it silently loses the gradient through every frozen base weight (measured: the first layer's LoRA
+    gradients were all wrong after one evaluation). No library setting turns the repack off, so this does."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def weight_memory(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """Bytes the model's weights take as loaded, and what the same weights take unquantised in `dtype`:
+    the memory a 4-bit base saves (the embedding and LM head stay unquantised, so with a large vocabulary
+    the saving is well under 4x)."""
+    loaded = unquantised = 0
+    for param in model.parameters():
+        loaded += param.numel() * param.element_size()
+        shape = getattr(getattr(param, "quant_state", None), "shape", param.shape)  # 4-bit: the original shape
+        unquantised += torch.Size(shape).numel() * dtype.itemsize
+    for buffer in model.buffers():
+        loaded += buffer.numel() * buffer.element_size()
+        unquantised += buffer.numel() * buffer.element_size()
+    for module in model.modules():  # 4-bit quantisation constants live beside the packed weights
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            loaded += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
+                          if isinstance(t, torch.Tensor))
+    return {"weights_gib": loaded / 2**30, "weights_gib_unquantised": unquantised / 2**30,
+            "weights_unquantised_dtype": str(dtype).removeprefix("torch.")}
+
+
+def load(cfg: ModelConfig, cache_dir: str | None = None,
+         use_cpu: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = resolve_path(cfg, cache_dir)
     tokenizer = load_tokenizer(path, cfg)
-    return load_model(path, cfg), tokenizer
+    return load_model(path, cfg, use_cpu), tokenizer

@@ -103,9 +103,10 @@ def collect_metrics(trainer, splits: data.Splits, cfg: Config) -> dict:
     return metrics
 
 
-def write_training_results(trainer, splits: data.Splits, cfg: Config, run_dir: Path, name: str, wandb_run) -> dict:
+def write_training_results(trainer, splits: data.Splits, cfg: Config, run_dir: Path, name: str, wandb_run,
+                           extra: dict | None = None) -> dict:
     """metrics.json, log_history.json and loss.png, written before evaluation so a failure there loses none."""
-    metrics = collect_metrics(trainer, splits, cfg)
+    metrics = {**collect_metrics(trainer, splits, cfg), **(extra or {})}
     history = trainer.state.log_history
     tracking.write_json(run_dir / "log_history.json", {"log_history": history})
     plots.loss_curves(history, run_dir / "loss.png", title=f"Loss: {name}")
@@ -117,7 +118,7 @@ def write_training_results(trainer, splits: data.Splits, cfg: Config, run_dir: P
 
 def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     """One run; returns its figures (metrics.json and eval_metrics.json together)."""
-    from gsm8k_lora.model import load
+    from gsm8k_lora.model import load, resolve_dtype, weight_memory
 
     main_process = tracking.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
           f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
     eval_rows = evaluate.eval_rows(splits, cfg.eval) if cfg.eval.enabled else []
-    model, tokenizer = load(cfg.model, cfg.cache_dir)
+    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu)
+    weights = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
 
     wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved) if main_process else None
     exit_code = 1
@@ -140,7 +142,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
             exit_code = 0
             return {}
         tokenizer.save_pretrained(adapter_dir)
-        metrics = write_training_results(trainer, splits, cfg, run_dir, name, wandb_run)
+        metrics = write_training_results(trainer, splits, cfg, run_dir, name, wandb_run, extra=weights)
         eval_figures = {}
         if eval_rows:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             eval_figures = evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(),

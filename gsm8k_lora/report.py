@@ -52,6 +52,7 @@ def overview(run: dict, price: float) -> list[str]:
     return [
         "## 1. Overview",
         f"- Model: `{model.get('name_or_path')}` (dtype {model.get('dtype')}, 4-bit: {model.get('load_in_4bit')})",
+        weights_line(m),
         f"- Data: {data.get('source')} {data.get('path') or ''} — {m.get('rows_train')} train / "
         f"{m.get('rows_validation')} validation / {m.get('rows_test')} test rows; "
         f"{(m.get('rows_dropped_train') or 0) + (m.get('rows_dropped_test') or 0)} malformed rows dropped",
@@ -68,6 +69,15 @@ def overview(run: dict, price: float) -> list[str]:
         f"{m.get('tokens_seen')} tokens seen; stop: {m.get('stop_reason')}",
         cost_line,
     ]
+
+
+def weights_line(m: dict) -> str:
+    loaded, full = m.get("weights_gib"), m.get("weights_gib_unquantised")
+    if loaded is None or full is None:
+        return "- Base weights: not recorded"
+    saving = f", {1 - loaded / full:.0%} less than unquantised" if loaded < full else ""
+    return (f"- Base weights: {loaded:.3f} GiB as loaded, {full:.3f} GiB in {m.get('weights_unquantised_dtype')} "
+            f"unquantised{saving}")
 
 
 def loss_section(m: dict) -> list[str]:

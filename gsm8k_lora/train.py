@@ -68,9 +68,10 @@ def check_hardware(cfg: Config) -> None:
         raise ConfigError("trainer.fp16=True is invalid: fp16 mixed precision needs a CUDA GPU")
     if cfg.trainer.tf32 and not cuda:
         raise ConfigError("trainer.tf32=True is invalid: TF32 needs an Ampere or newer CUDA GPU; set it to null")
-    if cfg.model.load_in_4bit and not cuda:
-        raise ConfigError("model.load_in_4bit=True is invalid: 4-bit QLoRA needs a CUDA GPU; "
-                          "use model=falcon3_1b_instruct or model=tiny on this machine")
+    if cfg.model.load_in_4bit:
+        from gsm8k_lora.model import four_bit_device
+
+        four_bit_device(cfg.trainer.use_cpu)  # bitsandbytes installed, with kernels for this device
 
 
 def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
