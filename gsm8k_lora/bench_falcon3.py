@@ -1,6 +1,10 @@
-"""CUDA-only benchmark on a Falcon3-1B-shaped model: the real architecture config, random weights,
-nothing downloaded. LoRA tokens/s, model FLOPs utilisation and peak memory for TRL's plain
-defaults, this package's default and QLoRA; and the time to answer 1,319 GSM8K-length prompts.
+"""Benchmarks on a Falcon3-1B-shaped model: the real architecture config, random weights, nothing
+downloaded.
+
+On any machine: the base weights' memory in bf16 and in 4-bit NF4, as `model=falcon3_1b_qlora` loads
+them (about a minute on a CPU). On a CUDA machine also LoRA tokens/s, model FLOPs utilisation and peak
+memory for TRL's plain defaults, this package's default and QLoRA, and the time to answer 1,319
+GSM8K-length prompts. The test suite runs the same code on the CPU with a scaled-down shape.
 
 MFU counts 4N FLOPs per trained token (LoRA with a frozen base: 2N forward + 2N activation
 gradients, recompute not counted), with N including the 0.27 B-parameter LM head, as NeMo
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gsm8k_lora.bench_train import gsm8k_like_rows, run_variant, variants
-from gsm8k_lora.config import EvalConfig, TrainerConfig
+from gsm8k_lora.config import EvalConfig, ModelConfig, TrainerConfig
 
 # tiiuae/Falcon3-1B-Instruct's config.json (see shared FACTS): LlamaForCausalLM.
 FALCON3_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=18, num_attention_heads=8,
@@ -32,24 +36,43 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
-def build_falcon3_shaped(out_dir: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_shaped(out_dir: Path, tokenizer_dir: Path, arch: dict) -> Path:
+    """A randomly initialised model of `arch`, saved in bf16 with the tiny model's tokenizer (its ids
+    fit any larger vocabulary)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**FALCON3_1B)).to(torch.bfloat16)
+    with torch.device(device()):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**arch), dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)  # ids < 754 fit the 131k vocab
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out_dir
 
 
-def param_count() -> int:
+def param_count(arch: dict) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**FALCON3_1B)).parameters())
+        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**arch)).parameters())
+
+
+def weight_memory_4bit(model_dir: Path) -> dict:
+    """Base-weight memory as the package loads the model: bf16, and 4-bit NF4 with double quantisation."""
+    from gsm8k_lora.model import load_model, weight_memory
+
+    cfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", load_in_4bit=True)
+    model = load_model(str(model_dir), cfg)
+    figures = weight_memory(model, torch.bfloat16)
+    del model
+    return {"qlora_weights_gib_bf16": figures["weights_gib_unquantised"], "qlora_weights_gib_4bit": figures[
+        "weights_gib"], "qlora_weight_memory_saving": 1 - figures["weights_gib"] / figures["weights_gib_unquantised"]}
 
 
 def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
@@ -58,44 +81,52 @@ def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch
     from gsm8k_lora.generation import build_prompt, generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device())
     cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
     prompts = [build_prompt(tokenizer, r["question"], cfg, [], None) for r in gsm8k_like_rows(n_prompts, seed=3)]
     generate(model, tokenizer, prompts[:batch_size], dataclasses.replace(cfg, max_new_tokens=8))  # warm-up
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     out = generate(model, tokenizer, prompts, cfg, desc="Falcon3-shaped generation")
-    torch.cuda.synchronize()
+    synchronize()
     seconds = time.perf_counter() - start
     tokens = sum(o["generated_tokens"][0] for o in out)
     return {"gen_prompts": n_prompts, "gen_seconds": seconds, "gen_tokens": tokens,
             "gen_tokens_per_s": tokens / seconds,
-            "gen_note": "random weights never stop early: every prompt generates max_new_tokens (worst case)"}
+            "gen_note": "random weights rarely stop early: close to max_new_tokens per prompt (worst case)"}
 
 
-def bench_cuda(tiny_dir: Path, steps: int, quick: bool) -> dict:
-    from transformers import BitsAndBytesConfig
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
+
+def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_1B,
+                  trainer_cfg: TrainerConfig | None = None, training: bool | None = None) -> dict:
+    """Weight memory everywhere; training and generation figures where `training` (default: on CUDA)."""
     from gsm8k_lora.bench_train import default_trainer_config
 
-    n_params = param_count()
-    device = torch.cuda.get_device_name(0)
-    peak = peak_tflops(device)
-    rows = gsm8k_like_rows(6726)
-    out: dict = {"cuda_device": device, "falcon3_params": n_params, "peak_bf16_tflops": peak}
+    cuda = torch.cuda.is_available()
+    training = cuda if training is None else training
+    n_params = param_count(arch)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = peak_tflops(name) if cuda else None
+    out: dict = {"falcon3_device": name, "falcon3_params": n_params, "peak_bf16_tflops": peak}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_falcon3_shaped(Path(tmp) / "falcon3-shaped", tiny_dir)
-        cfg: TrainerConfig = default_trainer_config(cuda=True)
-        runs = variants(cfg)
-        runs["qlora"] = {**runs["package_default"]}
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        for name, kwargs in runs.items():
-            load = {"quantization_config": quant, "device_map": {"": 0}} if name == "qlora" else None
-            result = run_variant(name, kwargs, str(model_dir), rows, steps, cfg.learning_rate, load_kwargs=load)
+        model_dir = build_shaped(Path(tmp) / "falcon3-shaped", tiny_dir, arch)
+        out.update(weight_memory_4bit(model_dir))
+        if not training:
+            return out
+        cfg = trainer_cfg or default_trainer_config(cuda)
+        runs = {name: (kwargs, False) for name, kwargs in variants(cfg).items()}
+        runs["qlora"] = (runs["package_default"][0], True)
+        rows = gsm8k_like_rows(64 * steps)
+        for variant, (kwargs, four_bit) in runs.items():
+            result = run_variant(variant, kwargs, str(model_dir), rows, steps, cfg.learning_rate, load_in_4bit=four_bit)
             tflops = 4 * n_params * result["real_tokens_per_s"] / 1e12
             result.update(model_tflops=tflops, mfu=tflops / peak if peak else None)
-            out[f"cuda_{name}"] = result
-            torch.cuda.empty_cache()
+            out[f"falcon3_{variant}"] = result
+            if cuda:
+                torch.cuda.empty_cache()
         out.update(bench_generation(model_dir, 64 if quick else 1319, 64 if quick else 256, 128))
     return out

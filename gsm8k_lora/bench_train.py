@@ -48,19 +48,20 @@ class CountingCollator:
 
 
 def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float,
-                load_kwargs: dict | None = None) -> dict:
+                load_in_4bit: bool = False) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from gsm8k_lora.config import ModelConfig
     from gsm8k_lora.data import to_prompt_completion
+    from gsm8k_lora.model import load_model
     from gsm8k_lora.train import build_lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(load_kwargs or {}))
-    model.config.use_cache = False  # as in training: packed-sequence masks need it off
+    # loaded as a run loads it (dtype "auto": bf16 on a bf16 GPU, else fp32; 4-bit through the same path)
+    model = load_model(model_dir, ModelConfig(name_or_path=model_dir, load_in_4bit=load_in_4bit))
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no",

@@ -25,6 +25,6 @@ def test_falcon3_shaped_benchmark_quick(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("*.json")
     figures = json.loads(result.read_text())
-    for name in ("cuda_trl_defaults", "cuda_package_default", "cuda_qlora"):
+    for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_qlora"):
         assert figures[name]["real_tokens_per_s"] > 0 and figures[name]["peak_memory_gib"] > 0
-    assert figures["cuda_qlora"]["peak_memory_gib"] < figures["cuda_package_default"]["peak_memory_gib"]
+    assert figures["falcon3_qlora"]["peak_memory_gib"] < figures["falcon3_package_default"]["peak_memory_gib"]
