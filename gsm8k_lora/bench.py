@@ -87,7 +87,8 @@ def print_table(results: dict) -> None:
         elif key == "train_variants":
             for v in value:
                 print(f"  {v['variant']:40s} {v['real_tokens_per_s']:10.0f} real tok/s, "
-                      f"{v['padding_efficiency']:.3f} of computed tokens real ({v['steps']} steps)")
+                      f"{v['padding_efficiency']:.3f} of computed tokens real "
+                      f"({v['timed_steps']} steps timed after 1 warm-up)")
         elif isinstance(value, float):
             target = TARGETS.get(key)
             mark = ""
