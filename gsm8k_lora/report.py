@@ -75,8 +75,11 @@ def weights_line(m: dict) -> str:
     loaded, full = m.get("weights_gib"), m.get("weights_gib_unquantised")
     if loaded is None or full is None:
         return "- Base weights: not recorded"
-    saving = f", {1 - loaded / full:.0%} less than unquantised" if loaded < full else ""
-    return (f"- Base weights: {loaded:.3f} GiB as loaded, {full:.3f} GiB in {m.get('weights_unquantised_dtype')} "
+    def size(gib: float) -> str:
+        return f"{gib:.3f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+    saving = f", {1 - loaded / full:.0%} less" if loaded < full else ""
+    return (f"- Base weights: {size(loaded)} as loaded, {size(full)} in {m.get('weights_unquantised_dtype')} "
             f"unquantised{saving}")
 
 

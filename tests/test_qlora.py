@@ -77,7 +77,8 @@ def test_qlora_run_trains_records_its_memory_saving_and_reloads(tmp_path, tiny_m
     assert m["train_loss_last"] < m["train_loss_first"] and m["eval_loss_last"] < m["eval_loss_first"]
     assert m["weights_gib"] < 0.5 * m["weights_gib_unquantised"]
     report = (run_dir / "report.md").read_text()
-    assert f"{m['weights_gib']:.3f} GiB as loaded, {m['weights_gib_unquantised']:.3f} GiB in float32" in report
+    mib, mib_full = m["weights_gib"] * 1024, m["weights_gib_unquantised"] * 1024
+    assert f"{mib:.1f} MiB as loaded, {mib_full:.1f} MiB in float32 unquantised" in report
     proc = run_cli("evaluate", "experiment=smoke", "logger=none", "model.load_in_4bit=true", f"adapter={run_dir}",
                    "eval.limit=8", f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
