@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gsm8k_lora.bench_train import gsm8k_like_rows, run_variant, variants
+from gsm8k_lora.bench_train import gsm8k_like_rows, run_variant, synchronize, variants
 from gsm8k_lora.config import EvalConfig, ModelConfig, TrainerConfig
 
 # tiiuae/Falcon3-1B-Instruct's config.json (see shared FACTS): LlamaForCausalLM.
@@ -69,10 +69,10 @@ def weight_memory_4bit(model_dir: Path) -> dict:
 
     cfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", load_in_4bit=True)
     model = load_model(str(model_dir), cfg)
-    figures = weight_memory(model, torch.bfloat16)
+    m = weight_memory(model, torch.bfloat16)
     del model
-    return {"qlora_weights_gib_bf16": figures["weights_gib_unquantised"], "qlora_weights_gib_4bit": figures[
-        "weights_gib"], "qlora_weight_memory_saving": 1 - figures["weights_gib"] / figures["weights_gib_unquantised"]}
+    return {"qlora_weights_gib_bf16": m["weights_gib_unquantised"], "qlora_weights_gib_4bit": m["weights_gib"],
+            "qlora_weight_memory_saving": 1 - m["weights_gib"] / m["weights_gib_unquantised"]}
 
 
 def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
@@ -96,11 +96,6 @@ def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch
             "gen_note": "random weights rarely stop early: close to max_new_tokens per prompt (worst case)"}
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_1B,
                   trainer_cfg: TrainerConfig | None = None, training: bool | None = None) -> dict:
     """Weight memory everywhere; training and generation figures where `training` (default: on CUDA)."""
@@ -118,7 +113,7 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
         if not training:
             return out
         cfg = trainer_cfg or default_trainer_config(cuda)
-        runs = {name: (kwargs, False) for name, kwargs in variants(cfg).items()}
+        runs = {variant: (kwargs, False) for variant, kwargs in variants(cfg).items()}
         runs["qlora"] = (runs["package_default"][0], True)
         rows = gsm8k_like_rows(64 * steps)
         for variant, (kwargs, four_bit) in runs.items():

@@ -37,6 +37,12 @@ def gsm8k_like_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so a clock read after it covers that work; nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class AfterWarmup(TrainerCallback):
     """A TrainerCallback that notes the clock and the token count when the first optimizer step ends,
     so one-off costs (kernel selection, allocator growth, optimizer state) stay out of the rate."""
@@ -46,8 +52,7 @@ class AfterWarmup(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize()
             self.time, self.real = time.perf_counter(), self.counter.real
 
 
@@ -76,11 +81,11 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
 
     if steps < 2:
         raise ValueError(f"steps={steps} is invalid: must be >= 2, the first step is an untimed warm-up")
+    cuda = torch.cuda.is_available()
     gc.collect()  # the previous variant's model and trainer hold reference cycles; free them before measuring
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cuda = torch.cuda.is_available()
     # loaded as a run loads it (dtype "auto": bf16 on a bf16 GPU, else fp32; 4-bit through the same path)
     model = load_model(model_dir, ModelConfig(name_or_path=model_dir, load_in_4bit=load_in_4bit))
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
@@ -95,11 +100,9 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
         warmup = AfterWarmup(counter)
         trainer.add_callback(warmup)
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize()
         seconds = time.perf_counter() - warmup.time
     return {"variant": name, "steps": steps, "timed_steps": steps - 1, "seconds": seconds, "real_tokens": counter.real,
             "computed_tokens": counter.computed, "padding_efficiency": counter.real / max(counter.computed, 1),

@@ -118,7 +118,8 @@ def keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
 def weight_memory(model: torch.nn.Module, dtype: torch.dtype) -> dict:
     """Bytes the model's weights take as loaded, and what the same weights take unquantised in `dtype`:
     the memory a 4-bit base saves (the embedding and LM head stay unquantised, so with a large vocabulary
-    the saving is well under 4x)."""
+    the saving is well under 4x). Counted here rather than by `get_memory_footprint()`, which leaves out
+    the 4-bit quantisation constants and knows nothing of the unquantised size."""
     loaded = unquantised = 0
     for param in model.parameters():
         loaded += param.numel() * param.element_size()
