@@ -1,4 +1,4 @@
-"""The grading contract, rule by rule."""
+"""The package's by-value grading, rule by rule (lm-eval's own rules: test_lm_eval_parity.py)."""
 
 import pytest
 
@@ -10,6 +10,9 @@ from gsm8k_lora.grading import extract_flexible, extract_strict, gold_number, gr
     ("#### 1,234", "1234"),
     ("#### $12.50", "12.5"),
     ("#### 5\n#### 6", "5"),                       # the first marker, as lm-evaluation-harness
+    ("####18", "18"),                               # by value: no space needed (lm-eval's strict-match needs one)
+    ("#### $18", "18"),
+    ("#### 18.00", "18"),
     ("The answer is 7.", None),
     ("", None),
 ])
@@ -49,6 +52,7 @@ def test_same_number_compares_by_value(a, b, same):
 def test_grade_reports_both_extractions_and_never_raises():
     g = grade("I think 6. The answer is 7.", "7")
     assert (g.pred, g.correct, g.pred_strict, g.correct_strict, g.explicit) == ("7", True, None, False, True)
+    assert (g.lm_eval_strict, g.lm_eval_flexible) == (("[invalid]", False), ("7.", True))
     g = grade("blah 3 blah", "4")
     assert (g.pred, g.correct, g.explicit) == ("3", False, False)
     g = grade("", "4")
@@ -58,3 +62,11 @@ def test_grade_reports_both_extractions_and_never_raises():
 @pytest.mark.parametrize("answer, gold", [("a\n#### 1,000", "1000"), ("72", "72"), (" 3.50 ", "3.5")])
 def test_gold_from_gsm8k_answer_or_bare_number(answer, gold):
     assert gold_number(answer) == gold
+
+
+@pytest.mark.parametrize("completion", ["#### 18.00", "####18", "#### $18", "The answer is 18.00",
+                                        "#### 18\n\nQuestion: 4"])
+def test_by_value_reads_answers_that_lm_eval_string_match_rejects(completion):
+    g = grade(completion, "18")
+    assert g.correct
+    assert not (g.lm_eval_strict.exact_match and g.lm_eval_flexible.exact_match)
