@@ -1,7 +1,8 @@
-"""Load the base model and tokenizer: a hub id, a local directory, or the built-in tiny model.
+"""Load the base model and tokenizer from where `sources.resolve` put them: a hub id or a local directory.
 
-Every source goes through the same `from_pretrained` calls; only `builtin:tiny` is built (once, then
-cached) before it is loaded.
+Every source (hub, local directory, GGUF, the PyPI copy, the built-in tiny model) ends in the same
+`from_pretrained` calls. Differences between models are handled by what the tokenizer and config
+say (pad token, chat template, tied embeddings), never by the model's name.
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from gsm8k_lora import tiny_model
+from gsm8k_lora import sources
 from gsm8k_lora.config import ConfigError, ModelConfig
+from gsm8k_lora.sources import BUILTIN_TINY, ModelLoadError, Resolved  # noqa: F401  (re-exported)
 
-BUILTIN_TINY = "builtin:tiny"
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be loaded; the message says why and what to do."""
+PAD_FALLBACK = "<|pad|>"
 
 
 def resolve_path(cfg: ModelConfig, cache_dir: str | None = None) -> str:
-    if cfg.name_or_path == BUILTIN_TINY:
-        return str(tiny_model.ensure(cfg.tiny_seed, cache_dir))
-    return cfg.name_or_path
+    return sources.resolve(cfg, cache_dir).path
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -41,7 +37,8 @@ def _explain(path: str, err: Exception) -> ModelLoadError:
     else:
         why = (f"cannot load {path!r}: not in the local cache and the hub is unreachable or the id is wrong "
                f"({type(err).__name__})")
-    return ModelLoadError(f"{why}. Offline, use model=tiny or model.name_or_path=/path/to/a/model/directory")
+    return ModelLoadError(f"{why}. Offline, use model=tiny, model=smollm2_135m (a copy on PyPI) or "
+                          f"model.name_or_path=/path/to/a/model/directory")
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -54,10 +51,22 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if not tokenizer.chat_template:
         raise ModelLoadError(f"the tokenizer of {path!r} has no chat template; supply one with "
                              f"model.chat_template_path=FILE.jinja")
-    if tokenizer.pad_token is None:
-        # Safe with TRL: labels come from the completion mask, not from pad positions, so EOS stays a label.
-        tokenizer.pad_token = tokenizer.eos_token
+    set_distinct_pad_token(tokenizer)
     return tokenizer
+
+
+def set_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A pad token that is not EOS. With pad == EOS, code that drops pad positions (batched generation,
+    padded collators) also drops the EOS that ends each answer, so the model is never taught, or seen,
+    to stop. The unknown token is used where it is distinct; else a new `<|pad|>` token (the model's
+    embeddings are then resized by `load_model`; a pad position is never attended to nor a label)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    unk = tokenizer.unk_token
+    if unk is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = unk
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_FALLBACK})
 
 
 def four_bit_device(use_cpu: bool = False) -> str:
@@ -86,7 +95,8 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False) -> PreTrainedModel:
+def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     dtype = resolve_dtype(cfg.dtype)
     kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
@@ -99,6 +109,10 @@ def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False) -> PreTrained
         raise _explain(path, err) from None
     if quant is not None and kwargs["device_map"][""] == "cpu":
         keep_cpu_4bit_differentiable(model)
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a pad token was added
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training; generation turns it back on
     return model
 
@@ -137,8 +151,8 @@ def weight_memory(model: torch.nn.Module, dtype: torch.dtype) -> dict:
             "weights_unquantised_dtype": str(dtype).removeprefix("torch.")}
 
 
-def load(cfg: ModelConfig, cache_dir: str | None = None,
-         use_cpu: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = resolve_path(cfg, cache_dir)
+def load(cfg: ModelConfig, cache_dir: str | None = None, use_cpu: bool = False,
+         resolved: Resolved | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = (resolved or sources.resolve(cfg, cache_dir)).path
     tokenizer = load_tokenizer(path, cfg)
-    return load_model(path, cfg, use_cpu), tokenizer
+    return load_model(path, cfg, use_cpu, tokenizer), tokenizer
