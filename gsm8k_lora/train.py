@@ -112,6 +112,11 @@ def main_guarded(cfg: DictConfig) -> float | None:
         label = "config error" if isinstance(err, ConfigError) else ("stopped" if interrupted else "error")
         print(f"{label}: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2 if isinstance(err, ConfigError) else 1))
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop at once, in one line, no traceback
+        jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
+        print(f"stopped at once; checkpoints in {job_dir / 'checkpoints'} marked .complete can be resumed with the "
+              f"same command and hydra.run.dir={job_dir}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         jobs.mark_failed(job_dir, overrides, err)
         raise
@@ -130,5 +135,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from gsm8k_lora.cli import run
+
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    main()
+    run(main)  # a config mistake: one line, exit code 2

@@ -1,0 +1,61 @@
+"""A config mistake Hydra finds while composing is one line naming the key and what is allowed, exit code 2,
+from both Hydra entry points, in a single run and in a sweep; a valid sweep still launches."""
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+
+def one_line_error(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("config error: ") and "base_" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+@pytest.mark.parametrize("override, says", [
+    ("lora.rr=8", "lora.rr is invalid: lora has no key 'rr'; allowed: r, alpha, dropout, bias, target_modules"),
+    ("lora=nonexistent", "lora=nonexistent is invalid: no such option; allowed: attn_only, default, r16"),
+])
+def test_unknown_key_or_option_is_one_line_with_what_is_allowed(tmp_path, entry, override, says):
+    proc = run_cli(entry, "experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert says in one_line_error(proc)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["lora.r=eight"], "lora.r=eight is invalid: Value 'eight' of type 'str' could not be converted to Integer; "
+                       "allowed: int"),
+    (["lorra.r=8"], "lorra is invalid: the config has no key 'lorra'; allowed: model, data, lora, trainer"),
+    (["experiment=nope"], "experiment=nope is invalid: no such option; allowed: "),
+    (["lora.r=["], "lora.r=[ is invalid: "),
+    (["lora.r=4,8"], "Ambiguous value for argument 'lora.r=4,8'"),
+    (["--config-name", "nope"], "--config-name nope is invalid: no such config; allowed: config"),
+])
+def test_other_composition_mistakes_are_one_line(tmp_path, args, says):
+    proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", *args, timeout=120)
+    assert says in one_line_error(proc)
+
+
+def test_a_mistake_in_one_value_of_a_sweep_stops_it_before_any_job(tmp_path):
+    proc = run_cli("train", "-m", "experiment=smoke", "lora=default,nonexistent",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
+    assert "lora=nonexistent is invalid: no such option" in one_line_error(proc)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_sweep_file_still_launches_every_job(tmp_path):
+    """The grid of sweeps/lr_epochs.yaml (2 x 2 in the smoke experiment) x two ranks, each job rejected by the
+    schema's range check, so all 8 jobs start and end without loading a model."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("train", "-m", "--config-dir", str(ROOT / "sweeps"), "--config-name", "lr_epochs",
+                   "experiment=smoke", "logger=none", "lora.r=0,-1", f"hydra.sweep.dir={sweep_dir}", timeout=300)
+    assert proc.returncode != 0  # Hydra reports the failed jobs at the end
+    errors = sorted(json.loads((job / "failed.json").read_text())["error"] for job in sweep_dir.iterdir()
+                    if job.is_dir())
+    assert len(errors) == 8
+    assert sum("lora.r=0 is invalid" in e for e in errors) == sum("lora.r=-1 is invalid" in e for e in errors) == 4
