@@ -2,13 +2,15 @@
 downloaded.
 
 On any machine: the base weights' memory in bf16 and in 4-bit NF4, as `model=falcon3_1b_qlora` loads
-them (about a minute on a CPU). On a CUDA machine also LoRA tokens/s, model FLOPs utilisation and peak
+them. On a CUDA machine also LoRA tokens/s, model FLOPs utilisation and peak
 memory for TRL's plain defaults, this package's default and QLoRA, and the time to answer 1,319
 GSM8K-length prompts. The test suite runs the same code on the CPU with a scaled-down shape.
 
-MFU counts 4N FLOPs per trained token (LoRA with a frozen base: 2N forward + 2N activation
-gradients, recompute not counted), with N including the 0.27 B-parameter LM head, as NeMo
-AutoModel's LoRA figures do.
+MFU = 4 * N * real tokens/s / peak bf16 FLOP/s, where N counts only the parameters that do a matmul:
+every Linear layer's weight, the LM head included (tied or not, counted once), but not the input
+embedding (a table lookup, 0.27 B parameters in Falcon3-1B) nor the norms (elementwise). 4N per trained
+token is LoRA with a frozen base: 2N forward + 2N for the activation gradients, no weight gradients;
+recompute, attention scores and the adapters themselves are not counted.
 """
 
 from __future__ import annotations
@@ -56,11 +58,22 @@ def build_shaped(out_dir: Path, tokenizer_dir: Path, arch: dict) -> Path:
     return out_dir
 
 
-def param_count(arch: dict) -> int:
+def _meta_model(arch: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    with torch.device("meta"):
-        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**arch)).parameters())
+    with torch.device("meta"):  # shapes only, no memory
+        return LlamaForCausalLM(LlamaConfig(**arch))
+
+
+def param_count(arch: dict) -> int:
+    return sum(p.numel() for p in _meta_model(arch).parameters())
+
+
+def matmul_param_count(arch: dict) -> int:
+    """N of the MFU formula: weights of the Linear layers, each tensor once (a tied LM head shares the
+    embedding's tensor and counts once, as the head's matmul); the embedding lookup and norms are left out."""
+    weights = {id(m.weight): m.weight.numel() for m in _meta_model(arch).modules() if isinstance(m, torch.nn.Linear)}
+    return sum(weights.values())
 
 
 def weight_memory_4bit(model_dir: Path) -> dict:
@@ -103,10 +116,11 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
 
     cuda = torch.cuda.is_available()
     training = cuda if training is None else training
-    n_params = param_count(arch)
+    n_matmul = matmul_param_count(arch)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_tflops(name) if cuda else None
-    out: dict = {"falcon3_device": name, "falcon3_params": n_params, "peak_bf16_tflops": peak}
+    out: dict = {"falcon3_device": name, "falcon3_params": param_count(arch), "falcon3_matmul_params": n_matmul,
+                 "peak_bf16_tflops": peak}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_shaped(Path(tmp) / "falcon3-shaped", tiny_dir, arch)
         out.update(weight_memory_4bit(model_dir))
@@ -118,7 +132,7 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
         rows = gsm8k_like_rows(64 * steps)
         for variant, (kwargs, four_bit) in runs.items():
             result = run_variant(variant, kwargs, str(model_dir), rows, steps, cfg.learning_rate, load_in_4bit=four_bit)
-            tflops = 4 * n_params * result["real_tokens_per_s"] / 1e12
+            tflops = 4 * n_matmul * result["real_tokens_per_s"] / 1e12  # see the module docstring
             result.update(model_tflops=tflops, mfu=tflops / peak if peak else None)
             out[f"falcon3_{variant}"] = result
             if cuda:

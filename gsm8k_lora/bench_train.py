@@ -71,12 +71,11 @@ class CountingCollator:
 def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float,
                 load_in_4bit: bool = False) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from gsm8k_lora.config import ModelConfig
     from gsm8k_lora.data import to_prompt_completion
-    from gsm8k_lora.model import load_model
+    from gsm8k_lora.model import load_model, load_tokenizer
     from gsm8k_lora.train import build_lora_config
 
     if steps < 2:
@@ -85,9 +84,11 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
     gc.collect()  # the previous variant's model and trainer hold reference cycles; free them before measuring
     if cuda:
         torch.cuda.empty_cache()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # loaded as a run loads it (dtype "auto": bf16 on a bf16 GPU, else fp32; 4-bit through the same path)
-    model = load_model(model_dir, ModelConfig(name_or_path=model_dir, load_in_4bit=load_in_4bit))
+    # loaded as a run loads it (dtype "auto": bf16 on a bf16 GPU, else fp32; 4-bit through the same path;
+    # a pad token distinct from EOS)
+    model_cfg = ModelConfig(name_or_path=model_dir, load_in_4bit=load_in_4bit)
+    tokenizer = load_tokenizer(model_dir, model_cfg)
+    model = load_model(model_dir, model_cfg, tokenizer=tokenizer)
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no",
@@ -125,25 +126,30 @@ def variants(cfg: TrainerConfig) -> dict[str, dict]:
     return {"trl_defaults": plain, "package_default": ours}
 
 
-def epoch_padding_efficiency(lengths: list[int], batch_size: int, strategy: str, seed: int = 0) -> float:
-    """Real / computed tokens over a whole epoch, batches drawn by the Trainer's own sampler code
-    (transformers' length grouping) or at random; padding-free computes no padding at all."""
+def collator(padding_free: bool):
+    """The collator SFTTrainer builds for text rows (TRL's), padding with id 0 (any id: only shapes count)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
+
+
+def epoch_padding_efficiency(lengths: list[int], batch_size: int, strategy: str, padding_free: bool,
+                             collate=None, seed: int = 0) -> float:
+    """Real / computed tokens over a whole epoch: batches drawn by the Trainer's own sampler code
+    (transformers' length grouping) or at random, each run through the collator (TRL's unless
+    `collate` is given); computed tokens are the positions of the `input_ids` it produced."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    if strategy == "padding_free":
-        return 1.0
+    collate = collate or collator(padding_free)
     generator = torch.Generator().manual_seed(seed)
     order = (get_length_grouped_indices(lengths, batch_size, generator=generator) if strategy == "group_by_length"
              else torch.randperm(len(lengths), generator=generator).tolist())
     real = computed = 0
     for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
-        real, computed = real + sum(batch), computed + max(batch) * len(batch)
+        batch = [{"input_ids": [1] * lengths[i]} for i in order[start:start + batch_size]]
+        real += sum(len(example["input_ids"]) for example in batch)
+        computed += collate(batch)["input_ids"].numel()
     return real / computed
-
-
-def strategy_of(cfg: TrainerConfig) -> str:
-    return "padding_free" if cfg.padding_free or cfg.packing else cfg.train_sampling_strategy
 
 
 def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, epoch_rows: int = 6726) -> dict:
@@ -164,9 +170,11 @@ def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, epoch
         "train_rows_per_epoch": epoch_rows,
         "train_mean_tokens_per_row": sum(lengths) / len(lengths),
         "train_padding_efficiency_trl_defaults": epoch_padding_efficiency(
-            lengths, trainer_cfg.per_device_train_batch_size * trainer_cfg.gradient_accumulation_steps, "random"),
+            lengths, trainer_cfg.per_device_train_batch_size * trainer_cfg.gradient_accumulation_steps, "random",
+            padding_free=False),
         "train_padding_efficiency_default": epoch_padding_efficiency(
-            lengths, trainer_cfg.per_device_train_batch_size, strategy_of(trainer_cfg)),
+            lengths, trainer_cfg.per_device_train_batch_size, trainer_cfg.train_sampling_strategy,
+            padding_free=trainer_cfg.padding_free or trainer_cfg.packing),  # TRL's BFD packing is padding-free
         "train_padding_efficiency_measured_trl_defaults": base["padding_efficiency"],
         "train_padding_efficiency_measured_default": ours["padding_efficiency"],
         "train_real_tokens_per_s_trl_defaults": base["real_tokens_per_s"],

@@ -1,11 +1,14 @@
-"""The Falcon3-shaped benchmark's code, run on the CPU with a scaled-down shape: the same building,
-loading (bf16 and 4-bit), training variants, FLOPs accounting and generation a CUDA machine runs at full
-size. Its figures are not asserted, only that each is there and sane."""
+"""`make bench`: its figures are counted, not assumed. The Falcon3-shaped benchmark's code also runs on the
+CPU with a scaled-down shape: the same building, loading (bf16 and 4-bit), training variants, FLOPs
+accounting and generation a CUDA machine runs at full size; those figures are only checked to be there and sane."""
+
+import json
 
 import pytest
 
-from gsm8k_lora.bench_falcon3 import FALCON3_1B, bench_falcon3, param_count
+from gsm8k_lora.bench_falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
 from gsm8k_lora.bench_train import default_trainer_config
+from tests.conftest import run_cli
 
 SMALL = {**FALCON3_1B, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024, "max_position_embeddings": 1024}
@@ -15,16 +18,124 @@ def test_falcon3_config_counts_the_published_parameters():
     assert param_count(FALCON3_1B) == pytest.approx(1.67e9, rel=0.01)  # with the untied 131k-vocab head
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_mfu_counts_the_parameters_that_do_matmuls(tied):
+    arch = {**FALCON3_1B, "tie_word_embeddings": tied}
+    h, q, kv, ffn, vocab = 2048, 8 * 256, 4 * 256, 8192, 131072
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * ffn  # q, k, v, o; gate, up, down
+    # the LM head's matmul counts once, tied or not; the input embedding is a lookup and does not count
+    assert matmul_param_count(arch) == 18 * per_layer + vocab * h == 1_400_897_536
+    embedding_and_norms = vocab * h + (2 * 18 + 1) * h
+    assert param_count(arch) == matmul_param_count(arch) + embedding_and_norms - (vocab * h if tied else 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+ANSWER = "Tom has 2+3=<<2+3=5>>5 apples.\n#### 5"
+
+
+@pytest.mark.parametrize("completion, ended, through, plus", [
+    (ANSWER + "\nThen more text that was not needed", True, ANSWER, 1),  # ended (EOS/stop) after more text
+    (ANSWER + "\n", True, ANSWER, 1),                                     # stopped by the finished answer line
+    (ANSWER + "\nThen more", False, ANSWER, 0),                           # cut off after the answer
+    (ANSWER, True, ANSWER, 1),                                            # EOS right after the number
+    ("He has 1,000 apples.\n#### 1,000 apples", False, "He has 1,000 apples.\n#### 1,000", 0),
+])
+def test_needed_tokens_run_through_the_answer_number(tokenizer, completion, ended, through, plus):
+    from gsm8k_lora.bench import needed_tokens
+
+    assert needed_tokens(tokenizer, completion, ended) == count(tokenizer, through) + plus
+
+
+@pytest.mark.parametrize("completion, ended", [
+    ("no final line", True),   # the base tiny model: no answer, so nothing it needed
+    ("no final line", False),
+    (ANSWER, False),           # cut off right after a number: it may have gone on (5 -> 50)
+    ("so\n####", True),        # a marker without a number
+])
+def test_needed_tokens_are_unmeasured_without_a_complete_answer(tokenizer, completion, ended):
+    from gsm8k_lora.bench import needed_tokens
+
+    assert needed_tokens(tokenizer, completion, ended) is None
+
+
+def test_generated_over_needed_is_measured_on_the_answered_rows_only(tokenizer):
+    from gsm8k_lora.bench import answer_token_figures
+
+    max_new = 64
+    answered = {"completions": [ANSWER + "\nand then some"], "generated_tokens": [30]}  # ended before the limit
+    cut_off = {"completions": ["1+1=2 and 2+2=4 and"], "generated_tokens": [max_new]}
+    rambling = {"completions": ["no answer at all"], "generated_tokens": [12]}
+    needed = count(tokenizer, ANSWER) + 1
+    figures = answer_token_figures(tokenizer, [answered, cut_off, rambling], max_new)
+    assert figures == {"eval_needed_measured_rows": 1, "eval_needed_tokens_per_question": needed,
+                       "eval_generated_over_needed_x": 30 / needed}
+    assert answer_token_figures(tokenizer, [cut_off, rambling], max_new) == {
+        "eval_needed_measured_rows": 0, "eval_needed_tokens_per_question": None, "eval_generated_over_needed_x": None}
+
+
+def test_padding_efficiency_is_counted_from_the_collated_batches():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from gsm8k_lora.bench_train import epoch_padding_efficiency
+
+    lengths = [3, 5, 2, 7]  # one batch of four: 17 real tokens
+    assert epoch_padding_efficiency(lengths, 4, "random", padding_free=False) == 17 / (4 * 7)  # padded to 7
+    assert epoch_padding_efficiency(lengths, 4, "random", padding_free=True) == 1.0  # one flat sequence of 17
+    # what the collator produced is what counts: padding-free padded to a multiple of 8 computes 24 positions
+    padded_flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8)
+    assert epoch_padding_efficiency(lengths, 4, "random", padding_free=True, collate=padded_flat) == 17 / 24
+
+
+def test_length_grouping_pads_less_than_random_batches():
+    from gsm8k_lora.bench_train import epoch_padding_efficiency
+
+    lengths = [10, 200, 12, 190, 11, 205, 9, 198] * 50
+    grouped = epoch_padding_efficiency(lengths, 4, "group_by_length", padding_free=False)
+    shuffled = epoch_padding_efficiency(lengths, 4, "random", padding_free=False)
+    assert 0 < shuffled < grouped < 1
+
+
+@pytest.mark.slow
+def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
+    proc = run_cli("bench", "--quick", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("*.json")
+    figures = json.loads(result.read_text())
+    for key in ("eval_batched_speedup_x", "eval_single_questions_per_s", "train_speedup_x",
+                "train_padding_efficiency_default", "train_padding_efficiency_trl_defaults"):
+        assert figures[key] > 0
+    # the base tiny model never writes `#### N`: the token ratio is unmeasured, and says so
+    assert figures["eval_needed_measured_rows"] == 0 and figures["eval_generated_over_needed_x"] is None
+    assert "n/a: the model wrote no #### answer" in proc.stdout
+    # the CPU preset is padding-free: no padding in the epoch's batches, nor in the trained ones
+    assert figures["train_padding_efficiency_default"] == figures["train_padding_efficiency_measured_default"] == 1.0
+    assert figures["train_padding_efficiency_trl_defaults"] < 1.0
+    assert {v["variant"] for v in figures["train_variants"]} == {"trl_defaults", "package_default"}
+    assert "eval_batched_speedup_x" in proc.stdout
+
+
 @pytest.mark.slow
 def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, trainer_cfg=default_trainer_config(False),
                         training=True)
-    assert out["falcon3_params"] == param_count(SMALL)
+    assert out["falcon3_params"] == param_count(SMALL) and out["falcon3_matmul_params"] == matmul_param_count(SMALL)
     assert 0 < out["qlora_weights_gib_4bit"] < out["qlora_weights_gib_bf16"]
     for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_qlora"):
         figures = out[name]
         assert figures["steps"] == 2 and figures["timed_steps"] == 1 and figures["model_tflops"] > 0
+        tflops = 4 * matmul_param_count(SMALL) * figures["real_tokens_per_s"] / 1e12
+        assert figures["model_tflops"] == pytest.approx(tflops)
         timed_tokens = figures["real_tokens_per_s"] * figures["seconds"]  # the warm-up step's tokens are left out
         assert 0 < timed_tokens < figures["real_tokens"]
     assert out["gen_prompts"] == 64 and out["gen_tokens"] > 0
