@@ -106,6 +106,15 @@ def arithmetic_slips(completion: str) -> list[str]:
     return slips
 
 
+# A completion that ends by repeating one piece of text (`<<16*3= <<16*3= <<16*3= ...`) at least 4 times.
+_LOOP_RE = re.compile(r"(\S.{2,79}?)(?:\s*\1){3,}\s*$", re.DOTALL)
+
+
+def repetition_loop(completion: str) -> bool:
+    """Stuck in a loop: the text ends in 4+ repeats of one 3-80 character piece (only the tail is read)."""
+    return bool(_LOOP_RE.search(completion[-800:]))
+
+
 ERROR_CATEGORIES = {
     "truncated": "answer truncated by the token limit",
     "no_answer": "no extractable answer (format)",
@@ -163,13 +172,13 @@ def next_steps(curve: CurveReading, early_stopped: bool, evaluation: dict) -> li
         out.append("Train for fewer epochs or keep early stopping on: validation loss rose while training loss fell.")
     if curve.label == "rising":
         out.append("Lower the learning rate: validation loss rose without training loss falling.")
-    diff, p = evaluation.get("paired_flexible_difference"), evaluation.get("paired_flexible_mcnemar_p")
+    diff, p = evaluation.get("paired_by_value_difference"), evaluation.get("paired_by_value_mcnemar_p")
     if diff is not None and p is not None and p >= 0.05:
         out.append(f"Evaluate on more questions: the accuracy difference ({diff:+.1%}) is not significant (p={p:.2g}).")
     if diff is not None and diff < 0 and p is not None and p < 0.05:
         out.append("Fine-tuning lowered GSM8K accuracy: try a lower learning rate, fewer epochs or a smaller rank.")
     maj = next((v for k, v in evaluation.items() if k.startswith("finetuned_gsm8k_maj@")), None)
-    greedy = evaluation.get("finetuned_gsm8k_accuracy_flexible")
+    greedy = evaluation.get("finetuned_gsm8k_by_value")
     if maj is not None and greedy is not None and maj - greedy >= 0.02:
         out.append(f"Use self-consistency: majority vote beats greedy by {maj - greedy:+.1%}.")
     if not out:

@@ -1,9 +1,9 @@
 """GSM8K accuracy during training, beside the validation loss.
 
 SFTTrainer evaluates loss only; this callback answers a fixed sample of validation questions at
-each evaluation and adds `eval_gsm8k_accuracy` to the metrics before early stopping and best-
+each evaluation and adds `eval_gsm8k_by_value` to the metrics before early stopping and best-
 checkpoint selection read them (it must come before EarlyStoppingCallback in the list), so
-`trainer.metric_for_best_model=eval_gsm8k_accuracy` keeps the checkpoint that answers best.
+`trainer.metric_for_best_model=eval_gsm8k_by_value` keeps the checkpoint that answers best.
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ class GSM8KAccuracyCallback(TrainerCallback):
         self.trainer = None  # set by the pipeline once the trainer exists; used to log
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        from gsm8k_lora.evaluate import score
+        from gsm8k_lora.evaluate import RULES, rate, score
 
         was_training = model.training
         generations = generate(model, self.tokenizer, self.prompts, self.cfg, desc="GSM8K validation answers")
         if was_training:
             model.train()
         records = score(self.rows, generations, "during_training")
-        n = len(records)
-        figures = {"eval_gsm8k_accuracy": sum(r["correct"] for r in records) / n,
-                   "eval_gsm8k_accuracy_strict": sum(r["correct_strict"] for r in records) / n,
-                   "eval_answer_format_rate": sum(r["explicit_answer"] for r in records) / n}
+        figures = {f"eval_{name}": rate(records, key) for key, name in RULES}
+        figures["eval_answer_format_rate"] = rate(records, "explicit_answer")
         if metrics is not None:
             metrics.update(figures)  # the same dict the Trainer reads for best-metric and early stopping
         if self.trainer is not None:

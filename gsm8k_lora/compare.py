@@ -17,8 +17,8 @@ import yaml
 
 from gsm8k_lora import plots
 
-COLUMNS = ("job", "status", "overrides", "eval_loss_best", "baseline_acc", "baseline_ci95", "finetuned_acc",
-           "finetuned_ci95", "difference", "mcnemar_p", "train_runtime_s", "error")
+COLUMNS = ("job", "status", "overrides", "eval_loss_best", "protocol", "n", "baseline_acc", "baseline_ci95",
+           "finetuned_acc", "finetuned_ci95", "difference", "mcnemar_p", "train_runtime_s", "error")
 
 
 def _read_json(path: Path) -> dict:
@@ -34,7 +34,10 @@ def read_job(job_dir: Path) -> dict:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     failed = _read_json(job_dir / "failed.json")
     status = "done" if (job_dir / "done.json").exists() else ("failed" if failed else "incomplete")
+    config_file = job_dir / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) if config_file.exists() else None) or {}
     return {"job": job_dir.name, "dir": job_dir, "status": status, "overrides": overrides or [],
+            "protocol": (config.get("eval") or {}).get("prompt"),
             "metrics": _read_json(job_dir / "metrics.json"), "eval": _read_json(job_dir / "eval_metrics.json"),
             "error": failed.get("error")}
 
@@ -50,7 +53,7 @@ def varying(jobs: list[dict]) -> list[str]:
 
 
 def _ci(ev: dict, model: str) -> str:
-    key = f"{model}_gsm8k_accuracy_flexible"
+    key = f"{model}_gsm8k_by_value"
     if f"{key}_ci95_low" not in ev:
         return ""
     return f"[{ev[key + '_ci95_low']:.3f}, {ev[key + '_ci95_high']:.3f}]"
@@ -64,10 +67,11 @@ def rows_of(jobs: list[dict]) -> list[dict]:
         shown = [o for o in job["overrides"] if o.partition("=")[0] in keys]
         rows.append({
             "job": job["job"], "status": job["status"], "overrides": " ".join(shown),
-            "eval_loss_best": m.get("eval_loss_best"),
-            "baseline_acc": ev.get("baseline_gsm8k_accuracy_flexible"), "baseline_ci95": _ci(ev, "baseline"),
-            "finetuned_acc": ev.get("finetuned_gsm8k_accuracy_flexible"), "finetuned_ci95": _ci(ev, "finetuned"),
-            "difference": ev.get("paired_flexible_difference"), "mcnemar_p": ev.get("paired_flexible_mcnemar_p"),
+            "eval_loss_best": m.get("eval_loss_best"), "protocol": job["protocol"] if ev else None,
+            "n": ev.get("finetuned_n", ev.get("baseline_n")),
+            "baseline_acc": ev.get("baseline_gsm8k_by_value"), "baseline_ci95": _ci(ev, "baseline"),
+            "finetuned_acc": ev.get("finetuned_gsm8k_by_value"), "finetuned_ci95": _ci(ev, "finetuned"),
+            "difference": ev.get("paired_by_value_difference"), "mcnemar_p": ev.get("paired_by_value_mcnemar_p"),
             "train_runtime_s": m.get("train_runtime_s"), "error": job["error"] or "",
         })
     return rows
@@ -96,8 +100,11 @@ def to_markdown(rows: list[dict], best: str | None) -> str:
         if row["job"] == best:
             cells[0] = f"**{cells[0]} (best)**"
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\n\nAccuracy is GSM8K accuracy of generated, graded answers (flexible extraction) on the same "
-            "questions for baseline and fine-tuned; 95% Wilson intervals; p: exact McNemar test.")
+    note = ("\n\nAccuracy is GSM8K accuracy of generated answers graded by the package's by-value rule (the "
+            "headline: first `#### N`, else the last explicit final statement, else the last number, compared by "
+            "value), on the same n questions for baseline and fine-tuned, asked as `protocol` (the run's eval.prompt; "
+            "each job's report.md has lm-eval's strict-match and flexible-extract beside it); 95% Wilson intervals; "
+            "p: exact McNemar test.")
     return "\n".join(lines) + note + "\n"
 
 

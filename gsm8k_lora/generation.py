@@ -1,8 +1,9 @@
 """Prompts and batched generation for evaluation.
 
-Prompts are built with the model's chat template, exactly as in training (`data.render_prompt`).
-Generation is batched with left padding and the KV cache (`model.generate`); each row stops at
-EOS, at a stop sequence, or as soon as its `#### N` line is complete, so no row burns the whole
+Prompts are built with the model's chat template, exactly as in training (`data.render_prompt`), or as
+lm-evaluation-harness builds them (`protocols.py`). Generation is batched with left padding and the KV
+cache (`model.generate`); each row stops at EOS or the template's end-of-turn token, at a stop sequence,
+or (outside lm-eval's protocol) as soon as its `#### N` line is complete, so no row burns the whole
 `max_new_tokens` once it has answered.
 """
 
@@ -14,46 +15,80 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from gsm8k_lora import protocols
 from gsm8k_lora.config import EvalConfig
+from gsm8k_lora.data import build_messages, render_prompt
 
 _DONE_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\n")
 
 
-def fewshot_messages(examples: list[dict], style: str) -> list[dict]:
-    """k worked examples as earlier chat turns. `lm_eval_gsm8k` mirrors lm-evaluation-harness's
-    `gsm8k` task under --apply_chat_template --fewshot_as_multiturn."""
-    messages = []
-    for ex in examples:
-        question = f"Question: {ex['question']}\nAnswer:" if style == "lm_eval_gsm8k" else ex["question"]
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ex["answer"]}]
-    return messages
+LM_EVAL_PROMPTS = protocols.BY_EVAL_PROMPT
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
-    from gsm8k_lora.data import build_messages, render_prompt
-
+    """The prompt of one question under `eval.prompt`:
+    - zero_shot_cot: the training prompt (the question in the model's chat template);
+    - fewshot: the same, after k worked examples as earlier chat turns;
+    - lm_eval_gsm8k: lm-eval's `gsm8k` task with --apply_chat_template --fewshot_as_multiturn (TII's setting
+      for Falcon3's published 43.9%); lm_eval_gsm8k_plain: the same task as plain text (`protocols.py`)."""
+    if cfg.prompt == "lm_eval_gsm8k":
+        return protocols.lm_eval_chat_prompt(tokenizer, question, shots, system_prompt)
+    if cfg.prompt == "lm_eval_gsm8k_plain":
+        return protocols.lm_eval_plain_prompt(question, shots, system_prompt)
     if cfg.prompt == "zero_shot_cot" or not shots:
         return render_prompt(tokenizer, question, system_prompt)
-    head = build_messages("", system_prompt)[:-1] + fewshot_messages(shots, cfg.prompt)
-    text = f"Question: {question}\nAnswer:" if cfg.prompt == "lm_eval_gsm8k" else question
-    return tokenizer.apply_chat_template(head + [{"role": "user", "content": text}], tokenize=False,
+    head = build_messages("", system_prompt)[:-1]
+    for ex in shots:
+        head += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["answer"]}]
+    return tokenizer.apply_chat_template(head + [{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 
 
+def token_limit(cfg: EvalConfig) -> int:
+    """The most tokens a completion may have under `eval.prompt`: lm-eval's 256 for its protocols."""
+    protocol = LM_EVAL_PROMPTS.get(cfg.prompt)
+    return protocol.max_new_tokens if protocol is not None else cfg.max_new_tokens
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>` in ChatML,
+    EOS in Falcon3's template), read from the template itself rather than known by model name."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\x00"}],
+                                         tokenize=False)
+    after = text[text.rindex("\x00") + 1:].lstrip()
+    return next((tok for tok in tokenizer.all_special_tokens if tok and after.startswith(tok)), None)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the template's end-of-turn token: generation stops at either."""
+    ids = [tokenizer.eos_token_id]
+    turn = end_of_turn(tokenizer)
+    if turn is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(turn))
+    return sorted({i for i in ids if i is not None})
+
+
 class AnswerComplete(StoppingCriteria):
-    """Per row: a stop sequence was written, or the `#### N` line is complete.
+    """Per row: the `#### N` line is complete. Hand-written because the end of an answer line is a
+    pattern (a number after `####`, then a newline); fixed stop strings go to `generate(stop_strings=)`."""
 
-    Hand-written because transformers' StopStringCriteria matches fixed strings only, and the end of
-    an answer line is a pattern (a number after `####`, then a newline).
-    """
-
-    def __init__(self, tokenizer, prompt_len: int, stops: list[str], lookback: int = 24):
-        self.tokenizer, self.prompt_len, self.stops, self.lookback = tokenizer, prompt_len, stops, lookback
+    def __init__(self, tokenizer, prompt_len: int, lookback: int = 24):
+        self.tokenizer, self.prompt_len, self.lookback = tokenizer, prompt_len, lookback
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         tails = self.tokenizer.batch_decode(input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.lookback):])
-        done = [bool(_DONE_RE.search(t)) or any(s in t for s in self.stops) for t in tails]
+        done = [bool(_DONE_RE.search(t)) for t in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def adds_special_tokens(tokenizer, first_prompt: str, protocol) -> bool:
+    """Our own prompts are tokenised as training tokenises them: the chat template already holds every
+    special token. lm-eval's protocols follow lm-eval's `tok_batch_encode`: the tokenizer's own special
+    tokens (a BOS where it adds one) unless the batch's first prompt already starts with BOS."""
+    if protocol is None:
+        return False
+    bos = tokenizer.bos_token
+    return not (bos and first_prompt.startswith(bos))
 
 
 @torch.inference_mode()
@@ -65,26 +100,38 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
     results: list[dict] = [{} for _ in prompts]
     sampling = cfg.num_samples > 1
     device = next(model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer)
+    protocol = LM_EVAL_PROMPTS.get(cfg.prompt)
+    if protocol is not None:  # lm-eval's own stops and token limit, and no early stop at the `#### N` line
+        stops = protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token)
+        max_new, criteria = protocol.max_new_tokens, []
+    else:
+        stops, max_new = list(cfg.stop_sequences), cfg.max_new_tokens
     for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + cfg.batch_size]
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+        texts_in = [prompts[i] for i in idx]
+        batch = tokenizer(texts_in, return_tensors="pt", padding=True,
+                          add_special_tokens=adds_special_tokens(tokenizer, texts_in[0], protocol)).to(device)
         prompt_len = batch.input_ids.shape[1]
+        if protocol is None:
+            criteria = [AnswerComplete(tokenizer, prompt_len)]
         out = model.generate(
-            **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
+            **batch, max_new_tokens=max_new, do_sample=sampling,
             temperature=cfg.temperature if sampling else None, top_p=None, top_k=None,
             num_return_sequences=cfg.num_samples, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([AnswerComplete(tokenizer, prompt_len, list(cfg.stop_sequences))]),
+            eos_token_id=stop_ids, stop_strings=stops or None, tokenizer=tokenizer,
+            stopping_criteria=StoppingCriteriaList(criteria),
         )
         new = out[:, prompt_len:].view(len(idx), cfg.num_samples, -1)
         for row, i in enumerate(idx):
             texts, counts = [], []
             for seq in new[row]:
-                keep = seq[seq != tokenizer.pad_token_id]
-                if tokenizer.eos_token_id in keep.tolist():
-                    keep = keep[: keep.tolist().index(tokenizer.eos_token_id) + 1]
-                counts.append(int(keep.numel()))
-                texts.append(tokenizer.decode(keep, skip_special_tokens=True))
+                keep = seq[seq != tokenizer.pad_token_id].tolist()
+                ends = [k for k, token in enumerate(keep) if token in stop_ids]
+                keep = keep[: ends[0] + 1] if ends else keep
+                counts.append(len(keep))
+                text = tokenizer.decode(keep, skip_special_tokens=True)
+                texts.append(protocols.lm_eval_truncate(text, stops) if protocol is not None else text)
             results[i] = {"completions": texts, "generated_tokens": counts}
     tokenizer.padding_side = side
     return results

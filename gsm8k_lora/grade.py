@@ -1,8 +1,10 @@
 """Grade existing completions: `python -m gsm8k_lora.grade FILE.jsonl > graded.jsonl`.
 
 Each input row needs `completion` and `answer` (GSM8K's answer field with `#### N`, or a bare
-number). Rows come back on stdout with `pred` (the flexible extraction, or null) and `correct`
-added, plus `pred_strict` and `correct_strict`; a one-line summary goes to stderr.
+number). Rows come back on stdout graded by the package's by-value rule (`pred`, the extracted number or
+null, and `correct`; `pred_strict` and `correct_strict` for the number after `####` only) and by lm-eval's
+own `gsm8k` filters (`lm_eval_strict_extracted` / `_correct` for strict-match, `lm_eval_flexible_*` for
+flexible-extract); a one-line summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ def grade_rows(rows: list[dict]) -> list[dict]:
     for row in rows:
         g = grade(str(row.get("completion") or ""), gold_number(str(row["answer"])) or "")
         out.append({**row, "pred": g.pred, "correct": g.correct, "pred_strict": g.pred_strict,
-                    "correct_strict": g.correct_strict})
+                    "correct_strict": g.correct_strict,
+                    "lm_eval_strict_extracted": g.lm_eval_strict.extracted,
+                    "lm_eval_strict_correct": g.lm_eval_strict.exact_match,
+                    "lm_eval_flexible_extracted": g.lm_eval_flexible.extracted,
+                    "lm_eval_flexible_correct": g.lm_eval_flexible.exact_match})
     return out
 
 
@@ -47,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     for row in graded:
         sys.stdout.write(json.dumps(row) + "\n")
     n = len(graded)
-    flexible, strict = sum(r["correct"] for r in graded), sum(r["correct_strict"] for r in graded)
-    print(f"graded {n} rows: flexible {flexible}/{n} ({flexible / n:.1%}), strict {strict}/{n} "
-          f"({strict / n:.1%})" if n else "graded 0 rows", file=sys.stderr)
+    if not n:
+        print("graded 0 rows", file=sys.stderr)
+        return 0
+    parts = [f"{name} {k}/{n} ({k / n:.1%})" for name, k in (
+        ("by-value", sum(r["correct"] for r in graded)), ("by-value strict", sum(r["correct_strict"] for r in graded)),
+        ("lm-eval strict-match", sum(r["lm_eval_strict_correct"] for r in graded)),
+        ("lm-eval flexible-extract", sum(r["lm_eval_flexible_correct"] for r in graded)))]
+    print(f"graded {n} rows: " + ", ".join(parts), file=sys.stderr)
     return 0
 
 

@@ -43,7 +43,7 @@ def summarize_history(history: list[dict]) -> dict:
     out: dict = {}
     out.update(curve_summary(series(history, "loss"), "train_loss"))
     out.update(curve_summary(series(history, "eval_loss"), "eval_loss"))
-    out.update(curve_summary(series(history, "eval_gsm8k_accuracy"), "eval_gsm8k_accuracy", lower_is_better=False))
+    out.update(curve_summary(series(history, "eval_gsm8k_by_value"), "eval_gsm8k_by_value", lower_is_better=False))
     for src, name in (("mean_token_accuracy", "train_token_accuracy"),
                       ("eval_mean_token_accuracy", "eval_token_accuracy")):
         points = series(history, src)

@@ -15,22 +15,29 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import data, evaluate, plots, tracking
+from gsm8k_lora import data, evaluate, plots, sources, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.metrics import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
 from gsm8k_lora.resilience import CheckpointGuard, RunStopped, oom_message, resume_checkpoint
 
 
-def write_run_record(run_dir: Path, raw_cfg: DictConfig) -> dict:
+def write_run_record(run_dir: Path, raw_cfg: DictConfig, weights: sources.Resolved) -> dict:
     resolved = OmegaConf.to_container(raw_cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
-    tracking.write_json(run_dir / "environment.json", tracking.environment())
+    tracking.write_json(run_dir / "environment.json", {**tracking.environment(), "model_weights": weights.as_dict()})
     return resolved
+
+
+def validation_for_loss(cfg: Config, splits: data.Splits):
+    """The validation rows the loss is computed on during training: the first `data.val_limit` of the
+    (shuffled) split, so evaluation cost is bounded on a CPU; the full split by default."""
+    limit = cfg.data.val_limit
+    return splits.validation if limit is None else splits.validation.select(range(min(limit, len(splits.validation))))
 
 
 def format_for_sft(cfg: Config, splits: data.Splits, tokenizer) -> tuple:
     train = data.to_prompt_completion(splits.train, tokenizer, cfg.data.system_prompt)
-    validation = data.to_prompt_completion(splits.validation, tokenizer, cfg.data.system_prompt)
+    validation = data.to_prompt_completion(validation_for_loss(cfg, splits), tokenizer, cfg.data.system_prompt)
     return train, validation
 
 
@@ -122,14 +129,19 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
 
     main_process = tracking.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = write_run_record(run_dir, raw_cfg) if main_process else {}
     splits = data.build_splits(cfg.data)  # data problems surface before the model loads
     stats = splits.stats
     print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
           f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
     eval_rows = evaluate.eval_rows(splits, cfg.eval) if cfg.eval.enabled else []
-    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu)
+    weights_source = sources.resolve(cfg.model, cfg.cache_dir)  # fetched or converted first where needed
+    resolved = write_run_record(run_dir, raw_cfg, weights_source) if main_process else {}
+    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights_source)
     weights = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
+    weights.update(model_weights=weights_source.description,
+                   rows_validation_loss=len(validation_for_loss(cfg, splits)),
+                   system_prompt=data.describe_system_prompt(tokenizer, cfg.data.system_prompt))
+    print(f"model: {weights_source.description}; system prompt: {weights['system_prompt']}")
 
     wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved) if main_process else None
     exit_code = 1
@@ -145,8 +157,9 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
         metrics = write_training_results(trainer, splits, cfg, run_dir, name, wandb_run, extra=weights)
         eval_figures = {}
         if eval_rows:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
-            eval_figures = evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, splits.train.to_list(),
-                                             run_dir, adapters=True, wandb_run=wandb_run)
+            shots = evaluate.shot_pool(splits, cfg.eval)
+            eval_figures = evaluate.run_eval(cfg, trainer.model, tokenizer, eval_rows, shots, run_dir, adapters=True,
+                                             wandb_run=wandb_run)
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")

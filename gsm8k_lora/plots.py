@@ -37,7 +37,7 @@ def _override(job: dict, key: str) -> str | None:
 
 def accuracy_grid(jobs: list[dict], path: Path) -> Path | None:
     """Fine-tuned GSM8K accuracy over the learning-rate x epochs grid (bars when it is not a grid)."""
-    scored = [j for j in jobs if "finetuned_gsm8k_accuracy_flexible" in j["eval"]]
+    scored = [j for j in jobs if "finetuned_gsm8k_by_value" in j["eval"]]
     if not scored:
         return None
     lrs = sorted({_override(j, "trainer.learning_rate") for j in scored} - {None}, key=float)
@@ -48,7 +48,7 @@ def accuracy_grid(jobs: list[dict], path: Path) -> Path | None:
         for j in scored:
             lr, ep = _override(j, "trainer.learning_rate"), _override(j, "trainer.num_train_epochs")
             if lr in lrs and ep in epochs:
-                grid[epochs.index(ep)][lrs.index(lr)] = j["eval"]["finetuned_gsm8k_accuracy_flexible"]
+                grid[epochs.index(ep)][lrs.index(lr)] = j["eval"]["finetuned_gsm8k_by_value"]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0.0)
         for y, row in enumerate(grid):
             for x, value in enumerate(row):
@@ -57,14 +57,14 @@ def accuracy_grid(jobs: list[dict], path: Path) -> Path | None:
         ax.set_yticks(range(len(epochs)), epochs)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("epochs")
-        fig.colorbar(image, ax=ax, label="GSM8K accuracy (flexible)")
+        fig.colorbar(image, ax=ax, label="GSM8K accuracy (by-value)")
     else:
         labels = [j["job"] for j in scored]
-        ax.bar(labels, [j["eval"]["finetuned_gsm8k_accuracy_flexible"] for j in scored], label="fine-tuned")
-        ax.plot(labels, [j["eval"].get("baseline_gsm8k_accuracy_flexible", float("nan")) for j in scored], "k_",
+        ax.bar(labels, [j["eval"]["finetuned_gsm8k_by_value"] for j in scored], label="fine-tuned")
+        ax.plot(labels, [j["eval"].get("baseline_gsm8k_by_value", float("nan")) for j in scored], "k_",
                 markersize=20, label="baseline")
         ax.set_xlabel("job")
-        ax.set_ylabel("GSM8K accuracy (flexible)")
+        ax.set_ylabel("GSM8K accuracy (by-value)")
         ax.legend()
     ax.set_title("Fine-tuned GSM8K accuracy (generated answers)")
     fig.tight_layout()
@@ -111,7 +111,7 @@ def accuracy_by_steps(rows: list[tuple[int, int, float]], path: Path) -> Path | 
         ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_xlabel("reasoning steps in the gold solution")
-    ax.set_ylabel("GSM8K accuracy (flexible)")
+    ax.set_ylabel("GSM8K accuracy (by-value)")
     ax.set_ylim(0, 1.05)
     ax.set_title("Accuracy by problem length")
     fig.tight_layout()

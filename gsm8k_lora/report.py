@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from gsm8k_lora import analysis, plots
+from gsm8k_lora import analysis, plots, protocols
 from gsm8k_lora.config import ReportConfig
 from gsm8k_lora.metrics import series
 
@@ -52,10 +52,13 @@ def overview(run: dict, price: float) -> list[str]:
     return [
         "## 1. Overview",
         f"- Model: `{model.get('name_or_path')}` (dtype {model.get('dtype')}, 4-bit: {model.get('load_in_4bit')})",
+        f"- Weights used: {m.get('model_weights') or 'not recorded'}",
+        f"- System prompt: {m.get('system_prompt') or 'not recorded'}",
         weights_line(m),
         f"- Data: {data.get('source')} {data.get('path') or ''} — {m.get('rows_train')} train / "
         f"{m.get('rows_validation')} validation / {m.get('rows_test')} test rows; "
-        f"{(m.get('rows_dropped_train') or 0) + (m.get('rows_dropped_test') or 0)} malformed rows dropped",
+        f"{(m.get('rows_dropped_train') or 0) + (m.get('rows_dropped_test') or 0)} malformed rows dropped; "
+        f"validation loss on {m.get('rows_validation_loss', m.get('rows_validation'))} validation rows",
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"bias={lora.get('bias')}, targets={lora.get('target_modules')}; {m.get('trainable_params')} trainable of "
         f"{m.get('total_params')} parameters",
@@ -109,22 +112,66 @@ def token_accuracy_section(m: dict) -> list[str]:
             "still get the final number wrong."]
 
 
-def gsm8k_section(ev: dict) -> list[str]:
+def protocol_text(ecfg: dict) -> str:
+    """How the answers were asked for, from the run's `eval` config."""
+    prompt, k = ecfg.get("prompt", "zero_shot_cot"), ecfg.get("num_fewshot", 5)
+    protocol = protocols.BY_EVAL_PROMPT.get(prompt)
+    if protocol is not None:
+        stops = ", ".join(f"`{s}`" for s in protocol.stop_sequences)
+        form = "--apply_chat_template --fewshot_as_multiturn" if protocol.chat else "plain text"
+        return (f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {protocol.max_new_tokens} new tokens, stop at {stops} "
+                f"or EOS")
+    limit = f"at most {ecfg.get('max_new_tokens')} new tokens"
+    sampling = "greedy" if ecfg.get("num_samples", 1) == 1 else f"{ecfg['num_samples']} samples"
+    if prompt == "fewshot":
+        return (f"{k}-shot chat (worked examples as earlier turns), {sampling}, {limit}, stop at EOS, end of turn "
+                f"or a complete `#### N` line")
+    return (f"zero-shot, the training prompt (question in the chat template), {sampling}, {limit}, stop at EOS, "
+            f"end of turn or a complete `#### N` line")
+
+
+RULE_TEXT = {
+    "gsm8k_by_value": ("by-value (the headline)", "first `#### N`, else the last explicit final statement, else the "
+                       "last number; compared by value (`18.00` = `$18` = 18)"),
+    "gsm8k_by_value_strict": ("by-value strict", "the number after the first `####`, compared by value"),
+    "gsm8k_strict_match": ("lm-eval strict-match", "lm-eval's: first `#### (-?[0-9.,]+)`, exact string match"),
+    "gsm8k_flexible_extract": ("lm-eval flexible-extract", "lm-eval's: last `(-?[$0-9.,]{2,})\\|(-?[0-9]+)`, exact "
+                               "string match"),
+}
+
+
+def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
     if not ev:
         return ["## 5. GSM8K accuracy", "- Not evaluated (eval.enabled=false)."]
+    ecfg = cfg.get("eval", {})
+    prompt = ecfg.get("prompt", "zero_shot_cot")
     out = ["## 5. GSM8K accuracy (generated answers, graded)",
-           "| model | n | flexible | 95% CI | strict | answer format rate |", "|---|---|---|---|---|---|"]
-    for name in ("baseline", "finetuned"):
-        key = f"{name}_gsm8k_accuracy_flexible"
-        if key in ev:
-            out.append(f"| {name} | {ev[f'{name}_n']} | {ev[key]:.1%} | [{ev[key + '_ci95_low']:.1%}, "
-                       f"{ev[key + '_ci95_high']:.1%}] | {ev[f'{name}_gsm8k_accuracy_strict']:.1%} | "
-                       f"{ev[f'{name}_answer_format_rate']:.1%} |")
-    if "paired_flexible_difference" in ev:
-        out += ["", f"- Fine-tuned minus baseline (flexible): {ev['paired_flexible_difference']:+.1%}; exact McNemar "
-                f"p={ev['paired_flexible_mcnemar_p']:.3g}; {ev['paired_flexible_only_finetuned_correct']} questions "
-                f"right only after fine-tuning, {ev['paired_flexible_only_baseline_correct']} right only before.",
-                f"- Strict: {ev['paired_strict_difference']:+.1%} (p={ev['paired_strict_mcnemar_p']:.3g})."]
+           f"Protocol: {protocol_text(ecfg)} (`eval.prompt={prompt}`); {ecfg.get('split', 'test')} split, "
+           f"the same questions for both models. The headline is the by-value rule; lm-eval's figures are beside "
+           f"it, computed as lm-eval computes them, to set against published lm-eval numbers.", "",
+           "| figure | extraction rule | n | baseline [95% CI] | fine-tuned [95% CI] | difference (McNemar p) |",
+           "|---|---|---|---|---|---|"]
+    def cell(model: str, rule: str) -> str:
+        key = f"{model}_{rule}"
+        return f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]" if key in ev else "n/a"
+
+    for rule, (name, text) in RULE_TEXT.items():
+        short = rule.removeprefix("gsm8k_")
+        diff = (f"{ev[f'paired_{short}_difference']:+.1%} (p={ev[f'paired_{short}_mcnemar_p']:.3g})"
+                if f"paired_{short}_difference" in ev else "n/a")
+        n = ev.get("finetuned_n", ev.get("baseline_n"))
+        out.append(f"| {name} | {text} | {n} | {cell('baseline', rule)} | {cell('finetuned', rule)} | {diff} |")
+    out += ["", "| model | answer format rate | ran to the token limit | repetition loops | mean tokens generated |",
+            "|---|---|---|---|---|"]
+    for model in ("baseline", "finetuned"):
+        if f"{model}_n" in ev:
+            rates = [ev.get(f"{model}_{k}", 0.0) for k in ("answer_format_rate", "hit_token_limit_rate",
+                                                             "repetition_loop_rate")]
+            out.append(f"| {model} | " + " | ".join(f"{r:.1%}" for r in rates)
+                       + f" | {ev.get(f'{model}_generated_tokens_mean', 0):.0f} |")
+    if "paired_by_value_difference" in ev:
+        out += ["", f"- By-value: {ev['paired_by_value_only_finetuned_correct']} questions right only after "
+                f"fine-tuning, {ev['paired_by_value_only_baseline_correct']} right only before."]
     if ev.get("note"):
         out.append(f"- {ev['note']}")
     return out
@@ -134,7 +181,9 @@ def failure_section(run: dict, run_dir: Path) -> list[str]:
     tuned = [r for r in run["predictions"] if r["model"] == "finetuned"] or run["predictions"]
     if not tuned:
         return ["## 6. Where it fails", "- No predictions to analyse."]
-    max_new = run["config"].get("eval", {}).get("max_new_tokens", 10**9)
+    ecfg = run["config"].get("eval", {})
+    protocol = protocols.BY_EVAL_PROMPT.get(ecfg.get("prompt"))
+    max_new = protocol.max_new_tokens if protocol is not None else ecfg.get("max_new_tokens", 10**9)
     by_steps = analysis.accuracy_by_steps(tuned)
     plots.accuracy_by_steps(by_steps, run_dir / "accuracy_by_steps.png")
     out = ["## 6. Where it fails", f"Model: {tuned[0]['model']}.", "", "| reasoning steps | questions | accuracy |",
@@ -163,7 +212,7 @@ def build(run_dir: Path, price: float) -> str:
     sections = [
         [f"# Report: {run_dir.name}", "", "Every figure below is read from this run directory's files."],
         overview(run, price), loss_section(run["metrics"]), curve_lines, token_accuracy_section(run["metrics"]),
-        gsm8k_section(run["eval"]), failure_section(run, run_dir),
+        gsm8k_section(run["eval"], run["config"]), failure_section(run, run_dir),
         ["## 7. What to try next", *[f"- {s}" for s in analysis.next_steps(reading, early, run["eval"])]],
     ]
     return "\n\n".join("\n".join(s) for s in sections) + "\n"

@@ -84,9 +84,9 @@ def test_accuracy_by_steps_groups_and_counts():
 
 def test_next_steps_follow_from_the_figures():
     improving = read_learning_curve(curve([2, 1.5, 1.0]), curve([2, 1.5, 1.0]))
-    tips = next_steps(improving, early_stopped=False, evaluation={"paired_flexible_difference": 0.1,
-                                                                  "paired_flexible_mcnemar_p": 0.01,
-                                                                  "finetuned_gsm8k_accuracy_flexible": 0.5,
+    tips = next_steps(improving, early_stopped=False, evaluation={"paired_by_value_difference": 0.1,
+                                                                  "paired_by_value_mcnemar_p": 0.01,
+                                                                  "finetuned_gsm8k_by_value": 0.5,
                                                                   "finetuned_gsm8k_maj@8": 0.56})
     assert any("more epochs" in t for t in tips) and any("self-consistency" in t for t in tips)
     overfit = read_learning_curve(curve([2.0, 1.5, 1.0, 0.6, 0.4]), curve([2.0, 1.5, 1.2, 1.3, 1.45]))

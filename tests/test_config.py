@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gsm8k_lora.config import ConfigError, register_configs, validate
+from gsm8k_lora.evaluate import HEADLINE  # the generated-accuracy metric's name
 from tests.conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
@@ -51,18 +52,104 @@ def test_overrides_reach_the_typed_config():
     assert (cfg.lora.r, cfg.trainer.learning_rate, cfg.lora.target_modules) == (16, 1e-4, ["q_proj", "v_proj"])
 
 
-def test_sft_config_takes_every_value_from_the_config(tmp_path):
-    from gsm8k_lora.train import build_lora_config, build_sft_config
+# TrainerConfig fields named differently in SFTConfig (transformers 5 renamed gradient_checkpointing).
+SFT_NAMES = {"gradient_checkpointing": "activation_checkpointing"}
+# TrainerConfig fields that are not SFTConfig fields, and what reads them instead.
+NOT_SFT = {"early_stopping_patience": "EarlyStoppingCallback (and load_best_model_at_end)",
+           "save_merged": "pipeline.run", "resume": "pipeline.train"}
+# A value for every TrainerConfig field, each unlike SFTConfig's own default and valid together (on a CPU):
+# a field the builder forgot to pass would show SFTConfig's default, not this value.
+DISTINCT = {
+    "num_train_epochs": 2.5, "max_steps": 7, "learning_rate": 3.3e-4, "lr_scheduler_type": "cosine",
+    "warmup_steps": 3, "weight_decay": 0.01, "per_device_train_batch_size": 3, "per_device_eval_batch_size": 5,
+    "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, "max_length": 512, "completion_only_loss": False,
+    "packing": True, "padding_free": True, "train_sampling_strategy": "group_by_length",
+    "gradient_checkpointing": False, "bf16": False, "fp16": True, "tf32": False, "optim": "sgd", "use_cpu": True,
+    "logging_steps": 2, "eval_steps": 3, "save_steps": 6, "save_total_limit": 4, "eval_on_start": True,
+    "early_stopping_patience": 2, "metric_for_best_model": f"eval_{HEADLINE}", "dataloader_num_workers": 1,
+    "seed": 7, "save_merged": True, "resume": "never",
+}
 
-    cfg = validate(compose_cfg("experiment=smoke", "trainer.learning_rate=3e-4", "lora.r=4"))
+
+def sft_value(sft, field: str):
+    value = getattr(sft, SFT_NAMES.get(field, field))
+    return getattr(value, "value", value)  # SFTConfig turns some strings into enums (SchedulerType, OptimizerNames)
+
+
+def trainer_fields() -> list[str]:
+    import dataclasses
+
+    from gsm8k_lora.config import TrainerConfig
+
+    return [f.name for f in dataclasses.fields(TrainerConfig)]
+
+
+def test_sft_config_holds_every_trainer_value_of_the_yaml(tmp_path):
+    from omegaconf import OmegaConf
+
+    from gsm8k_lora.config import TrainerConfig
+    from gsm8k_lora.train import build_sft_config
+
+    yaml_values = OmegaConf.to_container(OmegaConf.load(CONF / "trainer" / "cpu_smoke.yaml"))
+    sft = build_sft_config(validate(compose_cfg("experiment=smoke")).trainer, tmp_path, [], "x")
+    for field in trainer_fields():
+        if field in NOT_SFT:
+            continue
+        expected = yaml_values.get(field, getattr(TrainerConfig, field))  # a key the YAML leaves out: the schema's
+        assert sft_value(sft, field) == expected, field
+
+
+def test_sft_config_takes_every_trainer_field(tmp_path):
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from gsm8k_lora.train import build_sft_config
+
+    assert set(DISTINCT) == set(trainer_fields()), "give DISTINCT a value for each TrainerConfig field"
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    assert not set(NOT_SFT) & sft_fields
+    cfg = validate(compose_cfg("experiment=smoke", "eval.during_training=true",
+                               *(f"trainer.{k}={v}" for k, v in DISTINCT.items())))
+    assert {k: getattr(cfg.trainer, k) for k in DISTINCT} == DISTINCT
     sft = build_sft_config(cfg.trainer, tmp_path, [], "x")
-    assert sft.learning_rate == 3e-4 and sft.gradient_checkpointing is False and sft.bf16 is False
-    assert sft.completion_only_loss is True and sft.load_best_model_at_end is True
-    assert sft.metric_for_best_model == "eval_loss" and sft.greater_is_better is False
-    assert sft.report_to == [] and sft.max_steps == cfg.trainer.max_steps
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    for field, value in DISTINCT.items():
+        if field in NOT_SFT:
+            continue
+        default = defaults[SFT_NAMES.get(field, field)]
+        assert getattr(default, "value", default) != value, f"{field}: pick a value unlike SFTConfig's default"
+        assert sft_value(sft, field) == value, field
+    # what the builder sets from no single field, or always
+    assert sft.load_best_model_at_end is True and sft.greater_is_better is True  # patience set; an accuracy
+    assert sft.data_seed == 7 and sft.activation_checkpointing_kwargs is None
+    assert (sft.output_dir, sft.run_name, sft.report_to) == (str(tmp_path), "x", [])
+    assert [sft_value(sft, k) for k in ("logging_strategy", "eval_strategy", "save_strategy")] == ["steps"] * 3
+    assert sft.logging_first_step is True and sft.logging_nan_inf_filter is False
+    assert sft.assistant_only_loss is False and sft.include_num_input_tokens_seen == "non_padding"
+
+
+def test_sft_config_follows_early_stopping_and_checkpointing(tmp_path):
+    from gsm8k_lora.train import build_sft_config
+
+    off = validate(compose_cfg("experiment=smoke", "trainer.early_stopping_patience=null",
+                               "trainer.gradient_checkpointing=true")).trainer
+    sft = build_sft_config(off, tmp_path, [], "x")
+    assert sft.load_best_model_at_end is False and sft.greater_is_better is False  # eval_loss: lower is better
+    assert sft.activation_checkpointing is True and sft.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_lora_config_takes_every_value(tmp_path):
+    from gsm8k_lora.train import build_lora_config
+
+    cfg = validate(compose_cfg("experiment=smoke", "lora.r=4", "lora.alpha=32", "lora.dropout=0.05",
+                               "lora.bias=lora_only", "lora.use_rslora=true", "lora.use_dora=true"))
     lora = build_lora_config(cfg.lora)
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias, lora.target_modules) == (
-        4, 16, 0.1, "none", "all-linear")
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias, lora.use_rslora, lora.use_dora) == (
+        4, 32, 0.05, "lora_only", True, True)
+    assert lora.target_modules == "all-linear" and lora.task_type == "CAUSAL_LM"
+    listed = build_lora_config(validate(compose_cfg("lora.target_modules=[q_proj,v_proj]")).lora)
+    assert set(listed.target_modules) == {"q_proj", "v_proj"}
 
 
 @pytest.mark.parametrize("override, key", [
@@ -99,9 +186,9 @@ def test_missing_local_path_is_reported():
     (["lora.r=0"], "lora.r=0 is invalid: must be a positive integer"),
     pytest.param(["trainer.bf16=true"], "trainer.bf16=True is invalid",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 is valid on a GPU")),
-    (["lora.rr=8"], "rr"),
-    (["lora=nonexistent"], "Available options"),
-    (["lora.r=eight"], "lora.r"),
+    (["lora.rr=8"], "lora.rr is invalid"),
+    (["lora=nonexistent"], "allowed: attn_only, default, r16"),
+    (["lora.r=eight"], "lora.r=eight is invalid"),
 ])
 def test_cli_rejects_bad_config_before_loading_anything(tmp_path, args, needle):
     cache = tmp_path / "cache"

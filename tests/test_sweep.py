@@ -42,8 +42,9 @@ def test_smoke_grid_gives_four_runs_and_a_comparison_matching_them(smoke_sweep):
         metrics = json.loads((sweep_dir / row["job"] / "metrics.json").read_text())
         evaluated = json.loads((sweep_dir / row["job"] / "eval_metrics.json").read_text())
         assert float(row["eval_loss_best"]) == pytest.approx(metrics["eval_loss_best"])
-        assert float(row["finetuned_acc"]) == pytest.approx(evaluated["finetuned_gsm8k_accuracy_flexible"])
-        assert float(row["baseline_acc"]) == pytest.approx(evaluated["baseline_gsm8k_accuracy_flexible"])
+        assert float(row["finetuned_acc"]) == pytest.approx(evaluated["finetuned_gsm8k_by_value"])
+        assert float(row["baseline_acc"]) == pytest.approx(evaluated["baseline_gsm8k_by_value"])
+        assert row["protocol"] == "zero_shot_cot" and int(row["n"]) == evaluated["finetuned_n"]
         assert "trainer.learning_rate=" in row["overrides"] and "experiment=smoke" not in row["overrides"]
     for name in ("comparison.md", "accuracy_grid.png", "val_loss_curves.png"):
         assert (sweep_dir / name).stat().st_size > 0
