@@ -69,7 +69,11 @@ def test_split_is_90_10_disjoint_and_seed_stable():
     assert a.validation["id"] == b.validation["id"]
     other = data.build_splits(DataConfig(source="synthetic", num_train=500, num_test=20, split_seed=7))
     assert other.validation["id"] != a.validation["id"]
-    assert all(i.startswith("test-") for i in a.test["id"])  # the test split is never mixed in
+    # the test split is the test source's rows, and none of them is trained or validated on (by content)
+    source_test = {(r["question"], r["answer"]) for r in generate(20, seed=1)}
+    assert {(r["question"], r["answer"]) for r in a.test.to_list()} == source_test
+    seen = [(r["question"], r["answer"]) for split in (a.train, a.validation) for r in split.to_list()]
+    assert not source_test & set(seen) and not {q for q, _ in source_test} & {q for q, _ in seen}
 
 
 def test_prompt_uses_the_chat_template_and_completion_is_the_solution(tiny_model_dir):

@@ -1,23 +1,21 @@
 import pytest
 
-from gsm8k_lora.gsm8k import normalize_number, parse_answer, row_problem
+from gsm8k_lora.gsm8k import GoldAnswer, normalize_number, parse_answer, row_problem
 from gsm8k_lora.synthetic import CATEGORIES, generate
 
 
-@pytest.mark.parametrize("answer, final, steps", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 72", "72", 2),
-    ("It costs $1,000 in total.\n#### 1,000", "1000", 1),
-    ("#### -5", "-5", 0),
-    ("Half is 0.50.\n#### 0.50", "0.5", 1),
-    ("x\n####  18.0 ", "18", 1),
-    ("a\n#### 3\nb\n#### 4", "4", 3),            # the last marker is the final answer
-    ("Total: $\n#### $12", "12", 1),
+@pytest.mark.parametrize("answer, final, steps, solution", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 72", "72", 2,
+     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72."),
+    ("It costs $1,000 in total.\n#### 1,000", "1000", 1, "It costs $1,000 in total."),
+    ("#### -5", "-5", 0, ""),
+    ("Half is 0.50.\n#### 0.50", "0.5", 1, "Half is 0.50."),
+    ("x\n####  18.0 ", "18", 1, "x"),
+    ("a\n#### 3\nb\n#### 4", "4", 3, "a\n#### 3\nb"),  # the last marker is the final answer
+    ("Total: $\n#### $12", "12", 1, "Total: $"),
 ])
-def test_parse_answer_valid(answer, final, steps):
-    gold = parse_answer(answer)
-    assert gold is not None
-    assert (gold.final, gold.num_steps) == (final, steps)
-    assert "####" not in gold.solution.splitlines()[-1] if gold.solution else True
+def test_parse_answer_valid(answer, final, steps, solution):
+    assert parse_answer(answer) == GoldAnswer(solution=solution, final=final, num_steps=steps)
 
 
 @pytest.mark.parametrize("answer", [None, "", "no marker at all 72", "#### ", "#### seventy", "#### 7 apples", 42])

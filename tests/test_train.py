@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from gsm8k_lora.metrics import series
 from tests.conftest import OFFLINE_ENV, ROOT, run_cli
 from tests.wandb_offline import run_contents
 
@@ -53,9 +52,12 @@ def test_metrics_are_the_figures_of_the_log_history(smoke_run):
     run_dir, _ = smoke_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
-    train, val = series(history, "loss"), series(history, "eval_loss")
-    assert metrics["train_loss_first"] == train[0][1] and metrics["train_loss_last"] == train[-1][1]
-    assert metrics["eval_loss_first"] == val[0][1] and val[0][0] == 0  # evaluated before the first step
+    # read straight from the Trainer's records, not through the package's own summaries
+    train = [row["loss"] for row in history if "loss" in row]
+    val = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row]
+    assert all(math.isfinite(v) for v in train) and [step for step, _ in val] == [0, 20, 40]  # eval_steps=20
+    assert metrics["train_loss_first"] == train[0] and metrics["train_loss_last"] == train[-1]
+    assert metrics["eval_loss_first"] == val[0][1] and metrics["eval_loss_last"] == val[-1][1]
     assert metrics["eval_loss_best"] == min(v for _, v in val)
     assert math.isclose(metrics["eval_loss_decrease_pct"], 100 * (val[0][1] - val[-1][1]) / val[0][1])
     assert metrics["steps"] == 40 and metrics["stop_reason"] == "completed"
@@ -65,10 +67,11 @@ def test_metrics_are_the_figures_of_the_log_history(smoke_run):
     assert not any(key.startswith("accuracy") or key == "gsm8k_accuracy" for key in metrics)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     # generated-answer accuracy on the validation sample at every evaluation, beside the loss
-    accuracy = series(history, "eval_gsm8k_accuracy")
+    accuracy = [(row["step"], row["eval_gsm8k_by_value"]) for row in history if "eval_gsm8k_by_value" in row]
     assert [step for step, _ in accuracy] == [step for step, _ in val]
-    assert metrics["eval_gsm8k_accuracy_best"] == max(v for _, v in accuracy)
-    assert series(history, "eval_answer_format_rate")[-1][1] > series(history, "eval_answer_format_rate")[0][1]
+    assert metrics["eval_gsm8k_by_value_best"] == max(v for _, v in accuracy)
+    answer_format = [row["eval_answer_format_rate"] for row in history if "eval_answer_format_rate" in row]
+    assert answer_format[-1] > answer_format[0]
 
 
 def test_adapter_reloads_and_reproduces_the_trained_model(smoke_run, tiny_model_dir):
@@ -100,7 +103,7 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     assert logged["summary"]["train_token_accuracy_last"] == pytest.approx(metrics["train_token_accuracy_last"])
     assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= logged["history_keys"]  # the live curves
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
-    assert logged["summary"]["finetuned_gsm8k_accuracy_flexible"] == evaluated["finetuned_gsm8k_accuracy_flexible"]
+    assert logged["summary"]["finetuned_gsm8k_by_value"] == evaluated["finetuned_gsm8k_by_value"]
     assert "offline" in (run_dir / "wandb_run.txt").read_text()
     for path in run_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
@@ -117,13 +120,13 @@ def test_evaluation_answers_the_same_questions_with_baseline_and_finetuned(smoke
     assert [r["id"] for r in by_model["baseline"]] == [r["id"] for r in by_model["finetuned"]]
     assert len(by_model["finetuned"]) == 30 and all(r["id"].startswith("test-") for r in records)
     for name, recs in by_model.items():
-        assert metrics[f"{name}_gsm8k_accuracy_flexible"] == sum(r["correct"] for r in recs) / 30
-        assert metrics[f"{name}_gsm8k_accuracy_strict"] == sum(r["correct_strict"] for r in recs) / 30
-        key = f"{name}_gsm8k_accuracy_flexible"
+        assert metrics[f"{name}_gsm8k_by_value"] == sum(r["correct"] for r in recs) / 30
+        assert metrics[f"{name}_gsm8k_by_value_strict"] == sum(r["correct_strict"] for r in recs) / 30
+        key = f"{name}_gsm8k_by_value"
         assert metrics[f"{key}_ci95_low"] <= metrics[key] <= metrics[f"{key}_ci95_high"]
     # what the demo shows: fine-tuning taught the answer format the base model lacks
     assert metrics["finetuned_answer_format_rate"] > metrics["baseline_answer_format_rate"]
-    assert 0 <= metrics["paired_flexible_mcnemar_p"] <= 1
+    assert 0 <= metrics["paired_by_value_mcnemar_p"] <= 1
     assert "says nothing about Falcon3" in metrics["note"] and "GSM8K accuracy (finetuned, n=30)" in proc.stdout
 
 
@@ -135,15 +138,37 @@ def test_evaluate_cli_reloads_the_adapter_from_the_run_directory(smoke_run, tmp_
     again = json.loads((tmp_path / "eval_metrics.json").read_text())
     first = json.loads((run_dir / "eval_metrics.json").read_text())
     # greedy decoding: the reloaded adapter answers as the trained one did
-    for key in ("baseline_gsm8k_accuracy_flexible", "finetuned_gsm8k_accuracy_flexible",
+    for key in ("baseline_gsm8k_by_value", "finetuned_gsm8k_by_value",
                 "finetuned_answer_format_rate"):
         assert again[key] == first[key]
 
 
-def test_eval_limit_beyond_the_split_fails_before_training(tmp_path):
-    proc = run_cli("train", "experiment=smoke", "eval.limit=5000", f"hydra.run.dir={tmp_path}", timeout=120)
-    assert proc.returncode == 2 and "eval.limit=5000 is invalid: the test split has 100 rows" in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
+def test_bench_measures_tokens_over_needed_with_the_trained_adapter(smoke_run, tiny_model_dir):
+    """`make bench --adapter RUN_DIR`'s figure: the base model writes no `#### N`, the trained one does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gsm8k_lora.bench import bench_eval
+
+    run_dir, _ = smoke_run
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    answered = [r["question"] for r in records if r["model"] == "finetuned" and "#### " in r["completion"]][:4]
+    assert answered, "the trained adapter wrote no `#### N` answer on the test questions"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
+    figures = bench_eval(model, tokenizer, answered, batch_size=4, max_new_tokens=128)  # as the run evaluated
+    assert 1 <= figures["eval_needed_measured_rows"] <= len(answered)
+    assert 0 < figures["eval_needed_tokens_per_question"] <= 128 and figures["eval_generated_over_needed_x"] > 0.5
+
+
+def test_eval_limit_is_an_upper_bound_answering_the_whole_smaller_split(tmp_path):
+    """As lm-eval's --limit: a limit beyond the split answers every question, and says so in one line."""
+    proc = run_cli("evaluate", "model=tiny", "data=synthetic", "data.num_test=6", "eval.limit=5000", "logger=none",
+                   "eval.max_new_tokens=16", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval.limit=5000 but the test split has 6 rows: answering all 6" in proc.stdout
+    assert json.loads((tmp_path / "eval_metrics.json").read_text())["baseline_n"] == 6
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 6
 
 
 def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, tiny_model_dir):
@@ -161,8 +186,6 @@ def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, t
 
 
 def test_report_states_the_figures_of_the_metrics_files(smoke_run):
-    from gsm8k_lora.analysis import read_learning_curve
-
     run_dir, proc = smoke_run
     report = (run_dir / "report.md").read_text()
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -172,12 +195,26 @@ def test_report_states_the_figures_of_the_metrics_files(smoke_run):
         assert f"{m[key]:.4f}" in report, key
     assert f"{m['eval_loss_decrease_pct']:.1f}%" in report
     assert f"{m['rows_train']} train / {m['rows_validation']} validation / {m['rows_test']} test" in report
-    for name in ("baseline", "finetuned"):
-        key = f"{name}_gsm8k_accuracy_flexible"
-        assert f"| {name} | 30 | {ev[key]:.1%} | [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]" in report
-    assert f"p={ev['paired_flexible_mcnemar_p']:.3g}" in report
-    reading = read_learning_curve(series(history, "loss"), series(history, "eval_loss"))
-    assert reading.sentence in report
+    # one row per accuracy, naming its extraction rule and n, both models with their 95% intervals
+    assert "Protocol: zero-shot, the training prompt" in report
+    for label, rule in (("by-value (the headline)", "gsm8k_by_value"), ("by-value strict", "gsm8k_by_value_strict"),
+                        ("lm-eval strict-match", "gsm8k_strict_match"),
+                        ("lm-eval flexible-extract", "gsm8k_flexible_extract")):
+        (row,) = [line for line in report.splitlines() if line.startswith(f"| {label} |")]
+        cells = [cell.strip() for cell in row.strip().strip("|").split(" | ")]
+        assert len(cells) == 6 and cells[1] and cells[2] == "30", row
+        for cell, name in zip(cells[3:5], ("baseline", "finetuned"), strict=True):
+            key = f"{name}_{rule}"
+            assert cell == f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]", row
+    assert f"p={ev['paired_by_value_mcnemar_p']:.3g}" in report
+    # the learning-curve line, from the validation losses: in 40 steps evaluated every 20, the last quarter
+    # holds one evaluation, so the reading spans the last two (steps 20 to 40: half of the steps)
+    (_, before), (_, last) = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row][-2:]
+    change = 100 * (last - before) / before
+    verb = "fell" if change < -0.5 else ("rose" if change > 0.5 else "changed")  # within +-0.5%: a plateau
+    (line,) = [line for line in report.splitlines() if line.startswith("- Validation loss")]
+    assert line.startswith(f"- Validation loss {verb} ") and "over the last 50% of steps" in line
+    assert f"{abs(change):.1f}%" in line
     assert "It is not GSM8K accuracy" in report and "a CPU run, no GPU-hours" in report
     assert (run_dir / "accuracy_by_steps.png").stat().st_size > 0
     # the CLI rewrites the same report from the files alone

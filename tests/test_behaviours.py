@@ -1,0 +1,194 @@
+"""Behaviours users rely on, each run through the real entry point on the tiny model with tiny settings:
+early stopping, best-checkpoint choice by generated accuracy, self-consistency sampling, how `compare` ranks
+runs, the `grade` CLI's errors, and W&B's automatic offline mode when no key is configured."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsm8k_lora.evaluate import HEADLINE
+from tests.conftest import OFFLINE_ENV, ROOT, run_cli, write_jsonl
+
+# Small enough for seconds per step on 2 CPU cores; every run writes no report and logs nowhere.
+TINY = ["experiment=smoke", "logger=none", "report.enabled=false", "data.num_train=200", "data.num_test=20"]
+GENERATED = f"eval_{HEADLINE}"  # GSM8K accuracy of generated answers on the validation sample, at each evaluation
+
+
+def evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(row["step"], row[key]) for row in history if key in row]
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tmp_path, tiny_model_dir):
+    # a learning rate far too high: validation loss rises from the first steps, so patience runs out
+    proc = run_cli("train", *TINY, "eval.enabled=false", "trainer.learning_rate=0.5", "trainer.max_steps=20",
+                   "trainer.logging_steps=1", "trainer.eval_steps=1", "trainer.save_steps=1",
+                   "trainer.early_stopping_patience=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    history = json.loads((tmp_path / "log_history.json").read_text())["log_history"]
+    # where patience 2 must stop: at the second evaluation in a row without a lower eval_loss than the best
+    # so far (the evaluation before training is a reference point the Trainer does not count)
+    best, waited, expected = None, 0, None
+    for step, loss in evaluations(history, "eval_loss"):
+        if step == 0:
+            continue
+        best, waited = (loss, 0) if best is None or loss < best else (best, waited + 1)
+        if waited == 2:
+            expected = step
+            break
+    assert expected is not None and expected < 20
+    assert metrics["stop_reason"] == "early_stopping" and metrics["steps"] == expected < metrics["max_steps"] == 20
+    assert f"stop: early_stopping at step {expected}" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def accuracy_selected_run(tmp_path_factory, tiny_model_dir):
+    """Best checkpoint chosen by GSM8K accuracy on a validation sample; the test questions answered 3 times."""
+    run_dir = tmp_path_factory.mktemp("best_by_accuracy") / "run"
+    proc = run_cli("train", *TINY, "trainer.max_steps=6", "trainer.logging_steps=2", "trainer.eval_steps=2",
+                   "trainer.save_steps=2", "trainer.save_total_limit=1", "eval.during_training=true",
+                   "eval.during_training_limit=6", f"trainer.metric_for_best_model={GENERATED}",
+                   "eval.num_samples=3", "eval.temperature=1.0", "eval.limit=8", "eval.max_new_tokens=32",
+                   "eval.compare_baseline=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_chosen_by_generated_accuracy(accuracy_selected_run):
+    run_dir = accuracy_selected_run
+    history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
+    accuracy, loss = evaluations(history, GENERATED), evaluations(history, "eval_loss")
+    assert [step for step, _ in accuracy] == [step for step, _ in loss] == [0, 2, 4, 6]  # beside every loss
+    # the Trainer keeps the first saved step with the highest accuracy (a later tie is not better)
+    saved = [(step, value) for step, value in accuracy if step > 0]
+    by_accuracy = next(step for step, value in saved if value == max(v for _, v in saved))
+    by_loss = min((value, step) for step, value in loss if step > 0)[1]
+    assert by_accuracy != by_loss, "this run cannot tell the two metrics apart; change its settings"
+    best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
+    assert best.name == f"checkpoint-{by_accuracy}" and best.is_dir()  # kept despite save_total_limit=1
+
+
+@pytest.mark.slow
+def test_self_consistency_figures_agree_with_the_samples(accuracy_selected_run):
+    run_dir = accuracy_selected_run
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(len(r["samples"]) == len(r["sample_preds"]) == 3 for r in records)
+    assert all(r["samples"][0] == r["completion"] for r in records)  # the graded answer is the first sample
+    assert any(len(set(r["samples"])) > 1 for r in records), "sampling at temperature 1 gave identical samples"
+
+    def right(pred, gold) -> bool:
+        return pred is not None and Fraction(pred) == Fraction(gold)
+
+    majority = [Counter(p for p in r["sample_preds"] if p is not None).most_common(1) for r in records]
+    maj = sum(bool(m) and right(m[0][0], r["gold"]) for m, r in zip(majority, records, strict=True)) / 8
+    passed = sum(any(right(p, r["gold"]) for p in r["sample_preds"]) for r in records) / 8
+    first = sum(r["correct"] for r in records) / 8
+    assert metrics["finetuned_gsm8k_maj@3"] == maj and metrics["finetuned_gsm8k_pass@3"] == passed
+    assert metrics[f"finetuned_{HEADLINE}"] == first
+    # by definition: one of the samples is right whenever the vote, or the first sample, is right
+    assert passed >= maj >= 0 and passed >= first
+
+
+def fake_job(sweep: Path, job: int, lr: str, status: str, loss: float | None, accuracy: float | None) -> None:
+    job_dir = sweep / str(job)
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"trainer.learning_rate={lr}"]))
+    (job_dir / f"{status}.json").write_text(json.dumps({"error": "RuntimeError: boom"} if status == "failed" else {}))
+    (job_dir / "metrics.json").write_text(json.dumps({"eval_loss_best": loss, "train_runtime_s": 10.0}))
+    if accuracy is not None:
+        (job_dir / "eval_metrics.json").write_text(json.dumps({f"finetuned_{HEADLINE}": accuracy,
+                                                               f"baseline_{HEADLINE}": 0.1}))
+
+
+@pytest.mark.parametrize("jobs, best", [
+    # highest fine-tuned accuracy wins (not the lowest loss, job 0); on a tie the lower loss; a failed job never
+    ([("1e-4", "done", 0.80, 0.30), ("2e-4", "done", 1.20, 0.50), ("5e-4", "done", 0.90, 0.50),
+      ("1e-3", "failed", 0.50, 0.90)], "2"),
+    # without evaluation, the lowest validation loss
+    ([("1e-4", "done", 1.10, None), ("2e-4", "done", 0.95, None), ("5e-4", "done", 1.30, None)], "1"),
+])
+def test_compare_ranks_runs_and_marks_the_best(tmp_path, jobs, best):
+    for number, job in enumerate(jobs):
+        fake_job(tmp_path, number, *job)
+    proc = run_cli("compare", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"best: {best}" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
+    assert [r["job"] for r in rows] == [str(n) for n in range(len(jobs))]
+    assert [r["job"] for r in rows if r["best"] == "True"] == [best]
+    table = (tmp_path / "comparison.md").read_text()
+    assert f"| **{best} (best)** |" in table and table.count("(best)") == 1
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "does not exist"),
+    ('{"completion": "#### 5", "answer": "5"}\n{"completion": oops}\n', "c.jsonl:2: malformed JSON"),
+    ('{"completion": "#### 5", "answer": "5"}\n{"answer": "5"}\n', "row 2 needs both 'completion' and 'answer'"),
+    ('["not", "an", "object"]\n', "c.jsonl:1: expected a JSON object"),
+])
+def test_grade_cli_errors_are_one_line(tmp_path, content, says):
+    path = tmp_path / "c.jsonl"
+    if content is not None:
+        path.write_text(content)
+    proc = run_cli("grade", str(path), timeout=120)
+    assert proc.returncode != 0 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and says in line
+
+
+def test_grade_cli_reads_stdin(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"completion": "so\n#### 12", "answer": "#### 12"}])
+    proc = subprocess.run([sys.executable, "-m", "gsm8k_lora.grade", "-"], input=path.read_text(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
+    assert proc.returncode == 0 and json.loads(proc.stdout)["correct"] is True
+
+
+WANDB_START = """
+import sys
+from pathlib import Path
+from gsm8k_lora import tracking
+from gsm8k_lora.config import LoggerConfig
+cfg = LoggerConfig(backend="wandb", project="offline-check")
+print("mode:", tracking.resolve_mode(cfg))
+if sys.argv[1:]:
+    tracking.finish_wandb(tracking.start_wandb(cfg, Path(sys.argv[1]), "offline-check", {"lora": {"r": 8}}))
+"""
+
+
+def without_wandb_setup(home: Path) -> dict:
+    """The environment of a machine where W&B was never set up: no key, no netrc, no W&B variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "XDG_CONFIG_HOME")}
+    home.mkdir(parents=True, exist_ok=True)
+    return {**env, "HOME": str(home), "NETRC": str(home / ".netrc")}
+
+
+def test_wandb_logs_offline_and_prints_the_sync_command_when_no_key_is_configured(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = without_wandb_setup(tmp_path / "home")
+    proc = subprocess.run([sys.executable, "-c", WANDB_START, str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mode: offline" in proc.stdout and "online start failed" not in proc.stderr
+    (offline,) = run_dir.glob("wandb/offline-run-*")
+    assert f"upload later with: wandb sync {offline}" in proc.stdout
+    assert (run_dir / "wandb_run.txt").read_text().strip() == f"offline: wandb sync {offline}"
+    assert list(offline.glob("run-*.wandb"))
+    # the same machine with a key in its netrc logs online: the offline choice above was made for lack of one
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    netrc.chmod(0o600)  # a netrc others can read is refused
+    proc = subprocess.run([sys.executable, "-c", WANDB_START], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and "mode: online" in proc.stdout, proc.stderr[-2000:]
