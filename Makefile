@@ -7,7 +7,7 @@ DIR ?=
 SWEEP ?= lr_epochs
 EXP ?=
 
-.PHONY: help setup demo test test-fast train evaluate bench sweep compare lint clean
+.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,6 +19,12 @@ setup: $(STAMP) ## create .venv and install (CPU torch on machines without a GPU
 
 demo: $(STAMP) ## the whole pipeline on the embedded default: tiny model, synthetic GSM8K, CPU
 	$(PY) -m gsm8k_lora.train experiment=smoke $(ARGS)
+
+# The real GSM8K from ../shared where it is present (this project's machines), else from the hub.
+GSM8K_LOCAL := $(if $(wildcard ../shared/gsm8k/train.jsonl),data=local data.path=../shared/gsm8k)
+
+real: $(STAMP) ## a real model (SmolLM2-135M-Instruct) on the real GSM8K, end to end on a CPU in < 30 min
+	$(PY) -m gsm8k_lora.train experiment=real_cpu $(GSM8K_LOCAL) $(ARGS)
 
 test: $(STAMP) ## the test suite (tiny model, CPU, offline; CUDA tests skip without a GPU)
 	$(PY) -m pytest $(ARGS)
@@ -42,7 +48,7 @@ bench: $(STAMP) ## speed figures as ratios measured in one run; writes outputs/b
 	$(PY) -m gsm8k_lora.bench $(ARGS)
 
 sweep: $(STAMP) ## Hydra multirun of sweeps/$(SWEEP).yaml; EXP=smoke for the tiny CPU grid
-	$(PY) -m gsm8k_lora.train -m --config-dir sweeps --config-name $(SWEEP) $(if $(EXP),experiment=$(EXP)) $(ARGS)
+	$(PY) -m gsm8k_lora.train -m --config-dir sweeps --config-name $(SWEEP) $(if $(EXP),experiment=$(EXP)) $(if $(filter real%,$(EXP)),$(GSM8K_LOCAL)) $(ARGS)
 
 compare: $(STAMP) ## table and plots of a sweep: make compare DIR=outputs/multirun/<sweep>
 	$(PY) -m gsm8k_lora.compare $(DIR)
