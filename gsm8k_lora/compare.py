@@ -18,7 +18,8 @@ import yaml
 from gsm8k_lora import plots
 
 COLUMNS = ("job", "status", "overrides", "eval_loss_best", "protocol", "n", "baseline_acc", "baseline_ci95",
-           "finetuned_acc", "finetuned_ci95", "difference", "mcnemar_p", "train_runtime_s", "error")
+           "finetuned_acc", "finetuned_ci95", "difference", "mcnemar_p", "finetuned_loop_rate", "train_runtime_s",
+           "error")
 
 
 def _read_json(path: Path) -> dict:
@@ -72,6 +73,7 @@ def rows_of(jobs: list[dict]) -> list[dict]:
             "baseline_acc": ev.get("baseline_gsm8k_by_value"), "baseline_ci95": _ci(ev, "baseline"),
             "finetuned_acc": ev.get("finetuned_gsm8k_by_value"), "finetuned_ci95": _ci(ev, "finetuned"),
             "difference": ev.get("paired_by_value_difference"), "mcnemar_p": ev.get("paired_by_value_mcnemar_p"),
+            "finetuned_loop_rate": ev.get("finetuned_repetition_loop_rate"),
             "train_runtime_s": m.get("train_runtime_s"), "error": job["error"] or "",
         })
     return rows
@@ -104,7 +106,7 @@ def to_markdown(rows: list[dict], best: str | None) -> str:
             "headline: first `#### N`, else the last explicit final statement, else the last number, compared by "
             "value), on the same n questions for baseline and fine-tuned, asked as `protocol` (the run's eval.prompt; "
             "each job's report.md has lm-eval's strict-match and flexible-extract beside it); 95% Wilson intervals; "
-            "p: exact McNemar test.")
+            "p: exact McNemar test; finetuned_loop_rate: share of fine-tuned answers caught in a repetition loop.")
     return "\n".join(lines) + note + "\n"
 
 

@@ -41,6 +41,13 @@ def f(value, spec: str = ".4f", missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
+def during_training_rows(ecfg: dict, m: dict) -> str:
+    if not ecfg.get("during_training"):
+        return ""
+    n = min(ecfg.get("during_training_limit") or 0, m.get("rows_validation") or 0)
+    return f", GSM8K accuracy during training on {n} validation questions"
+
+
 def overview(run: dict, price: float) -> list[str]:
     cfg, env, m = run["config"], run["environment"], run["metrics"]
     model, data, lora, tr = cfg.get("model", {}), cfg.get("data", {}), cfg.get("lora", {}), cfg.get("trainer", {})
@@ -58,7 +65,8 @@ def overview(run: dict, price: float) -> list[str]:
         f"- Data: {data.get('source')} {data.get('path') or ''} — {m.get('rows_train')} train / "
         f"{m.get('rows_validation')} validation / {m.get('rows_test')} test rows; "
         f"{(m.get('rows_dropped_train') or 0) + (m.get('rows_dropped_test') or 0)} malformed rows dropped; "
-        f"validation loss on {m.get('rows_validation_loss', m.get('rows_validation'))} validation rows",
+        f"validation loss on {m.get('rows_validation_loss', m.get('rows_validation'))} validation rows"
+        + during_training_rows(cfg.get("eval", {}), m),
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"bias={lora.get('bias')}, targets={lora.get('target_modules')}; {m.get('trainable_params')} trainable of "
         f"{m.get('total_params')} parameters",
@@ -170,8 +178,8 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
             out.append(f"| {model} | " + " | ".join(f"{r:.1%}" for r in rates)
                        + f" | {ev.get(f'{model}_generated_tokens_mean', 0):.0f} |")
     if "paired_by_value_difference" in ev:
-        out += ["", f"- By-value: {ev['paired_by_value_only_finetuned_correct']} questions right only after "
-                f"fine-tuning, {ev['paired_by_value_only_baseline_correct']} right only before."]
+        out += ["", f"- By-value: right only after fine-tuning: {ev['paired_by_value_only_finetuned_correct']} "
+                f"questions; right only before: {ev['paired_by_value_only_baseline_correct']}."]
     if ev.get("note"):
         out.append(f"- {ev['note']}")
     return out

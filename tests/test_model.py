@@ -1,6 +1,7 @@
 """The tiny model is built reproducibly and loads through from_pretrained; load failures are clear."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -70,3 +71,24 @@ def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_
 
 def test_resolve_path_passes_hub_ids_and_directories_through():
     assert resolve_path(ModelConfig(name_or_path="tiiuae/Falcon3-1B-Instruct")) == "tiiuae/Falcon3-1B-Instruct"
+
+
+def test_an_unreachable_hub_is_detected_once_and_said_in_one_line(monkeypatch, capsys):
+    """Offline is found by one quick check, and the hub clients are switched offline so that later lookups
+    go straight to the local cache instead of each retrying for tens of seconds."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from gsm8k_lora import sources
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.setattr(sources, "_HUB_STATE", {})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert sources.hub_reachable() is False
+    assert constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    first = capsys.readouterr().err.strip().splitlines()
+    assert len(first) == 1 and "127.0.0.1:9 is unreachable" in first[0]
+    assert sources.hub_reachable() is False and capsys.readouterr().err == ""  # asked once per process

@@ -188,3 +188,37 @@ def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(caps
     callback.on_log(None, State(), None, logs={"loss": 0.9})  # and stays quiet once off
     assert callback.failed
     assert capsys.readouterr().err.count("training goes on without W&B") == 1
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_at_once_in_one_line(tmp_path, tiny_model_dir):
+    proc = start(tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)  # within the same step: the first asked for a checkpoint after it
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped at once; checkpoints in")
+
+
+@pytest.mark.slow
+def test_interrupting_an_evaluation_ends_in_one_line(tmp_path, tiny_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "gsm8k_lora.evaluate", "model=tiny", "data=synthetic",
+                             "logger=none", "eval.limit=200", "eval.batch_size=1", "eval.max_new_tokens=128",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **OFFLINE_ENV})
+    time.sleep(1)
+    deadline = time.time() + 300
+    while not (tmp_path / "environment.json").exists():  # written once the model is loaded
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    time.sleep(2)  # answering questions
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: interrupted")
+    assert not (tmp_path / "eval_metrics.json").exists()
