@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", help="a run directory or adapter to benchmark instead of the base tiny model")
     parser.add_argument("--out", default="outputs/bench", help="where the JSON result goes")
     parser.add_argument("--skip-real", action="store_true", help="leave out the real-model section (SmolLM2-135M)")
-    parser.add_argument("--real-steps", type=int, default=4, help="optimizer steps per real-model training variant")
-    parser.add_argument("--real-questions", type=int, default=16, help="real test questions for generation speed")
+    parser.add_argument("--real-steps", type=int, default=3, help="optimizer steps per real-model training variant")
+    parser.add_argument("--real-questions", type=int, default=8, help="real test questions for generation speed")
     args = parser.parse_args(argv)
 
     from gsm8k_lora import synthetic

@@ -139,3 +139,20 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
         timed_tokens = figures["real_tokens_per_s"] * figures["seconds"]  # the warm-up step's tokens are left out
         assert 0 < timed_tokens < figures["real_tokens"]
     assert out["gen_prompts"] == 64 and out["gen_tokens"] > 0
+
+
+def test_real_bench_counts_matmul_parameters_once_and_leaves_the_embedding_lookup_out():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gsm8k_lora.bench_real import flops_per_token, matmul_params
+
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    untied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    lookup = 64 * 16  # the input embedding: a lookup, no matmul
+    n = sum(p.numel() for p in untied.parameters()) - lookup
+    assert matmul_params(untied) == n
+    tied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))  # the head's matmul, counted once
+    assert matmul_params(tied) == n
+    # 4N, plus attention 6 x layers x s x d for a mean sequence of s tokens
+    assert flops_per_token(tied, 10.0) == 4 * n + 6 * 2 * 10.0 * 16
