@@ -177,6 +177,11 @@ def next_steps(curve: CurveReading, early_stopped: bool, evaluation: dict) -> li
         out.append(f"Evaluate on more questions: the accuracy difference ({diff:+.1%}) is not significant (p={p:.2g}).")
     if diff is not None and diff < 0 and p is not None and p < 0.05:
         out.append("Fine-tuning lowered GSM8K accuracy: try a lower learning rate, fewer epochs or a smaller rank.")
+    loops = evaluation.get("finetuned_repetition_loop_rate")
+    base_loops = evaluation.get("baseline_repetition_loop_rate")
+    if loops is not None and base_loops is not None and loops - base_loops >= 0.05:
+        out.append(f"Fine-tuned answers fall into repetition loops more often ({loops:.0%} against {base_loops:.0%} "
+                   f"before): read them in predictions.jsonl; a lower learning rate or more varied rows may help.")
     maj = next((v for k, v in evaluation.items() if k.startswith("finetuned_gsm8k_maj@")), None)
     greedy = evaluation.get("finetuned_gsm8k_by_value")
     if maj is not None and greedy is not None and maj - greedy >= 0.02:

@@ -178,8 +178,8 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
             out.append(f"| {model} | " + " | ".join(f"{r:.1%}" for r in rates)
                        + f" | {ev.get(f'{model}_generated_tokens_mean', 0):.0f} |")
     if "paired_by_value_difference" in ev:
-        out += ["", f"- By-value: right only after fine-tuning: {ev['paired_by_value_only_finetuned_correct']} "
-                f"questions; right only before: {ev['paired_by_value_only_baseline_correct']}."]
+        after, before = ev["paired_by_value_only_finetuned_correct"], ev["paired_by_value_only_baseline_correct"]
+        out += ["", f"- By-value, questions right only after fine-tuning: {after}; right only before: {before}."]
     if ev.get("note"):
         out.append(f"- {ev['note']}")
     return out

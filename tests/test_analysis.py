@@ -91,3 +91,7 @@ def test_next_steps_follow_from_the_figures():
     assert any("more epochs" in t for t in tips) and any("self-consistency" in t for t in tips)
     overfit = read_learning_curve(curve([2.0, 1.5, 1.0, 0.6, 0.4]), curve([2.0, 1.5, 1.2, 1.3, 1.45]))
     assert any("fewer epochs" in t for t in next_steps(overfit, True, {}))
+    loops = {"finetuned_repetition_loop_rate": 0.17, "baseline_repetition_loop_rate": 0.06}
+    assert any("repetition loops more often (17% against 6%" in t for t in next_steps(improving, False, loops))
+    same = {"finetuned_repetition_loop_rate": 0.07, "baseline_repetition_loop_rate": 0.06}
+    assert not any("repetition" in t for t in next_steps(improving, False, same))
