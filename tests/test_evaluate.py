@@ -116,3 +116,18 @@ def test_grade_cli_rejects_rows_without_answer(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"completion": "5"}])
     proc = run_cli("grade", str(path), timeout=120)
     assert proc.returncode == 1 and "needs both 'completion' and 'answer'" in proc.stderr
+
+
+def test_few_shot_examples_never_include_the_questions_under_test():
+    """Answering the test split, shots come from GSM8K's whole train split (what lm-eval draws from);
+    answering the validation split, only from the training part, never from the validation rows."""
+    from gsm8k_lora.config import DataConfig, EvalConfig
+    from gsm8k_lora.data import build_splits
+    from gsm8k_lora.evaluate import shot_pool
+
+    splits = build_splits(DataConfig(source="synthetic", num_train=200, num_test=20))
+    validation = {row["question"] for row in splits.validation}
+    on_validation = {row["question"] for row in shot_pool(splits, EvalConfig(split="validation"))}
+    assert validation and not validation & on_validation
+    on_test = {row["question"] for row in shot_pool(splits, EvalConfig(split="test"))}
+    assert validation <= on_test and not on_test & {row["question"] for row in splits.test}
