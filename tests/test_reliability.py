@@ -32,6 +32,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def wait_for_a_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("reference")
@@ -60,10 +67,7 @@ def test_sigkill_then_resume_reaches_the_same_steps_and_loss(tmp_path, reference
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir):
     proc = start(tmp_path)
-    deadline = time.time() + 300
-    while not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_a_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143
@@ -193,10 +197,7 @@ def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(caps
 @pytest.mark.slow
 def test_a_second_sigterm_stops_at_once_in_one_line(tmp_path, tiny_model_dir):
     proc = start(tmp_path)
-    deadline = time.time() + 300
-    while not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_a_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.02)  # within the same step: the first asked for a checkpoint after it
     proc.send_signal(signal.SIGTERM)
