@@ -41,7 +41,8 @@ def format_for_sft(cfg: Config, splits: data.Splits, tokenizer) -> tuple:
     return train, validation
 
 
-def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: Path, use_wandb: bool, name: str):
+def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: Path, use_wandb: bool, name: str,
+                  on_stop_now=None):
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
@@ -49,7 +50,7 @@ def build_trainer(cfg: Config, model, tokenizer, splits: data.Splits, out_dir: P
     from gsm8k_lora.train import build_lora_config, build_sft_config
 
     train_ds, val_ds = format_for_sft(cfg, splits, tokenizer)
-    callbacks = [CheckpointGuard(out_dir, tracking.is_main_process())]
+    callbacks = [CheckpointGuard(out_dir, tracking.is_main_process(), on_stop_now)]
     if use_wandb:  # added here, not through report_to, so a W&B failure cannot end the run
         callbacks.append(safe_wandb_callback())
     if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
@@ -123,8 +124,9 @@ def write_training_results(trainer, splits: data.Splits, cfg: Config, run_dir: P
     return metrics
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
-    """One run; returns its figures (metrics.json and eval_metrics.json together)."""
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=None) -> dict:
+    """One run; returns its figures (metrics.json and eval_metrics.json together). `on_stop_now` is called
+    when a second SIGINT/SIGTERM ends training at once."""
     from gsm8k_lora.model import load, resolve_dtype, weight_memory
 
     main_process = tracking.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
@@ -146,7 +148,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str) -> dict:
     wandb_run = tracking.start_wandb(cfg.logger, run_dir, name, resolved) if main_process else None
     exit_code = 1
     try:
-        trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", wandb_run is not None, name)
+        trainer = build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", wandb_run is not None, name,
+                                on_stop_now)
         train(trainer, cfg, run_dir)
         adapter_dir = run_dir / "adapter"
         trainer.save_model(str(adapter_dir))

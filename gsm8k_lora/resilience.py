@@ -9,9 +9,11 @@ only picks checkpoints that carry it.
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -51,14 +53,22 @@ def resume_checkpoint(setting: str, checkpoint_dir: Path) -> str | None:
 class CheckpointGuard(TrainerCallback):
     """Marks saved checkpoints complete; stops cleanly on SIGINT/SIGTERM and on a non-finite loss."""
 
-    def __init__(self, checkpoint_dir: Path, main_process: bool):
+    def __init__(self, checkpoint_dir: Path, main_process: bool, on_stop_now: Callable[[], None] | None = None):
         self.checkpoint_dir, self.main_process = checkpoint_dir, main_process
+        self.on_stop_now = on_stop_now  # says the one line (and records the stop) before the process ends
         self.signal_name: str | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            if self.on_stop_now is None:
+                raise KeyboardInterrupt
+            # Ended here rather than by an exception, which library code in flight (a save, a progress bar,
+            # a finaliser) may print as a traceback or swallow: the line said is the last word.
+            self.on_stop_now()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         self.signal_name = signal.Signals(signum).name
         print(f"\n{self.signal_name} received: saving a checkpoint after this step, then stopping "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)

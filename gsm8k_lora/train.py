@@ -80,6 +80,11 @@ def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
     return ",".join(keep) if keep else fallback
 
 
+def stopped_at_once(job_dir: Path) -> str:
+    return (f"stopped at once; checkpoints in {job_dir / 'checkpoints'} marked .complete can be resumed with the "
+            f"same command and hydra.run.dir={job_dir}")
+
+
 def main_guarded(cfg: DictConfig) -> float | None:
     """Validate, then run; expected failures become one line and a non-zero exit (in a sweep, the
     job is marked failed and Hydra goes on with the others)."""
@@ -103,7 +108,11 @@ def main_guarded(cfg: DictConfig) -> float | None:
             config.logger.group = Path(hydra_cfg.sweep.dir).name
         from gsm8k_lora.pipeline import run
 
-        results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name))
+        def stop_now() -> None:
+            jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
+            print(stopped_at_once(job_dir), file=sys.stderr)
+
+        results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name), stop_now)
     except (ConfigError, DataError, ModelLoadError, RunStopped) as err:
         jobs.mark_failed(job_dir, overrides, err)
         interrupted = isinstance(err, RunStopped) and err.exit_code > 100  # a signal stops a whole sweep too
@@ -112,10 +121,9 @@ def main_guarded(cfg: DictConfig) -> float | None:
         label = "config error" if isinstance(err, ConfigError) else ("stopped" if interrupted else "error")
         print(f"{label}: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2 if isinstance(err, ConfigError) else 1))
-    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop at once, in one line, no traceback
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
         jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
-        print(f"stopped at once; checkpoints in {job_dir / 'checkpoints'} marked .complete can be resumed with the "
-              f"same command and hydra.run.dir={job_dir}", file=sys.stderr)
+        print(stopped_at_once(job_dir), file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         jobs.mark_failed(job_dir, overrides, err)

@@ -76,7 +76,9 @@ def test_best_checkpoint_is_chosen_by_generated_accuracy(accuracy_selected_run):
     assert by_accuracy != by_loss, "this run cannot tell the two metrics apart; change its settings"
     best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
     assert best.name == f"checkpoint-{by_accuracy}" and best.is_dir()  # kept despite save_total_limit=1
-    # the report says how many rows each validation figure used
+    # the report (written again from the run's files) says how many rows each validation figure used
+    proc = run_cli("report", str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GSM8K accuracy during training on 6 validation questions" in (run_dir / "report.md").read_text()
 
 
