@@ -41,7 +41,7 @@ def gsm8k_dir():
     return GSM8K
 
 
-def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_alone(smollm2_dir, gsm8k_dir,
+def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_alone(gsm8k_dir, smollm2_dir,
                                                                                       tmp_path):
     """SmolLM2's GGUF tokenizer pads with its EOS; the package must pick a distinct pad token so that the
     EOS closing each solution stays a label. With `all-linear` LoRA the tied LM head must stay tied and
@@ -77,7 +77,7 @@ def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_al
     assert adapted and not any("lm_head" in name or "embed" in name for name in adapted)
 
 
-def test_train_evaluate_and_report_on_real_rows(smollm2_dir, gsm8k_dir, tmp_path):
+def test_train_evaluate_and_report_on_real_rows(gsm8k_dir, smollm2_dir, tmp_path):  # data first: skip before fetching
     """A few steps of LoRA on real GSM8K rows, the adapter reloaded by `evaluate` on the run's own model."""
     run_dir = tmp_path / "run"
     proc = run_cli("train", "experiment=real_cpu", "logger=none", "data=local", f"data.path={gsm8k_dir}",
