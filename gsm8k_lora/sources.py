@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from gsm8k_lora.config import ConfigError, ModelConfig
 
 BUILTIN_TINY = "builtin:tiny"
 CONVERT_VERSION = 1  # bump when the conversion below changes, so old caches are not reused
+MARKER = "gsm8k_lora_gguf.json"  # written last into a converted directory: its presence means complete
 
 
 class ModelLoadError(RuntimeError):
@@ -141,15 +141,14 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
     """A float32 model directory made once from `gguf`, keyed by the file's content."""
     digest = sha256(gguf)
     target = root / "gguf" / f"{gguf.stem}-{digest[:12]}-v{CONVERT_VERSION}"
-    if (target / "gsm8k_lora_gguf.json").exists():
+    if (target / MARKER).exists():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"model: converting {gguf.name} to a float32 model directory (once; cached in {target.parent})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+
+    def convert(staging: Path) -> None:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -163,15 +162,9 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "gsm8k_lora_gguf.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "gsm8k_lora_gguf.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        (staging / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
+
+    return tiny_model.build_once(target, MARKER, convert)
 
 
 def _local_gguf(cfg: ModelConfig) -> Path:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,14 +106,21 @@ def ensure(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
     target = root / f"tiny-llama-v{BUILD_VERSION}-seed{seed}"
     if (target / "gsm8k_lora_build.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    return build_once(target, "gsm8k_lora_build.json", lambda staging: build(staging, seed))
+
+
+def build_once(target: Path, marker: str, make: Callable[[Path], None]) -> Path:
+    """`target`, made by `make(staging)` in a sibling folder that is then renamed (atomic: a half-built
+    directory is never seen under `target`). `make` writes `marker` last; a concurrent build that got
+    there first wins."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build(staging, seed)
+        make(staging)
         try:
-            staging.rename(target)  # atomic: a half-built model is never seen under `target`
+            staging.rename(target)
         except OSError:
-            if not (target / "gsm8k_lora_build.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
