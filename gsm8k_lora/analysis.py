@@ -123,11 +123,15 @@ ERROR_CATEGORIES = {
 }
 
 
-def error_category(record: dict, max_new_tokens: int) -> str | None:
-    """Why a graded prediction is wrong; None if it is right."""
+def error_category(record: dict, max_new_tokens: int | None = None) -> str | None:
+    """Why a graded prediction is wrong; None if it is right. A record says whether it ran to the token
+    limit (`hit_token_limit`); `max_new_tokens` only serves records written before it did."""
     if record["correct"]:
         return None
-    if record["generated_tokens"] >= max_new_tokens and not record.get("explicit_answer"):
+    hit = record.get("hit_token_limit")
+    if hit is None:
+        hit = max_new_tokens is not None and record["generated_tokens"] >= max_new_tokens
+    if hit and not record.get("explicit_answer"):
         return "truncated"
     if record["pred"] is None or not record.get("explicit_answer"):
         return "no_answer"
@@ -136,7 +140,7 @@ def error_category(record: dict, max_new_tokens: int) -> str | None:
     return "wrong_plan"
 
 
-def error_breakdown(records: list[dict], max_new_tokens: int, examples: int = 3) -> dict:
+def error_breakdown(records: list[dict], max_new_tokens: int | None = None, examples: int = 3) -> dict:
     counts: dict[str, int] = {key: 0 for key in ERROR_CATEGORIES}
     shown: dict[str, list[dict]] = defaultdict(list)
     for record in records:

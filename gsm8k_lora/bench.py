@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"mode": "quick" if args.quick else "full", "model": "tiny" + ("+adapter" if args.adapter else ""),
                **bench_eval(model, tokenizer, questions, batch_size=min(32, n), max_new_tokens=128)}
     from gsm8k_lora.bench_train import bench_training, default_trainer_config
-    from gsm8k_lora.model import resolve_path
+    from gsm8k_lora.sources import resolve
 
-    tiny_dir = resolve_path(ModelConfig(name_or_path="builtin:tiny"))
+    tiny_dir = resolve(ModelConfig(name_or_path="builtin:tiny")).path
     cuda = torch.cuda.is_available()
     results.update(bench_training(tiny_dir, default_trainer_config(cuda), steps=3 if args.quick else 20,
                                   epoch_rows=400 if args.quick else 6726))

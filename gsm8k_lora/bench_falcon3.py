@@ -70,10 +70,10 @@ def param_count(arch: dict) -> int:
 
 
 def matmul_param_count(arch: dict) -> int:
-    """N of the MFU formula: weights of the Linear layers, each tensor once (a tied LM head shares the
-    embedding's tensor and counts once, as the head's matmul); the embedding lookup and norms are left out."""
-    weights = {id(m.weight): m.weight.numel() for m in _meta_model(arch).modules() if isinstance(m, torch.nn.Linear)}
-    return sum(weights.values())
+    """N of the MFU formula (`bench_real.matmul_params`) for this architecture."""
+    from gsm8k_lora.bench_real import matmul_params
+
+    return matmul_params(_meta_model(arch))
 
 
 def weight_memory_4bit(model_dir: Path) -> dict:

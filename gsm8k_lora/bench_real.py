@@ -34,10 +34,10 @@ def matmul_gflops(size: int = 2048, reps: int = 20) -> float:
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul: all but the input embedding, unless it is the tied LM head."""
-    embedding = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
-    return sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+    """N of the FLOPs formula: the weights of the Linear layers, each tensor once (a tied LM head shares the
+    embedding's tensor and counts once, as the head's matmul); the embedding lookup and norms do no matmul."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(weights.values())
 
 
 def flops_per_token(model, mean_tokens: float) -> float:
@@ -67,9 +67,10 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path = GSM8K_DIR, cache_di
         return {"real_skipped": f"no GSM8K at {gsm8k_dir}"}
     cfg = real_model_config(["data=local", f"data.path={gsm8k_dir}"])
     try:
-        model_dir = sources.resolve(cfg.model, cache_dir).path
+        weights = sources.resolve(cfg.model, cache_dir)
     except sources.ModelLoadError as err:
         return {"real_skipped": str(err)}
+    model_dir = weights.path
     splits = data.build_splits(cfg.data)
     per_step = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     rows = splits.train.select(range(per_step * steps)).to_list()
@@ -81,12 +82,12 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path = GSM8K_DIR, cache_di
     results = {name: run_variant(name, kwargs, model_dir, rows, steps, cfg.trainer.learning_rate)
                for name, kwargs in runs.items()}
     base, ours, packed = results["trl_defaults"], results["package_default"], results["packs_of_4"]
-    model, tokenizer = load(cfg.model, cache_dir)
+    model, tokenizer = load(cfg.model, cache_dir, resolved=weights)
     rate = matmul_gflops()
     mean_tokens = ours["real_tokens"] / len(rows)
     per_token = flops_per_token(model, mean_tokens)
     out = {
-        "real_model": cfg.model.name_or_path, "real_weights": sources.resolve(cfg.model, cache_dir).description,
+        "real_model": cfg.model.name_or_path, "real_weights": weights.description,
         "real_train_rows_per_step": per_step, "real_train_mean_tokens_per_row": mean_tokens,
         "real_train_tokens_per_s_trl_defaults": base["real_tokens_per_s"],
         "real_train_tokens_per_s_cpu_real": ours["real_tokens_per_s"],

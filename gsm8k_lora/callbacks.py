@@ -19,7 +19,8 @@ from gsm8k_lora.generation import build_prompt, generate
 class GSM8KAccuracyCallback(TrainerCallback):
     def __init__(self, tokenizer, rows: list[dict], cfg: EvalConfig, system_prompt: str | None):
         self.tokenizer, self.rows = tokenizer, rows
-        self.cfg = dataclasses.replace(cfg, num_samples=1)  # greedy: comparable from step to step
+        # the training prompt, greedy: comparable from step to step, and no shots to draw (lm-eval's need them)
+        self.cfg = dataclasses.replace(cfg, num_samples=1, prompt="zero_shot_cot")
         self.prompts = [build_prompt(tokenizer, r["question"], self.cfg, [], system_prompt) for r in rows]
         self.trainer = None  # set by the pipeline once the trainer exists; used to log
 

@@ -208,10 +208,12 @@ def run_directory(adapter: str | None) -> Path | None:
     if not adapter:
         return None
     root = Path(adapter).expanduser()
-    for candidate in (root, root.parent if root.name == "adapter" else None):
-        if candidate is not None and (candidate / "config.yaml").exists():
-            return candidate
-    return None
+    candidates = [root]
+    if root.name == "adapter":  # RUN/adapter
+        candidates.append(root.parent)
+    if root.parent.name == "checkpoints":  # RUN/checkpoints/checkpoint-N
+        candidates.append(root.parent.parent)
+    return next((c for c in candidates if (c / "config.yaml").exists()), None)
 
 
 def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
@@ -224,8 +226,11 @@ def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
     given = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     merged = raw.copy()
     for key in RUN_KEYS:
-        if not any(g == key or g.startswith(key + ".") or key.startswith(g + ".") for g in given):
-            OmegaConf.update(merged, key, OmegaConf.select(run, key), merge=True)
+        if any(g == key or key.startswith(g + ".") for g in given):  # replaced as a whole (model=tiny)
+            continue
+        OmegaConf.update(merged, key, OmegaConf.select(run, key), merge=True)
+        for leaf in (g for g in given if g.startswith(key + ".")):  # model.dtype=...: the run's, but this key
+            OmegaConf.update(merged, leaf, OmegaConf.select(raw, leaf), merge=False)
     for key in ("model.name_or_path", "model.gguf_file"):
         ours, theirs = OmegaConf.select(merged, key), OmegaConf.select(run, key)
         if ours != theirs:
@@ -242,7 +247,8 @@ def main_guarded(raw: DictConfig, run_dir: Path, overrides: list[str] | None = N
     from gsm8k_lora.model import ModelLoadError, four_bit_device, load
 
     try:
-        cfg = validate(inherit_run_config(raw, overrides or []))
+        merged = inherit_run_config(raw, overrides or [])
+        cfg = validate(merged)
         if cfg.model.load_in_4bit:
             four_bit_device()  # bitsandbytes installed, with kernels for this device
         adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
@@ -263,6 +269,7 @@ def main_guarded(raw: DictConfig, run_dir: Path, overrides: list[str] | None = N
     if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is already placed by its device map
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(merged, resolve=True), encoding="utf-8")  # as evaluated
     tracking.write_json(run_dir / "environment.json", {**tracking.environment(), "model_weights": weights.as_dict()})
     return run_eval(cfg, model, tokenizer, rows, shot_pool(splits, cfg.eval), run_dir, adapters=adapter is not None)
 
@@ -275,7 +282,7 @@ def main(raw: DictConfig) -> None:
     try:
         main_guarded(raw, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except KeyboardInterrupt:
-        print("stopped: interrupted before the answers were graded; nothing was written", file=sys.stderr)
+        print("stopped: interrupted before the answers were graded; no results were written", file=sys.stderr)
         sys.exit(130)
 
 

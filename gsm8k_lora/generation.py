@@ -22,7 +22,6 @@ from gsm8k_lora.data import build_messages, render_prompt
 _DONE_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\n")
 
 
-LM_EVAL_PROMPTS = protocols.BY_EVAL_PROMPT
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
@@ -46,7 +45,7 @@ def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], s
 
 def token_limit(cfg: EvalConfig) -> int:
     """The most tokens a completion may have under `eval.prompt`: lm-eval's 256 for its protocols."""
-    protocol = LM_EVAL_PROMPTS.get(cfg.prompt)
+    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
     return protocol.max_new_tokens if protocol is not None else cfg.max_new_tokens
 
 
@@ -101,7 +100,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
     sampling = cfg.num_samples > 1
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
-    protocol = LM_EVAL_PROMPTS.get(cfg.prompt)
+    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
     if protocol is not None:  # lm-eval's own stops and token limit, and no early stop at the `#### N` line
         stops = protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token)
         max_new, criteria = protocol.max_new_tokens, []

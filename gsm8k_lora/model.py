@@ -14,13 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from gsm8k_lora import sources
 from gsm8k_lora.config import ConfigError, ModelConfig
-from gsm8k_lora.sources import BUILTIN_TINY, ModelLoadError, Resolved  # noqa: F401  (re-exported)
+from gsm8k_lora.sources import ModelLoadError, Resolved  # noqa: F401  (ModelLoadError: re-exported)
 
 PAD_FALLBACK = "<|pad|>"
-
-
-def resolve_path(cfg: ModelConfig, cache_dir: str | None = None) -> str:
-    return sources.resolve(cfg, cache_dir).path
 
 
 def resolve_dtype(name: str) -> torch.dtype:

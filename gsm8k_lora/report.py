@@ -189,9 +189,7 @@ def failure_section(run: dict, run_dir: Path) -> list[str]:
     tuned = [r for r in run["predictions"] if r["model"] == "finetuned"] or run["predictions"]
     if not tuned:
         return ["## 6. Where it fails", "- No predictions to analyse."]
-    ecfg = run["config"].get("eval", {})
-    protocol = protocols.BY_EVAL_PROMPT.get(ecfg.get("prompt"))
-    max_new = protocol.max_new_tokens if protocol is not None else ecfg.get("max_new_tokens", 10**9)
+    max_new = run["config"].get("eval", {}).get("max_new_tokens")  # for runs whose records lack hit_token_limit
     by_steps = analysis.accuracy_by_steps(tuned)
     plots.accuracy_by_steps(by_steps, run_dir / "accuracy_by_steps.png")
     out = ["## 6. Where it fails", f"Model: {tuned[0]['model']}.", "", "| reasoning steps | questions | accuracy |",

@@ -68,7 +68,7 @@ class CheckpointGuard(TrainerCallback):
             self.on_stop_now()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM, as the first signal's stop
         self.signal_name = signal.Signals(signum).name
         print(f"\n{self.signal_name} received: saving a checkpoint after this step, then stopping "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)

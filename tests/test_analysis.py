@@ -55,7 +55,7 @@ def test_arithmetic_slips(completion, slips):
 
 def record(completion, pred, correct=False, explicit=True, tokens=20):
     return {"completion": completion, "pred": pred, "correct": correct, "explicit_answer": explicit,
-            "generated_tokens": tokens}
+            "generated_tokens": tokens, "hit_token_limit": tokens >= 128}
 
 
 @pytest.mark.parametrize("rec, category", [
@@ -67,7 +67,13 @@ def record(completion, pred, correct=False, explicit=True, tokens=20):
     (record("2*3=<<2*3=6>>6\n#### 6", "6"), "wrong_plan"),
 ])
 def test_error_categories(rec, category):
-    assert error_category(rec, max_new_tokens=128) == category
+    assert error_category(rec) == category
+
+
+def test_runs_written_before_records_said_so_are_read_by_the_token_limit():
+    old = {"completion": "Tom has many apples and", "pred": "5", "correct": False, "explicit_answer": False,
+           "generated_tokens": 128}
+    assert error_category(old, max_new_tokens=128) == "truncated" and error_category(old, 256) == "no_answer"
 
 
 def test_cost_arithmetic():

@@ -131,3 +131,24 @@ def test_few_shot_examples_never_include_the_questions_under_test():
     assert validation and not validation & on_validation
     on_test = {row["question"] for row in shot_pool(splits, EvalConfig(split="test"))}
     assert validation <= on_test and not on_test & {row["question"] for row in splits.test}
+
+
+def test_evaluating_a_run_keeps_its_model_and_data_when_one_key_of_them_is_overridden(tmp_path):
+    from omegaconf import OmegaConf
+
+    from gsm8k_lora.config import ConfigError
+    from gsm8k_lora.evaluate import inherit_run_config
+    from tests.test_config import compose_cfg
+
+    run = compose_cfg("model=tiny", "data=synthetic", "data.system_prompt=Be brief.", "eval.prompt=fewshot")
+    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(run))
+    for adapter in (tmp_path / "adapter", tmp_path / "checkpoints" / "checkpoint-4"):
+        overrides = [f"adapter={adapter}", "model.dtype=bfloat16", "data.num_test=7"]
+        merged = inherit_run_config(compose_cfg(*overrides), overrides)
+        assert merged.model.name_or_path == "builtin:tiny" and merged.model.dtype == "bfloat16"
+        assert (merged.data.source, merged.data.system_prompt, merged.data.num_test) == ("synthetic", "Be brief.", 7)
+        assert merged.eval.prompt == "fewshot"
+    overrides = [f"adapter={tmp_path}", "model=falcon3_1b_instruct"]
+    with pytest.raises(ConfigError, match="model.name_or_path='tiiuae/Falcon3-1B-Instruct' is invalid"):
+        inherit_run_config(compose_cfg(*overrides), overrides)

@@ -8,7 +8,7 @@ import torch
 
 from gsm8k_lora import tiny_model
 from gsm8k_lora.config import ModelConfig
-from gsm8k_lora.model import ModelLoadError, load, load_tokenizer, resolve_path
+from gsm8k_lora.model import ModelLoadError, load, load_tokenizer
 
 
 def test_tiny_model_is_a_llama_with_its_own_tokenizer(tiny_model_dir):
@@ -69,8 +69,13 @@ def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_
     assert tok.chat_template == tiny_model.CHAT_TEMPLATE
 
 
-def test_resolve_path_passes_hub_ids_and_directories_through():
-    assert resolve_path(ModelConfig(name_or_path="tiiuae/Falcon3-1B-Instruct")) == "tiiuae/Falcon3-1B-Instruct"
+def test_resolve_passes_hub_ids_and_directories_through(tmp_path):
+    from gsm8k_lora.sources import resolve
+
+    hub = resolve(ModelConfig(name_or_path="tiiuae/Falcon3-1B-Instruct"))
+    assert (hub.path, hub.source) == ("tiiuae/Falcon3-1B-Instruct", "hub")
+    local = resolve(ModelConfig(name_or_path=str(tmp_path)))
+    assert (local.path, local.source) == (str(tmp_path), "local")
 
 
 def test_an_unreachable_hub_is_detected_once_and_said_in_one_line(monkeypatch, capsys):
