@@ -10,8 +10,8 @@ Figures on any machine (tiny model; CPU unless a GPU is present):
 - padding efficiency (real / computed tokens) over a GSM8K-size epoch, default against TRL's plain
   defaults (target >= 0.95), and real tokens/s of the two in the same run (target >= 1.5x).
 - the base-weight memory of a Falcon3-1B-shaped model in bf16 and in 4-bit (full mode);
-on a CUDA machine also the Falcon3-1B-shaped training and generation figures of `bench_falcon3.py`;
-and, where the real GSM8K and SmolLM2-135M-Instruct can be had (`bench_real.py`, full mode): real-model LoRA
+on a CUDA machine also the Falcon3-1B-shaped training and generation figures of `benchmarks/falcon3.py`;
+and, where the real GSM8K and SmolLM2-135M-Instruct can be had (`benchmarks/real.py`, full mode): real-model LoRA
 training tokens/s of `trainer=cpu_real` against TRL's plain defaults, their FLOP/s as a share of this machine's
 measured float32 matmul rate, and batched generation on real test questions.
 """
@@ -20,68 +20,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
-from gsm8k_lora import tracking
-from gsm8k_lora.config import EvalConfig, ModelConfig
-from gsm8k_lora.generation import build_prompt, generate
-from gsm8k_lora.grading import STRICT_RE
-
-NO_ANSWER = "n/a: the model wrote no #### answer"
-
-
-def needed_tokens(tokenizer, completion: str, ended: bool) -> int | None:
-    """Tokens a completion needed to give its final answer: through the `#### N` number, plus the one
-    token that ended generation (EOS or stop) if it ended. None without a complete `#### N`: with no
-    answer there is nothing it needed, and a number cut off by the token limit may be incomplete."""
-    match = STRICT_RE.search(completion)
-    if match is None or (not ended and match.end() == len(completion)):
-        return None
-    return len(tokenizer(completion[: match.end()], add_special_tokens=False).input_ids) + (1 if ended else 0)
-
-
-def answer_token_figures(tokenizer, outputs: list[dict], max_new_tokens: int) -> dict:
-    """Generated against needed tokens over the rows whose first completion holds a `#### N` answer.
-    A row that used all `max_new_tokens` was cut off; one that stopped before did end (EOS or stop)."""
-    generated = needed = rows = 0
-    for out in outputs:
-        count = out["generated_tokens"][0]
-        need = needed_tokens(tokenizer, out["completions"][0], ended=count < max_new_tokens)
-        if need is not None:
-            generated, needed, rows = generated + count, needed + need, rows + 1
-    return {"eval_needed_measured_rows": rows,
-            "eval_needed_tokens_per_question": needed / rows if rows else None,
-            "eval_generated_over_needed_x": generated / needed if rows else None}
-
-
-def time_generation(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> tuple[float, list[dict]]:
-    start = time.perf_counter()
-    out = generate(model, tokenizer, prompts, cfg, desc=f"batch size {cfg.batch_size}")
-    return time.perf_counter() - start, out
-
-
-def bench_eval(model, tokenizer, questions: list[str], batch_size: int, max_new_tokens: int) -> dict:
-    """Generation speed of `model` (the base model, or one with a trained adapter), and its tokens
-    generated against those needed to reach the final answer."""
-    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    prompts = [build_prompt(tokenizer, q, cfg, [], None) for q in questions]
-    generate(model, tokenizer, prompts[:2], dataclasses.replace(cfg, max_new_tokens=4))  # warm-up
-    single_s, _ = time_generation(model, tokenizer, prompts, dataclasses.replace(cfg, batch_size=1))
-    batched_s, out = time_generation(model, tokenizer, prompts, cfg)
-    return {
-        "eval_questions": len(prompts),
-        "eval_batch_size": batch_size,
-        "eval_single_questions_per_s": len(prompts) / single_s,
-        "eval_batched_questions_per_s": len(prompts) / batched_s,
-        "eval_batched_speedup_x": single_s / batched_s,
-        "eval_generated_tokens_per_question": sum(o["generated_tokens"][0] for o in out) / len(prompts),
-        **answer_token_figures(tokenizer, out, max_new_tokens),
-    }
-
+from gsm8k_lora import records
+from gsm8k_lora.benchmarks.falcon3 import bench_falcon3
+from gsm8k_lora.benchmarks.generation import NO_ANSWER, bench_eval
+from gsm8k_lora.benchmarks.real import bench_real
+from gsm8k_lora.benchmarks.training import bench_training, device_config
+from gsm8k_lora.data import synthetic
+from gsm8k_lora.errors import ConfigError
+from gsm8k_lora.model.loading import load
+from gsm8k_lora.model.sources import resolve
 
 TARGETS = {"eval_batched_speedup_x": (">=", 5.0), "eval_generated_over_needed_x": ("<=", 1.2),
            "train_padding_efficiency_default": (">=", 0.95), "train_speedup_x": (">=", 1.5),
@@ -134,46 +87,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--real-questions", type=int, default=8, help="real test questions for generation speed")
     args = parser.parse_args(argv)
 
-    from gsm8k_lora import synthetic
-    from gsm8k_lora.model import load
-
+    cuda = torch.cuda.is_available()
+    cfg = device_config(cuda)  # the tiny model, with the trainer and eval presets a run on this device uses
     torch.manual_seed(0)
-    model, tokenizer = load(ModelConfig(name_or_path="builtin:tiny"))
+    tiny = resolve(dataclasses.replace(cfg.model, name_or_path="builtin:tiny"))
+    model, tokenizer = load(dataclasses.replace(cfg.model, name_or_path="builtin:tiny"), resolved=tiny)
     if args.adapter:
-        from peft import PeftModel
-
-        from gsm8k_lora.evaluate import resolve_adapter
-
-        model = PeftModel.from_pretrained(model, resolve_adapter(args.adapter))
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model = PeftModel.from_pretrained(model, records.resolve_adapter(args.adapter))
+    model.to("cuda" if cuda else "cpu")
     n = 8 if args.quick else 64
     questions = [row["question"] for row in synthetic.generate(n, seed=123)]
     results = {"mode": "quick" if args.quick else "full", "model": "tiny" + ("+adapter" if args.adapter else ""),
-               **bench_eval(model, tokenizer, questions, batch_size=min(32, n), max_new_tokens=128)}
-    from gsm8k_lora.bench_train import bench_training, default_trainer_config
-    from gsm8k_lora.sources import resolve
-
-    tiny_dir = resolve(ModelConfig(name_or_path="builtin:tiny")).path
-    cuda = torch.cuda.is_available()
-    results.update(bench_training(tiny_dir, default_trainer_config(cuda), steps=3 if args.quick else 20,
+               **bench_eval(model, tokenizer, questions, cfg.eval, batch_size=min(32, n), max_new_tokens=128)}
+    results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
                                   epoch_rows=400 if args.quick else 6726))
     if cuda or not args.quick:  # on a CPU, the weight memory only
-        from gsm8k_lora.bench_falcon3 import bench_falcon3
-        from gsm8k_lora.config import ConfigError
-
         try:
-            results.update(bench_falcon3(Path(tiny_dir), steps=5 if args.quick else 30, quick=args.quick))
+            results.update(bench_falcon3(Path(tiny.path), steps=5 if args.quick else 30, quick=args.quick))
         except ConfigError as err:  # no bitsandbytes for this device: the other figures still stand
             results["falcon3_skipped"] = str(err)
     if not (args.quick or args.skip_real):
-        from gsm8k_lora.bench_real import bench_real
-
         results.update(bench_real(args.real_steps, args.real_questions))
-    results["environment"] = tracking.environment()
+    results["environment"] = records.environment()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
-    tracking.write_json(path, results)
+    records.write_json(path, results)
     print_table(results)
     print(f"written: {path}")
     return results

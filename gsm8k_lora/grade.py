@@ -14,7 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from gsm8k_lora.grading import gold_number, grade
+from gsm8k_lora.data.gsm8k import gold_number
+from gsm8k_lora.data.loading import read_jsonl
+from gsm8k_lora.errors import DataError
+from gsm8k_lora.evaluation.grading import grade
+from gsm8k_lora.evaluation.scoring import LABELS, tally
 
 
 def grade_rows(rows: list[dict]) -> list[dict]:
@@ -34,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gsm8k_lora.grade", description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path, help="JSONL with 'completion' and 'answer' on each row ('-': stdin)")
     args = parser.parse_args(argv)
-    from gsm8k_lora.data import DataError, read_jsonl
-
     try:
         if str(args.file) == "-":
             rows = [json.loads(line) for line in sys.stdin if line.strip()]
@@ -56,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not n:
         print("graded 0 rows", file=sys.stderr)
         return 0
-    parts = [f"{name} {k}/{n} ({k / n:.1%})" for name, k in (
-        ("by-value", sum(r["correct"] for r in graded)), ("by-value strict", sum(r["correct_strict"] for r in graded)),
-        ("lm-eval strict-match", sum(r["lm_eval_strict_correct"] for r in graded)),
-        ("lm-eval flexible-extract", sum(r["lm_eval_flexible_correct"] for r in graded)))]
+    parts = [f"{LABELS[name]} {k}/{n} ({k / n:.1%})" for name, k in tally(graded).items()]
     print(f"graded {n} rows: " + ", ".join(parts), file=sys.stderr)
     return 0
 

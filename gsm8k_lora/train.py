@@ -1,8 +1,15 @@
-"""Fine-tune with LoRA on GSM8K: `python -m gsm8k_lora.train [overrides]`.
+"""Fine-tune with LoRA on GSM8K and measure what it bought: `python -m gsm8k_lora.train [overrides]`.
 
-Compose (Hydra) -> validate -> load data -> load model -> TRL SFTTrainer -> save adapter and metrics.
-All training behaviour comes from `SFTConfig` fields set in `build_sft_config`; below the two
-builders no code sees a DictConfig.
+The recipe, top to bottom; each step is a call into the folder that holds it (ARCHITECTURE.md):
+  1. compose    Hydra composes conf/ and the command line                        (`main`, `cli.run`)
+  2. validate   the typed schemas check every value, before anything loads     `config.py`
+  3. data       GSM8K loaded, cleaned, split; the questions to answer picked     `data/`
+  4. model      the weights resolved (hub, directory, GGUF, PyPI copy), loaded   `model/`
+  5. trainer    TRL's SFTTrainer from our config (`build_sft_config`)          `training/`
+  6. train      resumable, stopped cleanly by a signal, a NaN or OOM            `training/`
+  7. evaluate   baseline and fine-tuned answers, generated and graded           `evaluation/`
+  8. report     report.md and plots from the run directory's files alone        `reporting/`
+Every file goes to the run directory through `records.py`, and every W&B call through `tracking.py`.
 """
 
 from __future__ import annotations
@@ -14,48 +21,20 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import tracking
-from gsm8k_lora.config import Config, ConfigError, LoraConfig, TrainerConfig, register_configs, validate
-from gsm8k_lora.data import DataError
-
-
-def build_lora_config(cfg: LoraConfig):
-    import peft
-
-    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
-    return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           bias=cfg.bias, target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
-
-
-def build_sft_config(cfg: TrainerConfig, out_dir: Path, report_to: list[str], run_name: str):
-    """Every field set explicitly: SFTConfig's own defaults differ from the reference run."""
-    from trl import SFTConfig
-
-    early_stopping = cfg.early_stopping_patience is not None
-    return SFTConfig(
-        output_dir=str(out_dir), run_name=run_name, report_to=report_to, seed=cfg.seed, data_seed=cfg.seed,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length, completion_only_loss=cfg.completion_only_loss, assistant_only_loss=False,
-        packing=cfg.packing, padding_free=cfg.padding_free, train_sampling_strategy=cfg.train_sampling_strategy,
-        # transformers 5 renamed gradient_checkpointing; the new name wins over TRL's default of True
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32, optim=cfg.optim, use_cpu=cfg.use_cpu,
-        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
-        eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=early_stopping, metric_for_best_model=cfg.metric_for_best_model,
-        greater_is_better="loss" not in cfg.metric_for_best_model,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=cfg.dataloader_num_workers,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where CheckpointGuard stops the run
-        disable_tqdm=False,
-    )
+from gsm8k_lora import cli, records, tracking
+from gsm8k_lora.config import Config, register_configs, validate
+from gsm8k_lora.data.formatting import describe_system_prompt
+from gsm8k_lora.data.loading import Splits, build_splits
+from gsm8k_lora.errors import EXPECTED, ConfigError
+from gsm8k_lora.evaluation.answers import eval_rows, evaluate, summary_lines
+from gsm8k_lora.model import sources
+from gsm8k_lora.model.loading import four_bit_device, load, resolve_dtype, weight_memory
+from gsm8k_lora.reporting import plots
+from gsm8k_lora.reporting.report import build as build_report
+from gsm8k_lora.training import sft
 
 
 def check_hardware(cfg: Config) -> None:
@@ -69,9 +48,85 @@ def check_hardware(cfg: Config) -> None:
     if cfg.trainer.tf32 and not cuda:
         raise ConfigError("trainer.tf32=True is invalid: TF32 needs an Ampere or newer CUDA GPU; set it to null")
     if cfg.model.load_in_4bit:
-        from gsm8k_lora.model import four_bit_device
-
         four_bit_device(cfg.trainer.use_cpu)  # bitsandbytes installed, with kernels for this device
+
+
+def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
+    """Step 3: the splits, and the questions evaluation will answer (data problems surface before the model loads)."""
+    splits = build_splits(cfg.data)
+    stats = splits.stats
+    print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
+          f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
+    return splits, (eval_rows(splits, cfg.eval) if cfg.eval.enabled else [])
+
+
+def load_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
+    """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
+    facts `metrics.json` keeps about them."""
+    weights = sources.resolve(cfg.model, cfg.cache_dir)
+    resolved = records.write_run_record(run_dir, raw_cfg, weights.as_dict()) if main_process else {}
+    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
+    facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
+    facts.update(model_weights=weights.description,
+                 rows_validation_loss=len(sft.validation_for_loss(cfg, splits)),
+                 system_prompt=describe_system_prompt(tokenizer, cfg.data.system_prompt))
+    print(f"model: {weights.description}; system prompt: {facts['system_prompt']}")
+    return model, tokenizer, facts, resolved
+
+
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=None) -> dict:
+    """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together).
+    `on_stop_now` is called when a second SIGINT/SIGTERM ends training at once."""
+    main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits, questions = load_data(cfg)
+    model, tokenizer, facts, resolved = load_model(cfg, splits, run_dir, raw_cfg, main_process)
+    tracker = tracking.start(cfg.logger, run_dir, name, resolved) if main_process else tracking.Tracker()
+    exit_code = 1
+    try:
+        trainer = sft.build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", name, main_process,
+                                    tracker.callback(), on_stop_now)
+        sft.train(trainer, cfg, run_dir)
+        trainer.save_model(str(run_dir / "adapter"))
+        if not main_process:
+            exit_code = 0
+            return {}
+        tokenizer.save_pretrained(run_dir / "adapter")
+        metrics = {**sft.training_metrics(trainer, splits, cfg), **facts}
+        history = trainer.state.log_history
+        records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
+        tracker.summary(metrics)
+        eval_figures = {}
+        if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
+            predictions, eval_figures = evaluate(cfg, trainer.model, tokenizer, splits, questions, adapters=True)
+            records.write_eval(run_dir, predictions, eval_figures)
+            tracker.summary({k: v for k, v in eval_figures.items() if isinstance(v, (int, float))})
+            tracker.predictions(predictions)
+            print("\n".join(summary_lines(eval_figures)))
+        if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
+            trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+        if cfg.report.enabled:
+            text, figures = build_report(run_dir, cfg.report.gpu_hour_price_usd)
+            print(f"report: {records.write_text(run_dir / 'report.md', text)}")
+            records.write_figures(run_dir, figures)
+            tracker.images(sorted(run_dir.glob("*.png")))
+        print_loss_summary(metrics, run_dir)
+        exit_code = 0
+        return {**metrics, **eval_figures}
+    finally:
+        tracker.finish(exit_code)
+
+
+def print_loss_summary(metrics: dict, run_dir: Path) -> None:
+    def fmt(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
+          f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
+          f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
+    print(f"run directory: {run_dir}")
 
 
 def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
@@ -86,23 +141,18 @@ def stopped_at_once(job_dir: Path) -> str:
 
 
 def main_guarded(cfg: DictConfig) -> float | None:
-    """Validate, then run; expected failures become one line and a non-zero exit (in a sweep, the
-    job is marked failed and Hydra goes on with the others)."""
-    from hydra.types import RunMode
-
-    from gsm8k_lora import jobs
-    from gsm8k_lora.model import ModelLoadError
-    from gsm8k_lora.resilience import RunStopped
-
+    """Steps 2 to 8 for one Hydra job; expected failures become one line and a non-zero exit (in a sweep,
+    the job is marked failed and Hydra goes on with the others)."""
     hydra_cfg = HydraConfig.get()
     job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    done = jobs.completed(job_dir, overrides)
+    done = records.completed(job_dir, overrides)
     if done is not None:
         print(f"skipping {job_dir}: completed before with the same overrides ({done['objective']}={done['value']})")
         return done["value"]
+
     def stop_now() -> None:  # a second signal in training, or Ctrl-C outside it: record the stop, say one line
-        jobs.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
+        records.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
         print(stopped_at_once(job_dir), file=sys.stderr)
 
     try:
@@ -110,26 +160,21 @@ def main_guarded(cfg: DictConfig) -> float | None:
         check_hardware(config)
         if multirun and config.logger.group is None:  # one W&B group per sweep: its directory name
             config.logger.group = Path(hydra_cfg.sweep.dir).name
-        from gsm8k_lora.pipeline import run
-
         results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name), stop_now)
-    except (ConfigError, DataError, ModelLoadError, RunStopped) as err:
-        jobs.mark_failed(job_dir, overrides, err)
-        interrupted = isinstance(err, RunStopped) and err.exit_code > 100  # a signal stops a whole sweep too
-        if multirun and not interrupted:
+    except EXPECTED as err:
+        records.mark_failed(job_dir, overrides, err)
+        if multirun and err.exit_code <= 100:  # a signal (128 + its number) stops a whole sweep too
             raise
-        label = "config error" if isinstance(err, ConfigError) else ("stopped" if interrupted else "error")
-        print(f"{label}: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2 if isinstance(err, ConfigError) else 1))
+        cli.fail(err)
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
         stop_now()
         sys.exit(130)
     except Exception as err:
-        jobs.mark_failed(job_dir, overrides, err)
+        records.mark_failed(job_dir, overrides, err)
         raise
     value = results.get(config.objective)
-    if tracking.is_main_process():
-        jobs.mark_done(job_dir, overrides, config.objective, value)
+    if records.is_main_process():
+        records.mark_done(job_dir, overrides, config.objective, value)
     return value
 
 
@@ -142,7 +187,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from gsm8k_lora.cli import run
-
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    run(main)  # a config mistake: one line, exit code 2
+    cli.run(main)  # step 1, checked first: a config mistake is one line, exit code 2

@@ -29,7 +29,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from gsm8k_lora import tiny_model
+    from gsm8k_lora.model import tiny as tiny_model
 
     return tiny_model.ensure(0, CACHE)
 
@@ -46,3 +46,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def compose(*overrides: str):
+    """The validated config `python -m gsm8k_lora.train *overrides` runs: tests build from what users run."""
+    from gsm8k_lora.config import compose as compose_config
+
+    return compose_config(overrides)
+
+
+def model_config(**values):
+    """The default model config (conf/model/falcon3_1b_instruct.yaml) with these fields replaced."""
+    import dataclasses
+
+    return dataclasses.replace(compose().model, **values)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gsm8k_lora.analysis import (
-    accuracy_by_steps,
+from gsm8k_lora.evaluation.scoring import accuracy_by_steps
+from gsm8k_lora.reporting.analysis import (
     arithmetic_slips,
     cost_usd,
     error_category,

@@ -9,8 +9,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 def model_and_examples(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsm8k_lora.data import render_prompt
-    from gsm8k_lora.synthetic import generate
+    from gsm8k_lora.data.formatting import render_prompt
+    from gsm8k_lora.data.synthetic import generate
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()

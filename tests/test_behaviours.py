@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gsm8k_lora.evaluate import HEADLINE
+from gsm8k_lora.evaluation.scoring import HEADLINE
 from tests.conftest import OFFLINE_ENV, ROOT, run_cli, write_jsonl
 
 # Small enough for seconds per step on 2 CPU cores; every run writes no report and logs nowhere.
@@ -162,11 +162,11 @@ WANDB_START = """
 import sys
 from pathlib import Path
 from gsm8k_lora import tracking
-from gsm8k_lora.config import LoggerConfig
-cfg = LoggerConfig(backend="wandb", project="offline-check")
+from gsm8k_lora.config import compose
+cfg = compose(["logger=wandb", "logger.project=offline-check"]).logger
 print("mode:", tracking.resolve_mode(cfg))
 if sys.argv[1:]:
-    tracking.finish_wandb(tracking.start_wandb(cfg, Path(sys.argv[1]), "offline-check", {"lora": {"r": 8}}))
+    tracking.start(cfg, Path(sys.argv[1]), "offline-check", {"lora": {"r": 8}}).finish()
 """
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gsm8k_lora.bench_falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
-from gsm8k_lora.bench_train import default_trainer_config
+from gsm8k_lora.benchmarks.falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
+from gsm8k_lora.benchmarks.training import device_config
 from tests.conftest import run_cli
 
 SMALL = {**FALCON3_1B, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -51,7 +51,7 @@ ANSWER = "Tom has 2+3=<<2+3=5>>5 apples.\n#### 5"
     ("He has 1,000 apples.\n#### 1,000 apples", False, "He has 1,000 apples.\n#### 1,000", 0),
 ])
 def test_needed_tokens_run_through_the_answer_number(tokenizer, completion, ended, through, plus):
-    from gsm8k_lora.bench import needed_tokens
+    from gsm8k_lora.benchmarks.generation import needed_tokens
 
     assert needed_tokens(tokenizer, completion, ended) == count(tokenizer, through) + plus
 
@@ -63,13 +63,13 @@ def test_needed_tokens_run_through_the_answer_number(tokenizer, completion, ende
     ("so\n####", True),        # a marker without a number
 ])
 def test_needed_tokens_are_unmeasured_without_a_complete_answer(tokenizer, completion, ended):
-    from gsm8k_lora.bench import needed_tokens
+    from gsm8k_lora.benchmarks.generation import needed_tokens
 
     assert needed_tokens(tokenizer, completion, ended) is None
 
 
 def test_generated_over_needed_is_measured_on_the_answered_rows_only(tokenizer):
-    from gsm8k_lora.bench import answer_token_figures
+    from gsm8k_lora.benchmarks.generation import answer_token_figures
 
     max_new = 64
     answered = {"completions": [ANSWER + "\nand then some"], "generated_tokens": [30]}  # ended before the limit
@@ -86,7 +86,7 @@ def test_generated_over_needed_is_measured_on_the_answered_rows_only(tokenizer):
 def test_padding_efficiency_is_counted_from_the_collated_batches():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from gsm8k_lora.bench_train import epoch_padding_efficiency
+    from gsm8k_lora.benchmarks.training import epoch_padding_efficiency
 
     lengths = [3, 5, 2, 7]  # one batch of four: 17 real tokens
     assert epoch_padding_efficiency(lengths, 4, "random", padding_free=False) == 17 / (4 * 7)  # padded to 7
@@ -97,7 +97,7 @@ def test_padding_efficiency_is_counted_from_the_collated_batches():
 
 
 def test_length_grouping_pads_less_than_random_batches():
-    from gsm8k_lora.bench_train import epoch_padding_efficiency
+    from gsm8k_lora.benchmarks.training import epoch_padding_efficiency
 
     lengths = [10, 200, 12, 190, 11, 205, 9, 198] * 50
     grouped = epoch_padding_efficiency(lengths, 4, "group_by_length", padding_free=False)
@@ -127,7 +127,7 @@ def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
-    out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, trainer_cfg=default_trainer_config(False),
+    out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, cfg=device_config(False),
                         training=True)
     assert out["falcon3_params"] == param_count(SMALL) and out["falcon3_matmul_params"] == matmul_param_count(SMALL)
     assert 0 < out["qlora_weights_gib_4bit"] < out["qlora_weights_gib_bf16"]
@@ -144,7 +144,7 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
 def test_real_bench_counts_matmul_parameters_once_and_leaves_the_embedding_lookup_out():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gsm8k_lora.bench_real import flops_per_token, matmul_params
+    from gsm8k_lora.benchmarks.real import flops_per_token, matmul_params
 
     shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2)

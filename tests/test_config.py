@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gsm8k_lora.config import ConfigError, register_configs, validate
-from gsm8k_lora.evaluate import HEADLINE  # the generated-accuracy metric's name
+from gsm8k_lora.evaluation.scoring import HEADLINE  # the generated-accuracy metric's name
 from tests.conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
@@ -56,7 +56,7 @@ def test_overrides_reach_the_typed_config():
 SFT_NAMES = {"gradient_checkpointing": "activation_checkpointing"}
 # TrainerConfig fields that are not SFTConfig fields, and what reads them instead.
 NOT_SFT = {"early_stopping_patience": "EarlyStoppingCallback (and load_best_model_at_end)",
-           "save_merged": "pipeline.run", "resume": "pipeline.train"}
+           "save_merged": "train.run", "resume": "training.sft.train"}
 # A value for every TrainerConfig field, each unlike SFTConfig's own default and valid together (on a CPU):
 # a field the builder forgot to pass would show SFTConfig's default, not this value.
 DISTINCT = {
@@ -87,16 +87,16 @@ def trainer_fields() -> list[str]:
 def test_sft_config_holds_every_trainer_value_of_the_yaml(tmp_path):
     from omegaconf import OmegaConf
 
-    from gsm8k_lora.config import TrainerConfig
-    from gsm8k_lora.train import build_sft_config
+    from gsm8k_lora.training.sft import build_sft_config
 
-    yaml_values = OmegaConf.to_container(OmegaConf.load(CONF / "trainer" / "cpu_smoke.yaml"))
-    sft = build_sft_config(validate(compose_cfg("experiment=smoke")).trainer, tmp_path, [], "x")
+    # cpu_smoke.yaml starts from default.yaml and sets what differs: the values, read from the two files
+    yaml_values = {**OmegaConf.to_container(OmegaConf.load(CONF / "trainer" / "default.yaml")),
+                   **OmegaConf.to_container(OmegaConf.load(CONF / "trainer" / "cpu_smoke.yaml"))}
+    sft = build_sft_config(validate(compose_cfg("experiment=smoke")).trainer, tmp_path, "x")
     for field in trainer_fields():
         if field in NOT_SFT:
             continue
-        expected = yaml_values.get(field, getattr(TrainerConfig, field))  # a key the YAML leaves out: the schema's
-        assert sft_value(sft, field) == expected, field
+        assert sft_value(sft, field) == yaml_values[field], field
 
 
 def test_sft_config_takes_every_trainer_field(tmp_path):
@@ -104,7 +104,7 @@ def test_sft_config_takes_every_trainer_field(tmp_path):
 
     from trl import SFTConfig
 
-    from gsm8k_lora.train import build_sft_config
+    from gsm8k_lora.training.sft import build_sft_config
 
     assert set(DISTINCT) == set(trainer_fields()), "give DISTINCT a value for each TrainerConfig field"
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -112,7 +112,7 @@ def test_sft_config_takes_every_trainer_field(tmp_path):
     cfg = validate(compose_cfg("experiment=smoke", "eval.during_training=true",
                                *(f"trainer.{k}={v}" for k, v in DISTINCT.items())))
     assert {k: getattr(cfg.trainer, k) for k in DISTINCT} == DISTINCT
-    sft = build_sft_config(cfg.trainer, tmp_path, [], "x")
+    sft = build_sft_config(cfg.trainer, tmp_path, "x")
     defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
     for field, value in DISTINCT.items():
         if field in NOT_SFT:
@@ -130,17 +130,17 @@ def test_sft_config_takes_every_trainer_field(tmp_path):
 
 
 def test_sft_config_follows_early_stopping_and_checkpointing(tmp_path):
-    from gsm8k_lora.train import build_sft_config
+    from gsm8k_lora.training.sft import build_sft_config
 
     off = validate(compose_cfg("experiment=smoke", "trainer.early_stopping_patience=null",
                                "trainer.gradient_checkpointing=true")).trainer
-    sft = build_sft_config(off, tmp_path, [], "x")
+    sft = build_sft_config(off, tmp_path, "x")
     assert sft.load_best_model_at_end is False and sft.greater_is_better is False  # eval_loss: lower is better
     assert sft.activation_checkpointing is True and sft.activation_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_lora_config_takes_every_value(tmp_path):
-    from gsm8k_lora.train import build_lora_config
+    from gsm8k_lora.training.sft import build_lora_config
 
     cfg = validate(compose_cfg("experiment=smoke", "lora.r=4", "lora.alpha=32", "lora.dropout=0.05",
                                "lora.bias=lora_only", "lora.use_rslora=true", "lora.use_dora=true"))

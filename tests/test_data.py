@@ -3,10 +3,11 @@
 import pytest
 from datasets import Dataset
 
-from gsm8k_lora import data
-from gsm8k_lora.config import DataConfig
-from gsm8k_lora.synthetic import generate
-from tests.conftest import write_jsonl
+from gsm8k_lora.data import loading as data
+from gsm8k_lora.data.formatting import to_prompt_completion
+from gsm8k_lora.data.gsm8k import parse_answer
+from gsm8k_lora.data.synthetic import generate
+from tests.conftest import compose, write_jsonl
 
 GOOD = {"question": "Tom has 2 apples and gets 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}
 
@@ -14,9 +15,9 @@ GOOD = {"question": "Tom has 2 apples and gets 3. How many?", "answer": "2+3=<<2
 def test_local_jsonl_directory(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", generate(50, 0))
     write_jsonl(tmp_path / "test.jsonl", generate(10, 1))
-    splits = data.build_splits(DataConfig(source="local", path=str(tmp_path)))
+    splits = data.build_splits(compose("data=local", f"data.path={tmp_path}").data)
     assert (splits.stats["rows_train"], splits.stats["rows_validation"], splits.stats["rows_test"]) == (45, 5, 10)
-    assert splits.test[0]["gold"] == data.parse_answer(generate(10, 1)[0]["answer"]).final
+    assert splits.test[0]["gold"] == parse_answer(generate(10, 1)[0]["answer"]).final
 
 
 def test_local_parquet_in_the_hub_layout_loads_through_load_dataset(tmp_path):
@@ -27,10 +28,10 @@ def test_local_parquet_in_the_hub_layout_loads_through_load_dataset(tmp_path):
     (tmp_path / "README.md").write_text(
         "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
         "  - split: test\n    path: main/test-*\n---\n")
-    splits = data.build_splits(DataConfig(source="hub", path=str(tmp_path), name="main"))
+    splits = data.build_splits(compose(f"data.path={tmp_path}").data)
     assert (splits.stats["rows_train"] + splits.stats["rows_validation"], splits.stats["rows_test"]) == (40, 8)
     # data=local reads the same directory
-    local = data.build_splits(DataConfig(source="local", path=str(tmp_path)))
+    local = data.build_splits(compose("data=local", f"data.path={tmp_path}").data)
     assert local.stats == splits.stats
 
 
@@ -62,12 +63,13 @@ def test_bad_rows_are_dropped_counted_and_bounded():
 
 
 def test_split_is_90_10_disjoint_and_seed_stable():
-    cfg = DataConfig(source="synthetic", num_train=500, num_test=20)
+    cfg = compose("data=synthetic", "data.num_train=500", "data.num_test=20").data
     a, b = data.build_splits(cfg), data.build_splits(cfg)
     assert (len(a.train), len(a.validation)) == (450, 50)
     assert set(a.train["id"]).isdisjoint(a.validation["id"])
     assert a.validation["id"] == b.validation["id"]
-    other = data.build_splits(DataConfig(source="synthetic", num_train=500, num_test=20, split_seed=7))
+    other = data.build_splits(
+        compose("data=synthetic", "data.num_train=500", "data.num_test=20", "data.split_seed=7").data)
     assert other.validation["id"] != a.validation["id"]
     # the test split is the test source's rows, and none of them is trained or validated on (by content)
     source_test = {(r["question"], r["answer"]) for r in generate(20, seed=1)}
@@ -81,7 +83,7 @@ def test_prompt_uses_the_chat_template_and_completion_is_the_solution(tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = Dataset.from_list([{"question": GOOD["question"], "answer": GOOD["answer"]}])
-    row = data.to_prompt_completion(ds, tok, "Solve it.")[0]
+    row = to_prompt_completion(ds, tok, "Solve it.")[0]
     assert row["prompt"] == f"<|system|>\nSolve it.\n<|user|>\n{GOOD['question']}\n<|assistant|>\n"
     assert row["completion"] == GOOD["answer"]
 
@@ -91,15 +93,15 @@ def test_completion_only_labels_mask_the_prompt_and_train_the_eos(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
-    from gsm8k_lora.config import LoraConfig, TrainerConfig
-    from gsm8k_lora.train import build_lora_config, build_sft_config
+    from gsm8k_lora.training.sft import build_lora_config, build_sft_config
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ds = data.to_prompt_completion(Dataset.from_list([GOOD] * 4), tok, None)
-    args = build_sft_config(TrainerConfig(use_cpu=True, early_stopping_patience=None), tmp_path, [], "t")
+    ds = to_prompt_completion(Dataset.from_list([GOOD] * 4), tok, None)
+    cfg = compose("experiment=smoke", "trainer.early_stopping_patience=null")
+    args = build_sft_config(cfg.trainer, tmp_path, "t")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, processing_class=tok,
-                         peft_config=build_lora_config(LoraConfig()))
+                         peft_config=build_lora_config(cfg.lora))
     row = trainer.train_dataset[0]
     prompt_ids = tok(ds[0]["prompt"])["input_ids"]
     ids, labels = row["input_ids"], row["labels"]

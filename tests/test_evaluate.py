@@ -1,12 +1,20 @@
 """Evaluation pieces: statistics, prompts, self-consistency, the grade CLI."""
 
 import json
+import math
 
 import pytest
 
-from gsm8k_lora.evaluate import eval_metrics, score, summarize
-from gsm8k_lora.stats import majority_vote, mcnemar_exact, paired_comparison, wilson_interval
-from tests.conftest import ROOT, run_cli, write_jsonl
+from gsm8k_lora.evaluation.scoring import (
+    eval_metrics,
+    majority_vote,
+    mcnemar_exact,
+    paired_comparison,
+    score,
+    summarize,
+    wilson_interval,
+)
+from tests.conftest import ROOT, compose, run_cli, write_jsonl
 
 ROWS = [{"id": f"test-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "num_steps": 1, "category": "x"}
         for i in range(4)]
@@ -21,6 +29,29 @@ def test_wilson_interval_known_values():
 @pytest.mark.parametrize("a, b, p", [(0, 0, 1.0), (5, 5, 1.0), (10, 0, 2 / 1024), (6, 1, 0.125)])
 def test_mcnemar_exact(a, b, p):
     assert mcnemar_exact(a, b) == pytest.approx(p)
+
+
+def closed_form_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval written out, as the package computed it before it used scipy."""
+    p, denom = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def closed_form_mcnemar(a: int, b: int) -> float:
+    n = a + b
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2**n)
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 100, 1319])
+def test_scipy_statistics_give_the_figures_the_closed_forms_gave(n):
+    """scipy's Wilson interval uses z = 1.95996... where the closed form used 1.96: the same figures to 1e-4 (a
+    report shows 0.1 points); the exact McNemar p-values are the same binomial sums."""
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        assert wilson_interval(k, n) == pytest.approx(closed_form_wilson(k, n), abs=1e-4)
+    for a in range(0, min(n, 12)):
+        for b in range(0, min(n, 12)):
+            assert mcnemar_exact(a, b) == pytest.approx(closed_form_mcnemar(a, b), rel=1e-9)
 
 
 def test_paired_comparison_counts_discordant_pairs():
@@ -58,7 +89,7 @@ def test_metrics_compare_baseline_and_finetuned_on_the_same_questions():
 
 @pytest.mark.parametrize("style", ["fewshot", "lm_eval_gsm8k"])
 def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir, tmp_path, monkeypatch, style):
-    """The path `python -m gsm8k_lora.evaluate` takes (main_guarded -> run_eval -> evaluate_model), with the
+    """The path `python -m gsm8k_lora.evaluate` takes (evaluate.run -> answers.evaluate -> answers.answer), with the
     prompts read where they go into generation: each holds k worked examples from the source's train split
     (the package's train and validation rows; lm-eval draws from all of it), by content, and of the test
     split only the question under test."""
@@ -66,22 +97,23 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
 
     from gsm8k_lora import evaluate
     from gsm8k_lora.config import register_configs, validate
-    from gsm8k_lora.data import build_splits
+    from gsm8k_lora.data.loading import build_splits
+    from gsm8k_lora.evaluation import answers
 
     prompts: list[str] = []
-    real_generate = evaluate.generate
+    real_generate = answers.generate
 
     def recording_generate(model, tokenizer, batch, cfg, desc="Generating"):
         prompts.extend(batch)
         return real_generate(model, tokenizer, batch, cfg, desc)
 
-    monkeypatch.setattr(evaluate, "generate", recording_generate)
+    monkeypatch.setattr(answers, "generate", recording_generate)
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         raw = compose(config_name="config", overrides=[
             "experiment=smoke", "logger=none", f"eval.prompt={style}", "eval.num_fewshot=3", "eval.limit=4",
             "eval.max_new_tokens=2", "data.num_train=100", "data.num_test=10"])
-    evaluate.main_guarded(raw, tmp_path)
+    evaluate.run(raw, tmp_path)
 
     splits = build_splits(validate(raw).data)  # the same seeded data, built again here
     train_source, test = splits.train.to_list() + splits.validation.to_list(), splits.test.to_list()
@@ -121,15 +153,15 @@ def test_grade_cli_rejects_rows_without_answer(tmp_path):
 def test_few_shot_examples_never_include_the_questions_under_test():
     """Answering the test split, shots come from GSM8K's whole train split (what lm-eval draws from);
     answering the validation split, only from the training part, never from the validation rows."""
-    from gsm8k_lora.config import DataConfig, EvalConfig
-    from gsm8k_lora.data import build_splits
-    from gsm8k_lora.evaluate import shot_pool
+    from gsm8k_lora.data.loading import build_splits
+    from gsm8k_lora.evaluation.answers import shot_pool
 
-    splits = build_splits(DataConfig(source="synthetic", num_train=200, num_test=20))
+    cfg = compose("data=synthetic", "data.num_train=200", "data.num_test=20", "eval.split=validation")
+    splits = build_splits(cfg.data)
     validation = {row["question"] for row in splits.validation}
-    on_validation = {row["question"] for row in shot_pool(splits, EvalConfig(split="validation"))}
+    on_validation = {row["question"] for row in shot_pool(splits, cfg.eval)}
     assert validation and not validation & on_validation
-    on_test = {row["question"] for row in shot_pool(splits, EvalConfig(split="test"))}
+    on_test = {row["question"] for row in shot_pool(splits, compose("eval.split=test").eval)}
     assert validation <= on_test and not on_test & {row["question"] for row in splits.test}
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gsm8k_lora.grading import extract_flexible, extract_strict, gold_number, grade, same_number
+from gsm8k_lora.data.gsm8k import gold_number, same_number
+from gsm8k_lora.evaluation.grading import extract_flexible, extract_strict, grade
 
 
 @pytest.mark.parametrize("completion, strict", [

@@ -1,7 +1,7 @@
 import pytest
 
-from gsm8k_lora.gsm8k import GoldAnswer, normalize_number, parse_answer, row_problem
-from gsm8k_lora.synthetic import CATEGORIES, generate
+from gsm8k_lora.data.gsm8k import GoldAnswer, normalize_number, parse_answer, row_problem
+from gsm8k_lora.data.synthetic import CATEGORIES, generate
 
 
 @pytest.mark.parametrize("answer, final, steps, solution", [

@@ -12,14 +12,14 @@ from importlib import resources
 
 import pytest
 
-from gsm8k_lora.grading import (
+from gsm8k_lora.evaluation.grading import (
     LM_EVAL_FALLBACK,
     grade,
     lm_eval_exact_match,
     lm_eval_flexible_extract,
     lm_eval_strict_match,
 )
-from gsm8k_lora.protocols import LM_EVAL_FEWSHOT_SEED
+from gsm8k_lora.evaluation.protocols import LM_EVAL_FEWSHOT_SEED
 
 SKIP_REASON = "lm-evaluation-harness is not installed (`pip install lm_eval`, dev extra); hand-checked cases still run"
 

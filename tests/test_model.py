@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-from gsm8k_lora import tiny_model
-from gsm8k_lora.config import ModelConfig
-from gsm8k_lora.model import ModelLoadError, load, load_tokenizer
+from gsm8k_lora.errors import ModelLoadError
+from gsm8k_lora.model import tiny as tiny_model
+from gsm8k_lora.model.loading import load, load_tokenizer
+from tests.conftest import compose, model_config
 
 
 def test_tiny_model_is_a_llama_with_its_own_tokenizer(tiny_model_dir):
-    model, tok = load(ModelConfig(name_or_path="builtin:tiny"), str(tiny_model_dir.parent))
+    model, tok = load(compose("model=tiny").model, str(tiny_model_dir.parent))
     assert type(model).__name__ == "LlamaForCausalLM"
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 2e7
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token != tok.eos_token
@@ -30,10 +31,10 @@ def test_tiny_build_is_deterministic_before_pretraining(tmp_path):
 
 def test_pretrained_tiny_model_writes_steps_but_no_final_answer_line(tiny_model_dir):
     """The base model knows the words, not the GSM8K answer format: fine-tuning has something to teach."""
-    from gsm8k_lora.data import render_prompt
-    from gsm8k_lora.synthetic import generate
+    from gsm8k_lora.data.formatting import render_prompt
+    from gsm8k_lora.data.synthetic import generate
 
-    model, tok = load(ModelConfig(name_or_path="builtin:tiny"), str(tiny_model_dir.parent))
+    model, tok = load(compose("model=tiny").model, str(tiny_model_dir.parent))
     prompt = render_prompt(tok, generate(1, 99)[0]["question"], None)
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
@@ -45,12 +46,12 @@ def test_pretrained_tiny_model_writes_steps_but_no_final_answer_line(tiny_model_
 
 def test_unreachable_hub_id_suggests_offline_options():
     with pytest.raises(ModelLoadError, match="model=tiny"):
-        load_tokenizer("no-such-org/no-such-model-xyz", ModelConfig(name_or_path="x"))
+        load_tokenizer("no-such-org/no-such-model-xyz", model_config(name_or_path="x"))
 
 
 def test_directory_that_is_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="not a Hugging Face model"):
-        load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path)))
+        load_tokenizer(str(tmp_path), model_config(name_or_path=str(tmp_path)))
 
 
 def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_model_dir, tmp_path):
@@ -62,19 +63,19 @@ def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_
     for name in ("chat_template.jinja",):
         (tmp_path / name).unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="model.chat_template_path"):
-        load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path)))
+        load_tokenizer(str(tmp_path), model_config(name_or_path=str(tmp_path)))
     template = tmp_path / "t.jinja"
     template.write_text(tiny_model.CHAT_TEMPLATE)
-    tok = load_tokenizer(str(tmp_path), ModelConfig(name_or_path=str(tmp_path), chat_template_path=str(template)))
+    tok = load_tokenizer(str(tmp_path), model_config(name_or_path=str(tmp_path), chat_template_path=str(template)))
     assert tok.chat_template == tiny_model.CHAT_TEMPLATE
 
 
 def test_resolve_passes_hub_ids_and_directories_through(tmp_path):
-    from gsm8k_lora.sources import resolve
+    from gsm8k_lora.model.sources import resolve
 
-    hub = resolve(ModelConfig(name_or_path="tiiuae/Falcon3-1B-Instruct"))
+    hub = resolve(model_config(name_or_path="tiiuae/Falcon3-1B-Instruct"))
     assert (hub.path, hub.source) == ("tiiuae/Falcon3-1B-Instruct", "hub")
-    local = resolve(ModelConfig(name_or_path=str(tmp_path)))
+    local = resolve(model_config(name_or_path=str(tmp_path)))
     assert (local.path, local.source) == (str(tmp_path), "local")
 
 
@@ -84,16 +85,16 @@ def test_an_unreachable_hub_is_detected_once_and_said_in_one_line(monkeypatch, c
     import datasets.config
     from huggingface_hub import constants
 
-    from gsm8k_lora import sources
+    from gsm8k_lora import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    monkeypatch.setattr(sources, "_HUB_STATE", {})
+    monkeypatch.setattr(hub, "_HUB_STATE", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert sources.hub_reachable() is False
+    assert hub.hub_reachable() is False
     assert constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     first = capsys.readouterr().err.strip().splitlines()
     assert len(first) == 1 and "127.0.0.1:9 is unreachable" in first[0]
-    assert sources.hub_reachable() is False and capsys.readouterr().err == ""  # asked once per process
+    assert hub.hub_reachable() is False and capsys.readouterr().err == ""  # asked once per process

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from gsm8k_lora import synthetic
-from gsm8k_lora.protocols import (
+from gsm8k_lora.data import synthetic
+from gsm8k_lora.evaluation.protocols import (
     LM_EVAL_GSM8K,
     LM_EVAL_GSM8K_CHAT,
     lm_eval_chat_messages,

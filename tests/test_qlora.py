@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from gsm8k_lora.config import ConfigError, ModelConfig
-from gsm8k_lora.model import four_bit_device, load, weight_memory
-from tests.conftest import run_cli
+from gsm8k_lora.config import ConfigError
+from gsm8k_lora.model.loading import four_bit_device, load, weight_memory
+from tests.conftest import model_config, run_cli
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif("cpu" not in getattr(bnb, "supported_torch_devices", ()),
@@ -20,7 +20,7 @@ def lora_gradients(model_dir, evaluate_first: bool) -> dict[str, torch.Tensor]:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model, _ = load(ModelConfig(name_or_path=str(model_dir), load_in_4bit=True), use_cpu=True)
+    model, _ = load(model_config(name_or_path=str(model_dir), load_in_4bit=True), use_cpu=True)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     ids = torch.randint(5, 700, (2, 24), generator=torch.Generator().manual_seed(1))
     if evaluate_first:  # as an evaluation step between training steps does
@@ -44,8 +44,8 @@ def test_gradients_after_an_evaluation_pass_are_the_gradients_before_it(tiny_mod
 
 
 def test_four_bit_weights_take_less_memory_and_say_how_much(tiny_model_dir):
-    full, _ = load(ModelConfig(name_or_path=str(tiny_model_dir)), use_cpu=True)
-    quant, _ = load(ModelConfig(name_or_path=str(tiny_model_dir), load_in_4bit=True), use_cpu=True)
+    full, _ = load(model_config(name_or_path=str(tiny_model_dir)), use_cpu=True)
+    quant, _ = load(model_config(name_or_path=str(tiny_model_dir), load_in_4bit=True), use_cpu=True)
     a, b = weight_memory(full, torch.float32), weight_memory(quant, torch.float32)
     assert a["weights_gib"] == pytest.approx(a["weights_gib_unquantised"])
     assert b["weights_gib_unquantised"] == pytest.approx(a["weights_gib"])  # the same weights, counted unquantised

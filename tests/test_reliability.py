@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gsm8k_lora.resilience import MARKER, CheckpointGuard, RunStopped, oom_message, resume_checkpoint
-from tests.conftest import OFFLINE_ENV, ROOT, run_cli, write_jsonl
+from gsm8k_lora.training.resilience import MARKER, CheckpointGuard, RunStopped, oom_message, resume_checkpoint
+from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli, write_jsonl
 
 SHORT = ["experiment=smoke", "logger=none", "trainer.max_steps=12", "trainer.save_steps=4", "trainer.eval_steps=4",
          "trainer.logging_steps=2", "eval.enabled=false", "report.enabled=false", "data.num_train=300"]
@@ -110,37 +110,30 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, logs
 
 
 def test_sft_config_lets_a_nan_reach_the_logs(tmp_path):
-    from gsm8k_lora.config import TrainerConfig
-    from gsm8k_lora.train import build_sft_config
+    from gsm8k_lora.training.sft import build_sft_config
 
-    assert build_sft_config(TrainerConfig(use_cpu=True), tmp_path, [], "x").logging_nan_inf_filter is False
+    assert build_sft_config(compose("experiment=smoke").trainer, tmp_path, "x").logging_nan_inf_filter is False
 
 
 def test_oom_message_names_the_settings_that_reduce_memory():
-    from gsm8k_lora.config import ModelConfig, TrainerConfig
-
-    class Cfg:
-        trainer = TrainerConfig(per_device_train_batch_size=16, gradient_accumulation_steps=1)
-        model = ModelConfig(name_or_path="x")
-
-    message = oom_message(Cfg)
+    cfg = compose("trainer=default", "trainer.per_device_train_batch_size=16", "trainer.gradient_accumulation_steps=1")
+    message = oom_message(cfg)
     assert "per_device_train_batch_size=8" in message and "gradient_accumulation_steps=2" in message
     assert "gradient_checkpointing=true" in message and "falcon3_1b_qlora" in message and "\n" not in message
 
 
 def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
-    from gsm8k_lora.config import LoggerConfig
-    from gsm8k_lora.tracking import finish_wandb, start_wandb
+    from gsm8k_lora import tracking
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port on this machine
-    run = start_wandb(LoggerConfig(backend="wandb", init_timeout_s=10), tmp_path, "x", {"a": 1})
+    tracker = tracking.start(compose("logger=wandb", "logger.init_timeout_s=10").logger, tmp_path, "x", {"a": 1})
     try:
-        assert run.offline
-        run.log({"loss": 1.0})
+        assert tracker.run.offline
+        tracker.run.log({"loss": 1.0})
     finally:
-        finish_wandb(run)
+        tracker.finish()
     out = capsys.readouterr()
     assert "logging offline instead" in out.err and "wandb sync" in out.out
     assert "0" * 40 not in (tmp_path / "wandb_run.txt").read_text()
@@ -177,7 +170,7 @@ def test_a_directory_that_is_not_a_model(tmp_path):
 
 
 def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(capsys):
-    from gsm8k_lora.callbacks import safe_wandb_callback
+    from gsm8k_lora.tracking import safe_wandb_callback
 
     class Broken:
         def log(self, *args, **kwargs):

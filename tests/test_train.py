@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import OFFLINE_ENV, ROOT, run_cli
+from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli
 from tests.wandb_offline import run_contents
 
 SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
@@ -148,7 +148,7 @@ def test_bench_measures_tokens_over_needed_with_the_trained_adapter(smoke_run, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsm8k_lora.bench import bench_eval
+    from gsm8k_lora.benchmarks.generation import bench_eval
 
     run_dir, _ = smoke_run
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
@@ -156,7 +156,8 @@ def test_bench_measures_tokens_over_needed_with_the_trained_adapter(smoke_run, t
     assert answered, "the trained adapter wrote no `#### N` answer on the test questions"
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
-    figures = bench_eval(model, tokenizer, answered, batch_size=4, max_new_tokens=128)  # as the run evaluated
+    eval_cfg = compose("experiment=smoke").eval
+    figures = bench_eval(model, tokenizer, answered, eval_cfg, batch_size=4, max_new_tokens=128)  # as the run evaluated
     assert 1 <= figures["eval_needed_measured_rows"] <= len(answered)
     assert 0 < figures["eval_needed_tokens_per_question"] <= 128 and figures["eval_generated_over_needed_x"] > 0.5
 

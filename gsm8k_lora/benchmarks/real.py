@@ -2,8 +2,8 @@
 
 - LoRA training: real tokens/s of the package's preset for a real model on a CPU (`trainer=cpu_real`, one
   example a micro-batch) against TRL's plain `SFTConfig` defaults and against packs of 4 examples (the tiny
-  model's `cpu_smoke` batching), on the same real rows, in one process (`bench_train.run_variant`);
-- generation: batched against one question at a time on real test questions (`bench.bench_eval`);
+  model's `cpu_smoke` batching), on the same real rows, in one process (`training.run_variant`);
+- generation: batched against one question at a time on real test questions (`generation.bench_eval`);
 - the machine's measured float32 matmul rate, so training FLOP/s can be stated as a share of it.
 
 FLOPs per trained token (LoRA, frozen base): forward 2N plus backward 2N (activation gradients only; the
@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+from gsm8k_lora.benchmarks.generation import bench_eval
+from gsm8k_lora.benchmarks.training import run_variant, variants
+from gsm8k_lora.config import Config, compose
+from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.errors import ModelLoadError
+from gsm8k_lora.model.loading import load
+from gsm8k_lora.model.sources import resolve
+
+GSM8K_DIR = Path(__file__).resolve().parents[3] / "shared" / "gsm8k"  # beside the project
 
 
 def matmul_gflops(size: int = 2048, reps: int = 20) -> float:
@@ -45,42 +53,31 @@ def flops_per_token(model, mean_tokens: float) -> float:
     return 4 * matmul_params(model) + 6 * cfg.num_hidden_layers * mean_tokens * cfg.hidden_size
 
 
-def real_model_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from gsm8k_lora.config import register_configs, validate
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return validate(compose(config_name="config", overrides=["experiment=real_cpu", *overrides]))
+def real_model_config(overrides: list[str]) -> Config:
+    """The config `make real` runs, with these overrides."""
+    return compose(["experiment=real_cpu", *overrides])
 
 
 def bench_real(steps: int, questions: int, gsm8k_dir: Path = GSM8K_DIR, cache_dir: str | None = None) -> dict:
     """The real-model figures, or {"real_skipped": why} where the model or the data cannot be had."""
-    from gsm8k_lora import data, sources
-    from gsm8k_lora.bench import bench_eval
-    from gsm8k_lora.bench_train import run_variant, variants
-    from gsm8k_lora.model import load
-
     if not (gsm8k_dir / "train.jsonl").exists():
         return {"real_skipped": f"no GSM8K at {gsm8k_dir}"}
     cfg = real_model_config(["data=local", f"data.path={gsm8k_dir}"])
     try:
-        weights = sources.resolve(cfg.model, cache_dir)
-    except sources.ModelLoadError as err:
+        weights = resolve(cfg.model, cache_dir)
+    except ModelLoadError as err:
         return {"real_skipped": str(err)}
     model_dir = weights.path
-    splits = data.build_splits(cfg.data)
+    splits = build_splits(cfg.data)
     per_step = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     rows = splits.train.select(range(per_step * steps)).to_list()
     # TRL's defaults, trainer=cpu_real (one example a micro-batch) and the tiny model's cpu_smoke preset (packs
     # of 4 examples, one flat sequence each) at the same 16 examples a step
     packs = real_model_config(["data=local", f"data.path={gsm8k_dir}", "trainer=cpu_smoke",
-                               f"trainer.gradient_accumulation_steps={per_step // 4}"]).trainer
-    runs = {**variants(cfg.trainer), "packs_of_4": variants(packs)["package_default"]}
-    results = {name: run_variant(name, kwargs, model_dir, rows, steps, cfg.trainer.learning_rate)
-               for name, kwargs in runs.items()}
+                               f"trainer.gradient_accumulation_steps={per_step // 4}",
+                               f"trainer.learning_rate={cfg.trainer.learning_rate}"])
+    runs = {**variants(cfg, steps), "packs_of_4": variants(packs, steps)["package_default"]}
+    results = {name: run_variant(name, make_args, cfg, model_dir, rows) for name, make_args in runs.items()}
     base, ours, packed = results["trl_defaults"], results["package_default"], results["packs_of_4"]
     model, tokenizer = load(cfg.model, cache_dir, resolved=weights)
     rate = matmul_gflops()
@@ -100,6 +97,6 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path = GSM8K_DIR, cache_di
     }
     test = [row["question"] for row in splits.test.select(range(questions)).to_list()]
     model.config.use_cache = True
-    gen = bench_eval(model, tokenizer, test, batch_size=questions, max_new_tokens=256)
+    gen = bench_eval(model, tokenizer, test, cfg.eval, batch_size=questions, max_new_tokens=256)
     out.update({f"real_{key}": value for key, value in gen.items()})
     return out

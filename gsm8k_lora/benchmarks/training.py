@@ -1,24 +1,39 @@
 """Training throughput for `make bench`: real (non-padding) tokens per second and padding efficiency.
 
 Each variant trains the same freshly loaded model on the same rows for the same number of steps,
-in one process, so the ratio between variants holds on a noisy machine. Tokens are counted at the
-collator (wrapped, not replaced): `real` are example tokens, `computed` are the positions the
-model ran, padding included.
+in one process, so the ratio between variants holds on a noisy machine. The package's variant is built
+by the same `build_sft_config` as a run, from the trainer preset a run of this device composes; the
+other is TRL's plain `SFTConfig` defaults. Both differ from a run only in `BENCH_SETTINGS` (a fixed
+number of steps, no evaluation or checkpoints, the same seed). Tokens are counted at the collator
+(wrapped, not replaced): `real` are example tokens, `computed` are the positions the model ran,
+padding included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from gsm8k_lora import synthetic
-from gsm8k_lora.config import LoraConfig, TrainerConfig
+from gsm8k_lora.config import Config, compose
+from gsm8k_lora.data import synthetic
+from gsm8k_lora.data.formatting import render_prompt, to_prompt_completion
+from gsm8k_lora.model.loading import load_model, load_tokenizer
+from gsm8k_lora.training.sft import build_lora_config, build_sft_config
+
+# A variant's SFTConfig, given the directory it may write to.
+ArgsFactory = Callable[[str], SFTConfig]
 
 
 def gsm8k_like_rows(n: int, seed: int = 0) -> list[dict]:
@@ -68,34 +83,49 @@ class CountingCollator:
         return batch
 
 
-def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], steps: int, lr: float,
+def bench_settings(steps: int) -> dict:
+    """How every variant differs from a run: a fixed number of steps, each logged, no evaluation or
+    checkpoints, the same seed and data order, no progress bar."""
+    return dict(max_steps=steps, logging_steps=steps, eval_strategy="no", eval_on_start=False, save_strategy="no",
+                load_best_model_at_end=False, report_to=[], seed=0, data_seed=0, disable_tqdm=True,
+                use_cpu=not torch.cuda.is_available())
+
+
+def variants(cfg: Config, steps: int) -> dict[str, ArgsFactory]:
+    """TRL's plain SFTConfig defaults against this package's trainer preset (`cfg.trainer`), with the same
+    number of examples per optimizer step (the preset's batch x accumulation) and the same learning rate."""
+    trainer = cfg.trainer
+    per_step = trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps
+    settings = bench_settings(steps)
+    plain = dict(per_device_train_batch_size=per_step, learning_rate=trainer.learning_rate)
+    if not torch.cuda.is_available():
+        plain["bf16"] = False  # hold precision equal on CPU: the comparison is about batching and checkpointing
+    return {
+        # TRL's own defaults: not a translation of this package's config, so not `build_sft_config`
+        "trl_defaults": lambda out: SFTConfig(output_dir=out, **plain, **settings),
+        "package_default": lambda out: build_sft_config(trainer, Path(out), **settings),
+    }
+
+
+def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, rows: list[dict],
                 load_in_4bit: bool = False) -> dict:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from gsm8k_lora.config import ModelConfig
-    from gsm8k_lora.data import to_prompt_completion
-    from gsm8k_lora.model import load_model, load_tokenizer
-    from gsm8k_lora.train import build_lora_config
-
+    """Train a freshly loaded model (loaded as a run loads it: `cfg.model` with this directory) with the
+    variant's SFTConfig and the run's LoRA config; real tokens/s after one warm-up step."""
+    steps = make_args(tempfile.gettempdir()).max_steps
     if steps < 2:
         raise ValueError(f"steps={steps} is invalid: must be >= 2, the first step is an untimed warm-up")
     cuda = torch.cuda.is_available()
     gc.collect()  # the previous variant's model and trainer hold reference cycles; free them before measuring
     if cuda:
         torch.cuda.empty_cache()
-    # loaded as a run loads it (dtype "auto": bf16 on a bf16 GPU, else fp32; 4-bit through the same path;
-    # a pad token distinct from EOS)
-    model_cfg = ModelConfig(name_or_path=model_dir, load_in_4bit=load_in_4bit)
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=model_dir, load_in_4bit=load_in_4bit, gguf_file=None,
+                                    source="hub")
     tokenizer = load_tokenizer(model_dir, model_cfg)
     model = load_model(model_dir, model_cfg, tokenizer=tokenizer)
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no",
-                         eval_strategy="no", logging_steps=steps, use_cpu=not cuda, seed=0, disable_tqdm=True,
-                         **sft_kwargs)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                             peft_config=build_lora_config(LoraConfig()))
+        trainer = SFTTrainer(model=model, args=make_args(tmp), train_dataset=ds, processing_class=tokenizer,
+                             peft_config=build_lora_config(cfg.lora))
         counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
         trainer.data_collator = counter
         warmup = AfterWarmup(counter)
@@ -111,25 +141,8 @@ def run_variant(name: str, sft_kwargs: dict, model_dir: str, rows: list[dict], s
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
-def variants(cfg: TrainerConfig) -> dict[str, dict]:
-    """TRL's plain SFTConfig defaults against this package's preset for the device, with the same
-    number of examples per optimizer step (the preset's batch x accumulation)."""
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    plain = {"per_device_train_batch_size": per_step}
-    if not torch.cuda.is_available():
-        plain["bf16"] = False  # hold precision equal on CPU: the comparison is about batching and checkpointing
-    ours = {"per_device_train_batch_size": cfg.per_device_train_batch_size,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "bf16": cfg.bf16,
-            "activation_checkpointing": cfg.gradient_checkpointing, "padding_free": cfg.padding_free,
-            "packing": cfg.packing, "train_sampling_strategy": cfg.train_sampling_strategy,
-            "max_length": cfg.max_length}
-    return {"trl_defaults": plain, "package_default": ours}
-
-
 def collator(padding_free: bool):
     """The collator SFTTrainer builds for text rows (TRL's), padding with id 0 (any id: only shapes count)."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
 
 
@@ -138,8 +151,6 @@ def epoch_padding_efficiency(lengths: list[int], batch_size: int, strategy: str,
     """Real / computed tokens over a whole epoch: batches drawn by the Trainer's own sampler code
     (transformers' length grouping) or at random, each run through the collator (TRL's unless
     `collate` is given); computed tokens are the positions of the `input_ids` it produced."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
     collate = collate or collator(padding_free)
     generator = torch.Generator().manual_seed(seed)
     order = (get_length_grouped_indices(lengths, batch_size, generator=generator) if strategy == "group_by_length"
@@ -152,19 +163,20 @@ def epoch_padding_efficiency(lengths: list[int], batch_size: int, strategy: str,
     return real / computed
 
 
-def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, epoch_rows: int = 6726) -> dict:
+def device_config(cuda: bool) -> Config:
+    """The config a run on this device composes: the GPU preset, or the tiny model's CPU preset."""
+    return compose([f"trainer={'default' if cuda else 'cpu_smoke'}"])
+
+
+def bench_training(model_dir: str, cfg: Config, steps: int, epoch_rows: int = 6726) -> dict:
     """Epoch-level padding efficiency on GSM8K-size data, and tokens/s over `steps` steps of it."""
-    from transformers import AutoTokenizer
-
-    from gsm8k_lora.data import render_prompt
-
+    trainer_cfg = cfg.trainer
     rows = gsm8k_like_rows(epoch_rows)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lengths = [len(tokenizer(render_prompt(tokenizer, r["question"], None) + r["answer"]).input_ids) + 1
                for r in rows]
-    lr = trainer_cfg.learning_rate
-    results = {name: run_variant(name, kwargs, model_dir, rows, steps, lr)
-               for name, kwargs in variants(trainer_cfg).items()}
+    results = {name: run_variant(name, make_args, cfg, model_dir, rows)
+               for name, make_args in variants(cfg, steps).items()}
     base, ours = results["trl_defaults"], results["package_default"]
     return {
         "train_rows_per_epoch": epoch_rows,
@@ -182,16 +194,3 @@ def bench_training(model_dir: str, trainer_cfg: TrainerConfig, steps: int, epoch
         "train_speedup_x": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
         "train_variants": list(results.values()),
     }
-
-
-def default_trainer_config(cuda: bool) -> TrainerConfig:
-    """The trainer preset this package uses on the device, composed from conf/ as a run would be."""
-    from hydra import compose, initialize_config_dir
-
-    from gsm8k_lora.config import register_configs, validate
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"trainer={'default' if cuda else 'cpu_smoke'}"])
-    return validate(cfg).trainer

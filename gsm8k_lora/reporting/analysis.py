@@ -2,7 +2,7 @@
 
 - `read_learning_curve`: is validation loss still falling, flat, or rising while training falls?
 - `error_category`: why a wrong answer is wrong (format, truncation, arithmetic slip, wrong plan).
-- `accuracy_by_steps`, `cost_usd`, `next_steps`.
+- `cost_usd`, `next_steps`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
 
-from gsm8k_lora.grading import to_value
+from gsm8k_lora.data.gsm8k import to_value
 
 FLAT_PCT = 0.5  # a relative change of validation loss within +-0.5% over the window is a plateau
 
@@ -106,15 +106,6 @@ def arithmetic_slips(completion: str) -> list[str]:
     return slips
 
 
-# A completion that ends by repeating one piece of text (`<<16*3= <<16*3= <<16*3= ...`) at least 4 times.
-_LOOP_RE = re.compile(r"(\S.{2,79}?)(?:\s*\1){3,}\s*$", re.DOTALL)
-
-
-def repetition_loop(completion: str) -> bool:
-    """Stuck in a loop: the text ends in 4+ repeats of one 3-80 character piece (only the tail is read)."""
-    return bool(_LOOP_RE.search(completion[-800:]))
-
-
 ERROR_CATEGORIES = {
     "truncated": "answer truncated by the token limit",
     "no_answer": "no extractable answer (format)",
@@ -151,14 +142,6 @@ def error_breakdown(records: list[dict], max_new_tokens: int | None = None, exam
         if len(shown[category]) < examples:
             shown[category].append(record)
     return {"counts": counts, "examples": dict(shown)}
-
-
-def accuracy_by_steps(records: list[dict]) -> list[tuple[int, int, float]]:
-    """(reasoning steps in the gold solution, questions, accuracy), by steps."""
-    groups: dict[int, list[bool]] = defaultdict(list)
-    for record in records:
-        groups[int(record["num_steps"])].append(bool(record["correct"]))
-    return [(steps, len(v), sum(v) / len(v)) for steps, v in sorted(groups.items())]
 
 
 def cost_usd(runtime_s: float, gpu_count: int, price_per_gpu_hour: float) -> tuple[float, float]:

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from gsm8k_lora import sources
-from gsm8k_lora.config import ConfigError, ModelConfig
-from gsm8k_lora.sources import ModelLoadError, Resolved  # noqa: F401  (ModelLoadError: re-exported)
+from gsm8k_lora.config import ModelConfig
+from gsm8k_lora.errors import ConfigError, ModelLoadError
+from gsm8k_lora.model import sources
+from gsm8k_lora.model.sources import Resolved
 
 PAD_FALLBACK = "<|pad|>"
 

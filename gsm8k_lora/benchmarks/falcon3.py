@@ -21,9 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from gsm8k_lora.bench_train import gsm8k_like_rows, run_variant, synchronize, variants
-from gsm8k_lora.config import EvalConfig, ModelConfig, TrainerConfig
+from gsm8k_lora.benchmarks.real import matmul_params
+from gsm8k_lora.benchmarks.training import device_config, gsm8k_like_rows, run_variant, synchronize, variants
+from gsm8k_lora.config import Config, compose
+from gsm8k_lora.evaluation.generation import build_prompt, generate
+from gsm8k_lora.model.loading import load_model, weight_memory
 
 # tiiuae/Falcon3-1B-Instruct's config.json (see shared FACTS): LlamaForCausalLM.
 FALCON3_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=18, num_attention_heads=8,
@@ -45,8 +49,6 @@ def device() -> str:
 def build_shaped(out_dir: Path, tokenizer_dir: Path, arch: dict) -> Path:
     """A randomly initialised model of `arch`, saved in bf16 with the tiny model's tokenizer (its ids
     fit any larger vocabulary)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     torch.manual_seed(0)
     with torch.device(device()):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**arch), dtype=torch.bfloat16)
@@ -59,8 +61,6 @@ def build_shaped(out_dir: Path, tokenizer_dir: Path, arch: dict) -> Path:
 
 
 def _meta_model(arch: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     with torch.device("meta"):  # shapes only, no memory
         return LlamaForCausalLM(LlamaConfig(**arch))
 
@@ -70,32 +70,29 @@ def param_count(arch: dict) -> int:
 
 
 def matmul_param_count(arch: dict) -> int:
-    """N of the MFU formula (`bench_real.matmul_params`) for this architecture."""
-    from gsm8k_lora.bench_real import matmul_params
-
+    """N of the MFU formula (`real.matmul_params`) for this architecture."""
     return matmul_params(_meta_model(arch))
 
 
-def weight_memory_4bit(model_dir: Path) -> dict:
-    """Base-weight memory as the package loads the model: bf16, and 4-bit NF4 with double quantisation."""
-    from gsm8k_lora.model import load_model, weight_memory
+def compose_qlora() -> Config:
+    return compose(["model=falcon3_1b_qlora"])
 
-    cfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", load_in_4bit=True)
-    model = load_model(str(model_dir), cfg)
+
+def weight_memory_4bit(model_dir: Path, cfg: Config) -> dict:
+    """Base-weight memory as `model=falcon3_1b_qlora` loads the model (`cfg`, with this directory): bf16, and
+    4-bit NF4 with double quantisation."""
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_dir))
+    model = load_model(str(model_dir), model_cfg)
     m = weight_memory(model, torch.bfloat16)
     del model
     return {"qlora_weights_gib_bf16": m["weights_gib_unquantised"], "qlora_weights_gib_4bit": m["weights_gib"],
             "qlora_weight_memory_saving": 1 - m["weights_gib"] / m["weights_gib_unquantised"]}
 
 
-def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gsm8k_lora.generation import build_prompt, generate
-
+def bench_generation(model_dir: Path, cfg: Config, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device())
-    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, max_new_tokens=max_new_tokens)
     prompts = [build_prompt(tokenizer, r["question"], cfg, [], None) for r in gsm8k_like_rows(n_prompts, seed=3)]
     generate(model, tokenizer, prompts[:batch_size], dataclasses.replace(cfg, max_new_tokens=8))  # warm-up
     synchronize()
@@ -110,10 +107,9 @@ def bench_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch
 
 
 def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_1B,
-                  trainer_cfg: TrainerConfig | None = None, training: bool | None = None) -> dict:
-    """Weight memory everywhere; training and generation figures where `training` (default: on CUDA)."""
-    from gsm8k_lora.bench_train import default_trainer_config
-
+                  cfg: Config | None = None, training: bool | None = None) -> dict:
+    """Weight memory everywhere; training and generation figures where `training` (default: on CUDA).
+    `cfg`: the run config to train with (default: this device's, `training.device_config`)."""
     cuda = torch.cuda.is_available()
     training = cuda if training is None else training
     n_matmul = matmul_param_count(arch)
@@ -123,19 +119,19 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
                  "peak_bf16_tflops": peak}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_shaped(Path(tmp) / "falcon3-shaped", tiny_dir, arch)
-        out.update(weight_memory_4bit(model_dir))
+        cfg = cfg or device_config(cuda)
+        out.update(weight_memory_4bit(model_dir, compose_qlora()))
         if not training:
             return out
-        cfg = trainer_cfg or default_trainer_config(cuda)
-        runs = {variant: (kwargs, False) for variant, kwargs in variants(cfg).items()}
+        runs = {variant: (make_args, False) for variant, make_args in variants(cfg, steps).items()}
         runs["qlora"] = (runs["package_default"][0], True)
         rows = gsm8k_like_rows(64 * steps)
-        for variant, (kwargs, four_bit) in runs.items():
-            result = run_variant(variant, kwargs, str(model_dir), rows, steps, cfg.learning_rate, load_in_4bit=four_bit)
+        for variant, (make_args, four_bit) in runs.items():
+            result = run_variant(variant, make_args, cfg, str(model_dir), rows, load_in_4bit=four_bit)
             tflops = 4 * n_matmul * result["real_tokens_per_s"] / 1e12  # see the module docstring
             result.update(model_tflops=tflops, mfu=tflops / peak if peak else None)
             out[f"falcon3_{variant}"] = result
             if cuda:
                 torch.cuda.empty_cache()
-        out.update(bench_generation(model_dir, 64 if quick else 1319, 64 if quick else 256, 128))
+        out.update(bench_generation(model_dir, cfg, 64 if quick else 1319, 64 if quick else 256, 128))
     return out

@@ -1,7 +1,7 @@
-"""Load GSM8K-format data (hub, local files or the seeded generator), check it, split it, format it.
+"""Load GSM8K-format data (hub, local files or the seeded generator), check it, split it.
 
-The pipeline: `load_splits` -> `clean` (drop and count malformed rows) -> `split_train_val`
-(GSM8K's test split is never touched) -> `to_prompt_completion` (the model's own chat template).
+`build_splits`: `load_splits` -> `clean` (drop and count malformed rows) -> `split_train_val` (GSM8K's
+test split is never touched). `formatting.py` then puts rows in the model's own chat template.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from gsm8k_lora import synthetic
 from gsm8k_lora.config import DataConfig
-from gsm8k_lora.gsm8k import parse_answer, row_problem
+from gsm8k_lora.data import synthetic
+from gsm8k_lora.data.gsm8k import parse_answer, row_problem
+from gsm8k_lora.errors import DataError
+from gsm8k_lora.hub import hub_reachable
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 KEEP_COLUMNS = ("question", "answer", "category")
-
-
-class DataError(RuntimeError):
-    """Data that cannot be used; the message says which file or value and what to do."""
 
 
 @dataclass
@@ -81,8 +79,6 @@ def load_local(path: str) -> dict[str, list[dict]]:
 def load_hub(path: str, name: str | None) -> dict[str, list[dict]]:
     """GSM8K from the Hugging Face hub (or a local directory in the hub repository's layout)."""
     if not Path(path).expanduser().exists():
-        from gsm8k_lora.sources import hub_reachable
-
         hub_reachable()  # offline: said once, and the lookup below fails at once or finds the local cache
     try:
         ds = load_dataset(path, name)
@@ -151,61 +147,3 @@ def build_splits(cfg: DataConfig) -> Splits:
         "dropped_reasons": dict(dropped_train + dropped_test),
     }
     return Splits(train=train, validation=validation, test=test, stats=stats, pool=train_all)
-
-
-def build_messages(question: str, system_prompt: str | None) -> list[dict]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    return messages + [{"role": "user", "content": question}]
-
-
-def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
-    """The chat-template prompt up to the assistant turn, exactly as training and generation see it."""
-    text = tokenizer.apply_chat_template(build_messages(question, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
-    # Tokenizers that add BOS themselves would otherwise see it twice (template text + special token).
-    bos = tokenizer.bos_token
-    adds_bos = tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-    if bos and adds_bos and text.startswith(bos):
-        text = text[len(bos):]
-    return text
-
-
-def template_default_system_prompt(tokenizer) -> str | None:
-    """The system prompt the chat template inserts when none is given (SmolLM2's does), or None.
-
-    Found by rendering: with a system message "X" the prompt reads A + "X" + B; if the prompt with no
-    system message has the same frame around other text, that text is the template's default."""
-    def before_question(messages: list[dict]) -> str:
-        text = tokenizer.apply_chat_template(messages + [{"role": "user", "content": "\x00"}], tokenize=False,
-                                             add_generation_prompt=True)
-        return text[: text.index("\x00")]
-
-    try:
-        framed = before_question([{"role": "system", "content": "\x01"}])
-    except Exception:  # templates that reject a system role have no default to report
-        return None
-    bare = before_question([])
-    head, _, tail = framed.partition("\x01")
-    if len(bare) > len(head) + len(tail) and bare.startswith(head) and bare.endswith(tail):
-        return bare[len(head): len(bare) - len(tail)]
-    return None
-
-
-def describe_system_prompt(tokenizer, system_prompt: str | None) -> str:
-    """One line for metrics.json and the report: which system prompt the model saw."""
-    default = template_default_system_prompt(tokenizer)
-    if system_prompt is not None:
-        replaced = f", replacing the template's default {default!r}" if default else ""
-        return f"data.system_prompt {system_prompt!r}{replaced}"
-    if default:
-        return f"the chat template's default, kept (data.system_prompt=null): {default!r}"
-    return "none (data.system_prompt=null and the chat template adds none)"
-
-
-def to_prompt_completion(ds: Dataset, tokenizer, system_prompt: str | None) -> Dataset:
-    """Rows as TRL prompt-completion pairs; TRL appends EOS to the completion so the model learns to stop."""
-    return ds.map(
-        lambda row: {"prompt": render_prompt(tokenizer, row["question"], system_prompt), "completion": row["answer"]},
-        remove_columns=ds.column_names,
-        desc="Formatting with the chat template",
-    )

@@ -10,8 +10,9 @@ field after both pass lm-eval's ignore-regexes.
   forgiven. No match gives lm-eval's "[invalid]", which never matches. Text after a stop sequence is not cut
   here: lm-eval cut it while generating (`protocols.lm_eval_truncate`).
 
-The package's by-value rule (`grade`, `extract_strict`, `extract_flexible`, `same_number`): a fairer reading of
-answers such as `18.00` or `$18`. Not lm-eval's rule, so not lm-eval's names.
+The package's by-value rule (`grade`, `extract_strict`, `extract_flexible`; numbers compared by
+`gsm8k.same_number`): a fairer reading of answers such as `18.00` or `$18`. Not lm-eval's rule, so not lm-eval's
+names.
 - by-value strict: the number after the first `####` (any spacing, `$` allowed).
 - by-value flexible (the headline): the first `#### N`; else the last explicit final statement ("the answer is N",
   "Answer: N", `\\boxed{N}`, markdown bold allowed); else the last number in the text.
@@ -26,20 +27,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import NamedTuple
 
-# Where the model starts a new turn it should not have written.
-TURN_MARKERS = ("Question:", "<|user|>", "<|im_end|>", "<|im_start|>", "</s>", "\n\nQ:", "<|endoftext|>")
+from gsm8k_lora.data.gsm8k import FINAL_ANSWER, NUMBER, NUMBER_RE, cut_at_new_turn, normalize_number, same_number
 
-_NUM = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+"
-NUMBER_RE = re.compile(_NUM)
-STRICT_RE = re.compile(r"####\s*(" + _NUM + ")")
+# Explicit final statements, for answers without a `#### N` line.
 EXPLICIT_RES = (
-    re.compile(r"\\boxed\{\s*(" + _NUM + r")"),
-    re.compile(r"(?:final answer|the answer)\s*(?:is|=|:)\s*(?:equal to\s*)?(" + _NUM + ")", re.IGNORECASE),
-    re.compile(r"(?:^|\n)\s*answer\s*:\s*(" + _NUM + ")", re.IGNORECASE),
+    re.compile(r"\\boxed\{\s*(" + NUMBER + r")"),
+    re.compile(r"(?:final answer|the answer)\s*(?:is|=|:)\s*(?:equal to\s*)?(" + NUMBER + ")", re.IGNORECASE),
+    re.compile(r"(?:^|\n)\s*answer\s*:\s*(" + NUMBER + ")", re.IGNORECASE),
 )
 
 # lm-eval's `gsm8k` task, copied verbatim from its YAML (task version 3.0): the two filters' patterns, the
@@ -77,7 +73,7 @@ def lm_eval_regex_filter(completion: str, pattern: re.Pattern, group_select: int
     return hit.strip()
 
 
-def _lm_eval_normalise(text: str) -> str:
+def _lm_evalnormalize_number(text: str) -> str:
     for pattern in LM_EVAL_REGEXES_TO_IGNORE:
         # lm-eval stores each step's result in a numpy string array, which drops trailing NUL characters.
         text = re.sub(pattern, "", text).rstrip("\x00")
@@ -88,7 +84,7 @@ def lm_eval_exact_match(prediction: str, reference: str) -> bool:
     """lm-eval's exact_match with the `gsm8k` task's options, on one pair. The reference is GSM8K's whole
     `answer` field (its `doc_to_target`); a bare gold number gives the same verdict, since the ignore-regexes
     cut the field down to what follows its last `#### ` and GSM8K's final answers are all integers."""
-    return _lm_eval_normalise(prediction) == _lm_eval_normalise(reference)
+    return _lm_evalnormalize_number(prediction) == _lm_evalnormalize_number(reference)
 
 
 def lm_eval_strict_match(completion: str, answer: str) -> LmEvalVerdict:
@@ -103,46 +99,9 @@ def lm_eval_flexible_extract(completion: str, answer: str) -> LmEvalVerdict:
     return LmEvalVerdict(extracted, lm_eval_exact_match(extracted, answer))
 
 
-def cut_at_new_turn(completion: str, markers: tuple[str, ...] = TURN_MARKERS) -> str:
-    cut = len(completion)
-    for marker in markers:
-        index = completion.find(marker)
-        if index != -1:
-            cut = min(cut, index)
-    return completion[:cut]
-
-
-def to_value(text: str | None) -> Fraction | None:
-    """'$1,000.50' -> 1000.5, '1/2' -> 1/2, '018' -> 18; None if it is not a number."""
-    if text is None:
-        return None
-    cleaned = re.sub(r"[\s$,%]", "", str(text)).rstrip(".")
-    try:
-        if "/" in cleaned:
-            num, den = cleaned.split("/", 1)
-            return Fraction(Decimal(num)) / Fraction(Decimal(den))
-        return Fraction(Decimal(cleaned))
-    except (InvalidOperation, ValueError, ZeroDivisionError):
-        return None
-
-
-def format_value(value: Fraction) -> str:
-    if value.denominator == 1:
-        return str(value.numerator)
-    as_decimal = Decimal(value.numerator) / Decimal(value.denominator)
-    if Fraction(as_decimal) == value:
-        return format(as_decimal.normalize(), "f")
-    return f"{value.numerator}/{value.denominator}"
-
-
-def _normalise(text: str | None) -> str | None:
-    value = to_value(text)
-    return None if value is None else format_value(value)
-
-
 def extract_strict(completion: str) -> str | None:
-    match = STRICT_RE.search(cut_at_new_turn(completion))
-    return _normalise(match.group(1)) if match else None
+    match = FINAL_ANSWER.search(cut_at_new_turn(completion))
+    return normalize_number(match.group(1)) if match else None
 
 
 def extract_explicit(completion: str) -> str | None:
@@ -153,7 +112,7 @@ def extract_explicit(completion: str) -> str | None:
         return strict
     plain = text.replace("**", "").replace("__", "")
     hits = [(m.start(), m.group(1)) for pattern in EXPLICIT_RES for m in pattern.finditer(plain)]
-    return _normalise(max(hits)[1]) if hits else None
+    return normalize_number(max(hits)[1]) if hits else None
 
 
 def extract_flexible(completion: str) -> str | None:
@@ -161,26 +120,22 @@ def extract_flexible(completion: str) -> str | None:
     if explicit is not None:
         return explicit
     numbers = NUMBER_RE.findall(cut_at_new_turn(completion))
-    return _normalise(numbers[-1]) if numbers else None
-
-
-def same_number(pred: str | None, gold: str | None) -> bool:
-    a, b = to_value(pred), to_value(gold)
-    return a is not None and b is not None and a == b
-
-
-def gold_number(answer: str) -> str | None:
-    """GSM8K's answer field (with `#### N`) or a bare number."""
-    from gsm8k_lora.gsm8k import parse_answer
-
-    parsed = parse_answer(answer)
-    return parsed.final if parsed else _normalise(answer.strip())
+    return normalize_number(numbers[-1]) if numbers else None
 
 
 def grade(completion: str, gold: str) -> Grade:
-    """Both rules on one completion. `gold` is the gold number (`gold_number` of GSM8K's answer field)."""
+    """Every rule on one completion. `gold` is the gold number (`gsm8k.gold_number` of GSM8K's answer field)."""
     pred, strict = extract_flexible(completion), extract_strict(completion)
     return Grade(pred=pred, correct=same_number(pred, gold), pred_strict=strict,
                  correct_strict=same_number(strict, gold), explicit=extract_explicit(completion) is not None,
                  lm_eval_strict=lm_eval_strict_match(completion, gold),
                  lm_eval_flexible=lm_eval_flexible_extract(completion, gold))
+
+
+# A completion that ends by repeating one piece of text (`<<16*3= <<16*3= <<16*3= ...`) at least 4 times.
+_LOOP_RE = re.compile(r"(\S.{2,79}?)(?:\s*\1){3,}\s*$", re.DOTALL)
+
+
+def repetition_loop(completion: str) -> bool:
+    """Stuck in a loop: the text ends in 4+ repeats of one 3-80 character piece (only the tail is read)."""
+    return bool(_LOOP_RE.search(completion[-800:]))

@@ -18,16 +18,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gsm8k_lora.errors import RunStopped
+
 MARKER = ".complete"
 _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class RunStopped(RuntimeError):
-    """Training stopped on purpose (signal) or for a reason the user must act on (NaN, OOM)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:

@@ -1,27 +1,23 @@
 """Prompts and batched generation for evaluation.
 
-Prompts are built with the model's chat template, exactly as in training (`data.render_prompt`), or as
+Prompts are built with the model's chat template, exactly as in training (`data/formatting.py`), or as
 lm-evaluation-harness builds them (`protocols.py`). Generation is batched with left padding and the KV
-cache (`model.generate`); each row stops at EOS or the template's end-of-turn token, at a stop sequence,
-or (outside lm-eval's protocol) as soon as its `#### N` line is complete, so no row burns the whole
-`max_new_tokens` once it has answered.
+cache (`model.generate`); each row stops at EOS or the template's end-of-turn token (token ids), at a
+fixed stop string (`generate(stop_strings=...)`: the new-turn markers of `data/gsm8k.py`, or lm-eval's
+stops), or (outside lm-eval's protocol) as soon as its `#### N` line is complete, so no row burns the
+whole `max_new_tokens` once it has answered.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from gsm8k_lora import protocols
 from gsm8k_lora.config import EvalConfig
-from gsm8k_lora.data import build_messages, render_prompt
-
-_DONE_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\n")
-
-
+from gsm8k_lora.data.formatting import build_messages, render_prompt
+from gsm8k_lora.data.gsm8k import NEW_TURN_TEXT, answer_line_complete
+from gsm8k_lora.evaluation import protocols
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
@@ -76,7 +72,7 @@ class AnswerComplete(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         tails = self.tokenizer.batch_decode(input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.lookback):])
-        done = [bool(_DONE_RE.search(t)) for t in tails]
+        done = [answer_line_complete(t) for t in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -105,7 +101,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
         stops = protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token)
         max_new, criteria = protocol.max_new_tokens, []
     else:
-        stops, max_new = list(cfg.stop_sequences), cfg.max_new_tokens
+        stops, max_new = [*NEW_TURN_TEXT, *cfg.stop_sequences], cfg.max_new_tokens
     for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + cfg.batch_size]
         texts_in = [prompts[i] for i in idx]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gsm8k_lora import tiny_model
-from gsm8k_lora.config import ConfigError, ModelConfig
+from gsm8k_lora.config import ModelConfig
+from gsm8k_lora.errors import ConfigError, ModelLoadError
+from gsm8k_lora.hub import hub_reachable
+from gsm8k_lora.model import tiny
 
 BUILTIN_TINY = "builtin:tiny"
 CONVERT_VERSION = 1  # bump when the conversion below changes, so old caches are not reused
 MARKER = "gsm8k_lora_gguf.json"  # written last into a converted directory: its presence means complete
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be loaded; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -46,46 +43,7 @@ class Resolved:
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else tiny_model.default_cache_dir()
-
-
-def _go_offline() -> None:
-    # huggingface_hub and datasets read HF_HUB_OFFLINE once, at import: set their constants too, so
-    # every later lookup goes straight to the local cache instead of retrying the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from huggingface_hub import constants
-
-    constants.HF_HUB_OFFLINE = True
-    try:
-        import datasets.config
-
-        datasets.config.HF_HUB_OFFLINE = True
-    except ImportError:
-        pass
-
-
-_HUB_STATE: dict[str, bool] = {}
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Asked once per process. Unreachable: say so in one line and switch the hub clients offline,
-    so each later lookup fails (or hits the local cache) at once instead of retrying for ~40 s."""
-    if "reachable" in _HUB_STATE:
-        return _HUB_STATE["reachable"]
-    from huggingface_hub import constants
-
-    reachable = not constants.HF_HUB_OFFLINE
-    if reachable:
-        import httpx
-
-        try:
-            httpx.head(constants.ENDPOINT, timeout=timeout_s)
-        except httpx.HTTPError:
-            reachable = False
-            print(f"hub: {constants.ENDPOINT} is unreachable; using local files and caches only", file=sys.stderr)
-            _go_offline()
-    _HUB_STATE["reachable"] = reachable
-    return reachable
+    return Path(cache_dir) if cache_dir else tiny.default_cache_dir()
 
 
 def in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -166,7 +124,7 @@ def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
 
-    return tiny_model.build_once(target, MARKER, convert)
+    return tiny.build_once(target, MARKER, convert)
 
 
 def _local_gguf(cfg: ModelConfig) -> Path:
@@ -188,7 +146,7 @@ def resolve(cfg: ModelConfig, cache_dir: str | None = None) -> Resolved:
         return Resolved(str(convert_gguf(gguf, root)), "gguf",
                         f"{gguf.name}, dequantised to float32 (not bit-identical to unquantised weights)")
     if cfg.name_or_path == BUILTIN_TINY:
-        path = tiny_model.ensure(cfg.tiny_seed, root)
+        path = tiny.ensure(cfg.tiny_seed, root)
         return Resolved(str(path), "builtin", f"the package's built-in tiny model (seed {cfg.tiny_seed})")
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():

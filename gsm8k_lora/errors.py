@@ -1,0 +1,39 @@
+"""The failures a user is told about in one line, and the exit code of each. Raised anywhere below the
+entry points; said and turned into an exit code only at the door (`cli.fail`)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or inconsistent; its message is one line for the user."""
+
+    exit_code = 2
+    label = "config error"
+
+
+class DataError(RuntimeError):
+    """Data that cannot be used; the message says which file or value and what to do."""
+
+    exit_code = 1
+    label = "error"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message says why and what to do."""
+
+    exit_code = 1
+    label = "error"
+
+
+class RunStopped(RuntimeError):
+    """Training stopped on purpose (a signal) or for a reason the user must act on (NaN, out of memory)."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.label = "stopped" if exit_code > 100 else "error"  # > 100: 128 + a signal's number
+
+
+EXPECTED = (ConfigError, DataError, ModelLoadError, RunStopped)

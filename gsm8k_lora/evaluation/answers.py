@@ -1,0 +1,91 @@
+"""The evaluation step: which questions, with which few-shot examples, answered by the baseline (adapter
+disabled) and the fine-tuned model, then graded and summed up (`scoring.py`). Used alike by the recipe
+(`train.py`) and `python -m gsm8k_lora.evaluate`; nothing here writes a file or talks to W&B."""
+
+from __future__ import annotations
+
+import contextlib
+
+from gsm8k_lora.config import Config, EvalConfig
+from gsm8k_lora.data.loading import Splits
+from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.evaluation.generation import build_prompt, generate, token_limit
+from gsm8k_lora.evaluation.scoring import HEADLINE, eval_metrics, score
+
+TINY_NOTE = ("The built-in tiny model's accuracy says nothing about Falcon3 or any real model: "
+             "it only shows the pipeline measures what fine-tuning changed.")
+
+
+def eval_rows(splits: Splits, cfg: EvalConfig) -> list[dict]:
+    """The first `eval.limit` questions of the split; a limit is an upper bound, as lm-eval's --limit is."""
+    rows = (splits.test if cfg.split == "test" else splits.validation).to_list()
+    if cfg.limit is not None and cfg.limit > len(rows):
+        print(f"eval: eval.limit={cfg.limit} but the {cfg.split} split has {len(rows)} rows: answering all {len(rows)}")
+    return rows[: cfg.limit] if cfg.limit else rows
+
+
+def shot_pool(splits: Splits, cfg: EvalConfig) -> list[dict]:
+    """Where few-shot examples come from: GSM8K's whole train split in its published order when the test
+    split is answered (what lm-eval draws from); when the validation split is answered, the training part
+    only, so no question under test is its own example."""
+    return (splits.pool if cfg.split == "test" else splits.train).to_list()
+
+
+def pick_shots(train_rows: list[dict], cfg: EvalConfig, num_questions: int) -> list[list[dict]]:
+    """Each question's few-shot examples, from the train split only, never from the questions under test:
+    lm-eval's own draw for its protocols (`train_rows` must then be the whole train split in its published
+    order), else the first k rows for every question."""
+    if cfg.prompt.startswith("lm_eval_gsm8k"):
+        return protocols.lm_eval_shots(train_rows, num_questions, cfg.num_fewshot)
+    shots = [] if cfg.prompt == "zero_shot_cot" else train_rows[: cfg.num_fewshot]
+    return [shots] * num_questions
+
+
+def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: EvalConfig,
+           system_prompt: str | None, adapters: bool) -> dict[str, list[dict]]:
+    """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions."""
+    prompts = [build_prompt(tokenizer, r["question"], cfg, s, system_prompt) for r, s in zip(rows, shots, strict=True)]
+    model.config.use_cache = True
+    out: dict[str, list[dict]] = {}
+    if not adapters or cfg.compare_baseline:
+        context = model.disable_adapter() if adapters else contextlib.nullcontext()
+        with context:
+            out["baseline"] = score(rows, generate(model, tokenizer, prompts, cfg, "Baseline answers"), "baseline",
+                                    token_limit(cfg))
+    if adapters:
+        out["finetuned"] = score(rows, generate(model, tokenizer, prompts, cfg, "Fine-tuned answers"), "finetuned",
+                                 token_limit(cfg))
+    return out
+
+
+def evaluate(cfg: Config, model, tokenizer, splits: Splits, rows: list[dict], adapters: bool
+             ) -> tuple[dict[str, list[dict]], dict]:
+    """The questions answered and graded, and the figures of `eval_metrics.json`."""
+    shots = pick_shots(shot_pool(splits, cfg.eval), cfg.eval, len(rows))
+    predictions = answer(model, tokenizer, rows, shots, cfg.eval, cfg.data.system_prompt, adapters)
+    metrics = eval_metrics(predictions)
+    if cfg.model.name_or_path.startswith("builtin:"):
+        metrics["note"] = TINY_NOTE
+    return predictions, metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """What the terminal shows of `eval_metrics.json`."""
+    lines = []
+    for name in ("baseline", "finetuned"):
+        key = f"{name}_{HEADLINE}"
+        if key in metrics:
+            def m(rule: str, name: str = name) -> str:
+                return f"{metrics[f'{name}_{rule}']:.1%}"
+
+            lines.append(f"GSM8K accuracy ({name}, n={metrics[f'{name}_n']}): by-value {m(HEADLINE)} "
+                         f"[{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}] (the headline); "
+                         f"lm-eval strict-match {m('gsm8k_strict_match')}, flexible-extract "
+                         f"{m('gsm8k_flexible_extract')}; answer format rate {m('answer_format_rate')}, ran to the "
+                         f"token limit {m('hit_token_limit_rate')}, repetition loops {m('repetition_loop_rate')}")
+    if "paired_by_value_difference" in metrics:
+        lines.append(f"fine-tuned minus baseline (by-value): {metrics['paired_by_value_difference']:+.1%} "
+                     f"(McNemar p={metrics['paired_by_value_mcnemar_p']:.3g})")
+    if metrics.get("note"):
+        lines.append(metrics["note"])
+    return lines

@@ -1,0 +1,145 @@
+"""The translation from this package's config to TRL and PEFT, and the Trainer built from it.
+
+`build_lora_config(cfg.lora) -> peft.LoraConfig` and `build_sft_config(cfg.trainer, ...) -> trl.SFTConfig`
+are the one boundary between our config and the libraries: training, the benchmarks and the tests all
+build through them. All training behaviour comes from `SFTConfig` fields, so a TRL user knows it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import peft
+import torch
+from datasets import Dataset
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from gsm8k_lora.config import Config, LoraConfig, TrainerConfig
+from gsm8k_lora.data.formatting import to_prompt_completion
+from gsm8k_lora.data.loading import Splits
+from gsm8k_lora.errors import RunStopped
+from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback
+from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
+from gsm8k_lora.training.resilience import CheckpointGuard, oom_message, resume_checkpoint
+
+if TYPE_CHECKING:
+    from trl import SFTConfig, SFTTrainer
+
+# TRL is imported where it is used, not at the top: importing its trainer takes seconds and, with
+# WANDB_MODE=offline, prints "[INFO] Running in WANDB offline mode" (transformers' W&B integration), which
+# would land in the output of `--cfg`, `--help` and every config error.
+
+
+def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
+    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           bias=cfg.bias, target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+
+
+def build_sft_config(cfg: TrainerConfig, out_dir: Path, run_name: str = "", report_to: list[str] | None = None,
+                     **changes) -> SFTConfig:
+    """Every field set explicitly (SFTConfig's own defaults differ from the reference run); `changes` are
+    SFTConfig fields set last, for callers that must differ from a run in a stated way (the benchmarks)."""
+    from trl import SFTConfig  # deferred: see the note at the top
+
+    early_stopping = cfg.early_stopping_patience is not None
+    fields = dict(
+        output_dir=str(out_dir), run_name=run_name, report_to=report_to or [], seed=cfg.seed, data_seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length, completion_only_loss=cfg.completion_only_loss, assistant_only_loss=False,
+        packing=cfg.packing, padding_free=cfg.padding_free, train_sampling_strategy=cfg.train_sampling_strategy,
+        # transformers 5 renamed gradient_checkpointing; the new name wins over TRL's default of True
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32, optim=cfg.optim, use_cpu=cfg.use_cpu,
+        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=early_stopping, metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better="loss" not in cfg.metric_for_best_model,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=cfg.dataloader_num_workers,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where CheckpointGuard stops the run
+        disable_tqdm=False,
+    )
+    return SFTConfig(**{**fields, **changes})
+
+
+def validation_for_loss(cfg: Config, splits: Splits) -> Dataset:
+    """The validation rows the loss is computed on during training: the first `data.val_limit` of the
+    (shuffled) split, so evaluation cost is bounded on a CPU; the full split by default."""
+    limit = cfg.data.val_limit
+    return splits.validation if limit is None else splits.validation.select(range(min(limit, len(splits.validation))))
+
+
+def build_trainer(cfg: Config, model, tokenizer, splits: Splits, out_dir: Path, name: str, main_process: bool,
+                  wandb_callback: TrainerCallback | None = None, on_stop_now=None) -> SFTTrainer:
+    """SFTTrainer on the training rows in the model's chat template, with this package's callbacks."""
+    from trl import SFTTrainer  # deferred: see the note at the top
+
+    system_prompt = cfg.data.system_prompt
+    train_ds = to_prompt_completion(splits.train, tokenizer, system_prompt)
+    val_ds = to_prompt_completion(validation_for_loss(cfg, splits), tokenizer, system_prompt)
+    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process, on_stop_now)]
+    if wandb_callback is not None:  # added here, not through report_to, so a W&B failure cannot end the run
+        callbacks.append(wandb_callback)
+    accuracy = None
+    if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
+        sample = splits.validation.select(range(min(cfg.eval.during_training_limit, len(splits.validation))))
+        accuracy = GSM8KAccuracyCallback(tokenizer, sample.to_list(), cfg.eval, system_prompt)
+        callbacks.append(accuracy)
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, name),
+                         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                         peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
+    if accuracy is not None:
+        accuracy.trainer = trainer  # it logs through the trainer
+    return trainer
+
+
+def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
+    """trainer.train(), resumed from the last complete checkpoint when there is one; a signal, a NaN
+    or an out-of-memory error ends it with a message that says what to do."""
+    checkpoint = resume_checkpoint(cfg.trainer.resume, run_dir / "checkpoints")
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError:
+        raise RunStopped(oom_message(cfg)) from None
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointGuard))
+    if guard.signal_name:
+        typed = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
+        command = shlex.join(["python", "-m", "gsm8k_lora.train", *typed])
+        raise RunStopped(f"stopped by {guard.signal_name} at step {trainer.state.global_step}, checkpoint saved. "
+                         f"Resume with: {command} hydra.run.dir={run_dir} trainer.resume=auto",
+                         exit_code=130 if guard.signal_name == "SIGINT" else 143)
+
+
+def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: Config) -> dict:
+    """The figures of `metrics.json` that training produced."""
+    state = trainer.state
+    early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    early_stopped = bool(early and cfg.trainer.early_stopping_patience
+                         and early.early_stopping_patience_counter >= cfg.trainer.early_stopping_patience)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    return {
+        **splits.stats,
+        **summarize_history(state.log_history),
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": state.epoch,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "stop_reason": stop_reason(state.global_step, state.max_steps, early_stopped),
+        "best_checkpoint": state.best_model_checkpoint,
+        "trainable_params": trainable,
+        "total_params": total,
+        "token_accuracy_note": TOKEN_ACCURACY_NOTE,
+    }

@@ -1,0 +1,164 @@
+"""The package's shape, as ARCHITECTURE.md states it: an acyclic import graph read from each module's top,
+each default written once, one translation to TRL, and one `#### N` rule."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gsm8k_lora"
+CONF = PACKAGE.parent / "conf"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports(tree: ast.AST, name: str) -> list[tuple[str, bool]]:
+    """(imported package module, at the module's top level) for every import of a gsm8k_lora module."""
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gsm8k_lora"):
+            targets = [node.module]
+            # `from gsm8k_lora.x import y`: y may be a module of the package
+            targets += [f"{node.module}.{alias.name}" for alias in node.names]
+            found += [(t, id(node) in top) for t in targets]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("gsm8k_lora")]
+    return found
+
+
+def graph() -> tuple[dict[str, set[str]], list[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges, nested = {}, []
+    for name, path in modules.items():
+        imports = package_imports(ast.parse(path.read_text(encoding="utf-8")), name)
+        edges[name] = {target for target, _ in imports if target in modules and target != name}
+        nested += [f"{name} imports {target} inside a function" for target, top in imports if not top]
+    return edges, nested
+
+
+def test_package_imports_are_at_the_top_of_each_module():
+    _, nested = graph()
+    assert nested == []
+
+
+def test_the_import_graph_has_no_cycle():
+    edges, _ = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(trail[trail.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_the_entry_point_is_above_its_recipe():
+    edges, _ = graph()
+    importers = sorted(name for name, targets in edges.items() if "gsm8k_lora.train" in targets)
+    assert importers == []  # nothing imports the recipe: it is the top
+
+
+def source_lines(pattern: str) -> list[str]:
+    hits = []
+    for path in PACKAGE.rglob("*.py"):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(pattern, line):
+                hits.append(f"{path.relative_to(PACKAGE)}:{number}")
+    return hits
+
+
+def test_one_translation_to_sft_config_and_one_to_lora_config():
+    # SFTConfig( is built by the builder, and once more by the bench for TRL's own defaults (not our config)
+    assert sorted(source_lines(r"\bSFTConfig\(")) == ["benchmarks/training.py:" + str(
+        next(n for n, line in enumerate((PACKAGE / "benchmarks/training.py").read_text().splitlines(), 1)
+             if "SFTConfig(output_dir" in line)), "training/sft.py:" + str(
+        next(n for n, line in enumerate((PACKAGE / "training/sft.py").read_text().splitlines(), 1)
+             if "return SFTConfig(" in line))]
+    assert [h.split(":")[0] for h in source_lines(r"peft\.LoraConfig\(")] == ["training/sft.py"]
+
+
+def test_one_final_answer_rule():
+    # The package's `####` rule is one regex in data/gsm8k.py; lm-eval's own patterns are lm-eval's, verbatim.
+    hits = [h for h in source_lines(r"####") if "re.compile" in _line(h)]
+    assert sorted(h.split(":")[0] for h in hits) == ["data/gsm8k.py", "evaluation/grading.py"]
+    assert "LM_EVAL_STRICT_RE" in _line(next(h for h in hits if h.startswith("evaluation")))
+
+
+def _line(hit: str) -> str:
+    path, number = hit.rsplit(":", 1)
+    return (PACKAGE / path).read_text(encoding="utf-8").splitlines()[int(number) - 1]
+
+
+def test_only_the_tracking_module_talks_to_wandb():
+    users = {h.split(":")[0] for h in source_lines(r"^\s*(import wandb|from wandb|from transformers\.integrations)")}
+    assert users == {"tracking.py"}
+
+
+# Every default written once: the schemas carry none, and a preset sets only what differs from what it inherits.
+
+def test_the_schemas_carry_no_defaults():
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    from gsm8k_lora import config
+
+    schemas = [v for v in vars(config).values() if dataclasses.is_dataclass(v) and v.__module__ == config.__name__]
+    assert len(schemas) >= 9
+    written = [f"{s.__name__}.{f.name}={f.default!r}" for s in schemas for f in dataclasses.fields(s)
+               if f.default is not MISSING or f.default_factory is not dataclasses.MISSING]
+    assert written == []
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _inherited(group: str, data: dict) -> dict:
+    """What a group option inherits from the options named in its defaults list (base_* schemas hold nothing)."""
+    merged: dict = {}
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str) and entry not in ("_self_",) and not entry.startswith("base_"):
+            parent = _yaml(CONF / group / f"{entry}.yaml")
+            merged.update({**_inherited(group, parent), **{k: v for k, v in parent.items() if k != "defaults"}})
+    return merged
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONF.glob("*/*.yaml") if p.parent.name != "experiment"),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_no_preset_restates_a_value_it_inherits(path):
+    data = _yaml(path)
+    inherited = _inherited(path.parent.name, data)
+    restated = {k: v for k, v in data.items() if k != "defaults" and k in inherited and inherited[k] == v}
+    assert restated == {}
+
+
+def test_each_group_has_one_option_that_holds_every_key_and_the_others_start_from_it():
+    from gsm8k_lora.config import compose
+
+    cfg = compose()  # composes, with nothing missing: every key has a value in the default options
+    for group in ("model", "data", "lora", "trainer", "logger"):
+        default = _yaml(CONF / "config.yaml")["defaults"]
+        option = next(e[group] for e in default if isinstance(e, dict) and group in e)
+        assert set(_yaml(CONF / group / f"{option}.yaml")) - {"defaults"} == set(vars(getattr(cfg, group)))
+        for other in sorted((CONF / group).glob("*.yaml")):
+            if other.stem != option:
+                parents = [e for e in _yaml(other).get("defaults", []) if e != "_self_"]
+                assert parents and not any(str(p).startswith("base_") for p in parents), other.name
