@@ -2,7 +2,7 @@
 
 - `run(main)`: a config mistake is one line and exit code 2 (below);
 - `fail(err)`: an expected failure (`errors.py`) is one line and its exit code.
-(Library noise is silenced once, in `gsm8k_lora/__init__.py`.)
+(Library noise is silenced in `gsm8k_lora/__init__.py`.)
 
 Config mistakes:
 

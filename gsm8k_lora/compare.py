@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsm8k_lora import records
+from gsm8k_lora import cli, records
+from gsm8k_lora.errors import DataError
 from gsm8k_lora.reporting.compare import compare, to_markdown
 
 
@@ -20,13 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
-        return 1
+        cli.fail(DataError(f"{args.sweep_dir} is not a directory"))
     try:
         comparison = compare(args.sweep_dir)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        cli.fail(DataError(str(err)))
     for name, text in comparison.files.items():
         records.write_text(args.sweep_dir / name, text)
     records.write_figures(args.sweep_dir, comparison.figures)

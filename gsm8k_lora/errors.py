@@ -33,7 +33,13 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
-        self.label = "stopped" if exit_code > 100 else "error"  # > 100: 128 + a signal's number
+        self.label = "stopped" if exit_code > 128 else "error"  # > 128: 128 + a signal's number
 
 
 EXPECTED = (ConfigError, DataError, ModelLoadError, RunStopped)
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) outside training: stop at once, in one line
+
+
+def stops_a_sweep(err: BaseException) -> bool:
+    """A signal (exit code 128 + its number) stops a whole sweep; any other failure stops only its job."""
+    return getattr(err, "exit_code", 1) > 128

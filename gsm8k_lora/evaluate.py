@@ -19,8 +19,9 @@ from peft import PeftModel
 from gsm8k_lora import cli, records
 from gsm8k_lora.config import register_configs, validate
 from gsm8k_lora.data.loading import build_splits
-from gsm8k_lora.errors import EXPECTED, ConfigError
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate, summary_lines
+from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError
+from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model.loading import four_bit_device, load
 from gsm8k_lora.model.sources import resolve as resolve_weights
 from gsm8k_lora.records import resolve_adapter, run_directory
@@ -85,7 +86,7 @@ def main(raw: DictConfig) -> None:
         cli.fail(err)
     except KeyboardInterrupt:
         print("stopped: interrupted before the answers were graded; no results were written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from gsm8k_lora import cli
 from gsm8k_lora.data.gsm8k import gold_number
 from gsm8k_lora.data.loading import read_jsonl
 from gsm8k_lora.errors import DataError
@@ -48,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = next((i for i, r in enumerate(rows, 1) if "answer" not in r or "completion" not in r), None)
         if missing is not None:
             raise DataError(f"{args.file}: row {missing} needs both 'completion' and 'answer'")
-    except (DataError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except json.JSONDecodeError as err:
+        cli.fail(DataError(f"stdin: malformed JSON ({err.msg})"))
+    except DataError as err:
+        cli.fail(err)
     graded = grade_rows(rows)
     for row in graded:
         sys.stdout.write(json.dumps(row) + "\n")

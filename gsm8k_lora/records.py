@@ -7,7 +7,8 @@
     adapter/, checkpoints/, wandb_run.txt: written by the Trainer and by `tracking.py`
 
 `done.json` is written last, after every result file; a job directory without it is incomplete, so a sweep
-started again re-runs only what is missing or failed. Writes are atomic: a reader never sees half a file.
+started again re-runs only what is missing or failed. Each file is written whole or not at all (written
+beside, then renamed): a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,10 +37,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_text(path: Path, text: str) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict:
@@ -63,6 +68,8 @@ def git_commit(cwd: Path) -> str | None:
 
 
 def environment() -> dict:
+    import torch  # deferred for start-up time: `report` and `compare` read run directories without torch
+
     cuda = torch.cuda.is_available()
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -80,7 +87,7 @@ def write_run_record(run_dir: Path, raw_cfg: DictConfig, model_weights: dict) ->
     """config.yaml (resolved) and environment.json; returns the resolved config, as W&B logs it."""
     resolved = OmegaConf.to_container(raw_cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     write_json(run_dir / "environment.json", {**environment(), "model_weights": model_weights})
     return resolved
 
@@ -92,7 +99,9 @@ def write_figures(directory: Path, figures: dict[str, Figure | None]) -> list[Pa
         if figure is None:
             continue
         path = directory / f"{name}.png"
-        figure.savefig(path)
+        tmp = directory / f".{name}.png.tmp"
+        figure.savefig(tmp, format="png")
+        tmp.replace(path)
         paths.append(path)
     return paths
 
@@ -105,21 +114,13 @@ def write_training(run_dir: Path, metrics: dict, history: list[dict], figures: d
 
 
 def write_eval(run_dir: Path, predictions: dict[str, list[dict]], metrics: dict) -> None:
-    with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for records in predictions.values():
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
+    write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for rs in predictions.values() for r in rs))
     write_json(run_dir / "eval_metrics.json", metrics)
 
 
 def read_predictions(run_dir: Path) -> list[dict]:
     path = run_dir / "predictions.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def resolve_adapter(path: str) -> str:

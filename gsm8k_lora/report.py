@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsm8k_lora import records
+from gsm8k_lora import cli, records
+from gsm8k_lora.errors import DataError
 from gsm8k_lora.reporting.report import build, build_sweep, read_config
 
 
@@ -33,20 +34,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="price per GPU-hour in USD (default: the run's report.gpu_hour_price_usd)")
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
-        print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
-        return 1
+        cli.fail(DataError(f"{args.run_dir} is not a directory"))
     price = args.gpu_hour_price
     if price is None:  # the run's own setting, as it ran
         price = read_config(args.run_dir).get("report", {}).get("gpu_hour_price_usd")
     if price is None and not (args.run_dir / "multirun.yaml").exists():
-        print(f"error: {args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price",
-              file=sys.stderr)
-        return 1
+        cli.fail(DataError(f"{args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price"))
     try:
         path, _ = write_report(args.run_dir, price)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        cli.fail(DataError(str(err)))
     print(f"report: {path}")
     return 0
 

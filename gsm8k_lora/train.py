@@ -28,8 +28,9 @@ from gsm8k_lora import cli, records, tracking
 from gsm8k_lora.config import Config, register_configs, validate
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits
-from gsm8k_lora.errors import EXPECTED, ConfigError
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate, summary_lines
+from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError, stops_a_sweep
+from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model import sources
 from gsm8k_lora.model.loading import four_bit_device, load, resolve_dtype, weight_memory
 from gsm8k_lora.reporting import plots
@@ -163,12 +164,12 @@ def main_guarded(cfg: DictConfig) -> float | None:
         results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name), stop_now)
     except EXPECTED as err:
         records.mark_failed(job_dir, overrides, err)
-        if multirun and err.exit_code <= 100:  # a signal (128 + its number) stops a whole sweep too
+        if multirun and not stops_a_sweep(err):  # Hydra marks the job failed and goes on with the others
             raise
         cli.fail(err)
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
         stop_now()
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as err:
         records.mark_failed(job_dir, overrides, err)
         raise

@@ -5,7 +5,7 @@ evaluation and save cadence, best-checkpoint selection and early stopping have a
 import json
 
 import pytest
-import yaml
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, run_cli
 
@@ -27,8 +27,8 @@ def gpu_preset_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_only_the_device_bound_flags_differ_from_the_preset_file(gpu_preset_run):
-    preset = yaml.safe_load((ROOT / "conf" / "trainer" / "default.yaml").read_text())
-    ran = yaml.safe_load((gpu_preset_run / "config.yaml").read_text())["trainer"]
+    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml"))
+    ran = OmegaConf.to_container(OmegaConf.load(gpu_preset_run / "config.yaml"))["trainer"]
     differ = {k: ran[k] for k in ran if ran[k] != preset[k]}
     assert differ == DEVICE_BOUND
 

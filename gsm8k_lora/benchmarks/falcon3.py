@@ -127,7 +127,7 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
         runs["qlora"] = (runs["package_default"][0], True)
         rows = gsm8k_like_rows(64 * steps)
         for variant, (make_args, four_bit) in runs.items():
-            result = run_variant(variant, make_args, cfg, str(model_dir), rows, load_in_4bit=four_bit)
+            result = run_variant(variant, make_args, cfg, str(model_dir), rows, steps, load_in_4bit=four_bit)
             tflops = 4 * n_matmul * result["real_tokens_per_s"] / 1e12  # see the module docstring
             result.update(model_tflops=tflops, mfu=tflops / peak if peak else None)
             out[f"falcon3_{variant}"] = result

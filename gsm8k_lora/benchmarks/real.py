@@ -77,7 +77,7 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path = GSM8K_DIR, cache_di
                                f"trainer.gradient_accumulation_steps={per_step // 4}",
                                f"trainer.learning_rate={cfg.trainer.learning_rate}"])
     runs = {**variants(cfg, steps), "packs_of_4": variants(packs, steps)["package_default"]}
-    results = {name: run_variant(name, make_args, cfg, model_dir, rows) for name, make_args in runs.items()}
+    results = {name: run_variant(name, make_args, cfg, model_dir, rows, steps) for name, make_args in runs.items()}
     base, ours, packed = results["trl_defaults"], results["package_default"], results["packs_of_4"]
     model, tokenizer = load(cfg.model, cache_dir, resolved=weights)
     rate = matmul_gflops()

@@ -3,7 +3,7 @@
 Each variant trains the same freshly loaded model on the same rows for the same number of steps,
 in one process, so the ratio between variants holds on a noisy machine. The package's variant is built
 by the same `build_sft_config` as a run, from the trainer preset a run of this device composes; the
-other is TRL's plain `SFTConfig` defaults. Both differ from a run only in `BENCH_SETTINGS` (a fixed
+other is TRL's plain `SFTConfig` defaults. Both differ from a run only in `bench_settings` (a fixed
 number of steps, no evaluation or checkpoints, the same seed). Tokens are counted at the collator
 (wrapped, not replaced): `real` are example tokens, `computed` are the positions the model ran,
 padding included.
@@ -29,6 +29,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from gsm8k_lora.config import Config, compose
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.data.formatting import render_prompt, to_prompt_completion
+from gsm8k_lora.data.gsm8k import format_answer, parse_answer
 from gsm8k_lora.model.loading import load_model, load_tokenizer
 from gsm8k_lora.training.sft import build_lora_config, build_sft_config
 
@@ -46,9 +47,10 @@ def gsm8k_like_rows(n: int, seed: int = 0) -> list[dict]:
         k = rng.choices([1, 2, 3, 4], weights=[4, 3, 2, 1])[0]
         parts = pool[4 * i: 4 * i + k]
         question = " Then: ".join(p["question"] for p in parts)
-        steps = [line for p in parts for line in p["answer"].rsplit("####", 1)[0].strip().splitlines()]
-        total = sum(int(p["answer"].rsplit("####", 1)[1]) for p in parts)
-        rows.append({"question": question, "answer": "\n".join(steps) + f"\nIn all: {total}.\n#### {total}"})
+        answers = [parse_answer(p["answer"]) for p in parts]
+        steps = [line for a in answers for line in a.solution.strip().splitlines()]
+        total = sum(int(a.final) for a in answers)
+        rows.append({"question": question, "answer": format_answer("\n".join(steps) + f"\nIn all: {total}.", total)})
     return rows
 
 
@@ -107,11 +109,10 @@ def variants(cfg: Config, steps: int) -> dict[str, ArgsFactory]:
     }
 
 
-def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, rows: list[dict],
+def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, rows: list[dict], steps: int,
                 load_in_4bit: bool = False) -> dict:
     """Train a freshly loaded model (loaded as a run loads it: `cfg.model` with this directory) with the
-    variant's SFTConfig and the run's LoRA config; real tokens/s after one warm-up step."""
-    steps = make_args(tempfile.gettempdir()).max_steps
+    variant's SFTConfig (`steps` optimizer steps) and the run's LoRA config; real tokens/s after one warm-up step."""
     if steps < 2:
         raise ValueError(f"steps={steps} is invalid: must be >= 2, the first step is an untimed warm-up")
     cuda = torch.cuda.is_available()
@@ -123,6 +124,9 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
     tokenizer = load_tokenizer(model_dir, model_cfg)
     model = load_model(model_dir, model_cfg, tokenizer=tokenizer)
     ds = to_prompt_completion(Dataset.from_list(rows), tokenizer, None)
+    # An SFTConfig with tf32 set changes torch's process-wide TF32 switches: restored after each variant, so one
+    # variant's setting does not carry into the next
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SFTTrainer(model=model, args=make_args(tmp), train_dataset=ds, processing_class=tokenizer,
                              peft_config=build_lora_config(cfg.lora))
@@ -135,6 +139,7 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
         trainer.train()
         synchronize()
         seconds = time.perf_counter() - warmup.time
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return {"variant": name, "steps": steps, "timed_steps": steps - 1, "seconds": seconds, "real_tokens": counter.real,
             "computed_tokens": counter.computed, "padding_efficiency": counter.real / max(counter.computed, 1),
             "real_tokens_per_s": (counter.real - warmup.real) / seconds,
@@ -175,7 +180,7 @@ def bench_training(model_dir: str, cfg: Config, steps: int, epoch_rows: int = 67
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lengths = [len(tokenizer(render_prompt(tokenizer, r["question"], None) + r["answer"]).input_ids) + 1
                for r in rows]
-    results = {name: run_variant(name, make_args, cfg, model_dir, rows)
+    results = {name: run_variant(name, make_args, cfg, model_dir, rows, steps)
                for name, make_args in variants(cfg, steps).items()}
     base, ours = results["trl_defaults"], results["package_default"]
     return {

@@ -107,6 +107,11 @@ def parse_answer(answer: str | None) -> GoldAnswer | None:
     return GoldAnswer(solution=solution, final=normalize_number(match.group(1)), num_steps=len(steps))
 
 
+def format_answer(solution: str, final: int | str) -> str:
+    """A GSM8K answer field: the worked solution, then the final `#### N` line."""
+    return f"{solution}\n#### {final}"
+
+
 def gold_number(answer: str) -> str | None:
     """GSM8K's answer field (with `#### N`) or a bare number, normalised."""
     parsed = parse_answer(answer)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from gsm8k_lora.data.gsm8k import format_answer
+
 NAMES = ["Janet", "Tom", "Aisha", "Luis", "Mei", "Omar", "Sara", "Ivan", "Nina", "Kofi", "Priya", "Ben"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells"]
 CATEGORIES = ("one_step", "multi_step", "rates_time", "money_change")
@@ -84,6 +86,6 @@ def generate(n: int, seed: int) -> list[dict]:
     for i in range(n):
         category = CATEGORIES[i % len(CATEGORIES)]
         question, steps, final = _GENERATORS[category](rng)
-        answer = "\n".join(steps) + f"\n#### {final}"
+        answer = format_answer("\n".join(steps), final)
         rows.append({"question": question, "answer": answer, "category": category})
     return rows

@@ -10,7 +10,7 @@ from gsm8k_lora.config import Config, EvalConfig
 from gsm8k_lora.data.loading import Splits
 from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.generation import build_prompt, generate, token_limit
-from gsm8k_lora.evaluation.scoring import HEADLINE, eval_metrics, score
+from gsm8k_lora.evaluation.scoring import eval_metrics, score
 
 TINY_NOTE = ("The built-in tiny model's accuracy says nothing about Falcon3 or any real model: "
              "it only shows the pipeline measures what fine-tuning changed.")
@@ -67,25 +67,3 @@ def evaluate(cfg: Config, model, tokenizer, splits: Splits, rows: list[dict], ad
     if cfg.model.name_or_path.startswith("builtin:"):
         metrics["note"] = TINY_NOTE
     return predictions, metrics
-
-
-def summary_lines(metrics: dict) -> list[str]:
-    """What the terminal shows of `eval_metrics.json`."""
-    lines = []
-    for name in ("baseline", "finetuned"):
-        key = f"{name}_{HEADLINE}"
-        if key in metrics:
-            def m(rule: str, name: str = name) -> str:
-                return f"{metrics[f'{name}_{rule}']:.1%}"
-
-            lines.append(f"GSM8K accuracy ({name}, n={metrics[f'{name}_n']}): by-value {m(HEADLINE)} "
-                         f"[{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}] (the headline); "
-                         f"lm-eval strict-match {m('gsm8k_strict_match')}, flexible-extract "
-                         f"{m('gsm8k_flexible_extract')}; answer format rate {m('answer_format_rate')}, ran to the "
-                         f"token limit {m('hit_token_limit_rate')}, repetition loops {m('repetition_loop_rate')}")
-    if "paired_by_value_difference" in metrics:
-        lines.append(f"fine-tuned minus baseline (by-value): {metrics['paired_by_value_difference']:+.1%} "
-                     f"(McNemar p={metrics['paired_by_value_mcnemar_p']:.3g})")
-    if metrics.get("note"):
-        lines.append(metrics["note"])
-    return lines

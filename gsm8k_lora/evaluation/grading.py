@@ -73,7 +73,7 @@ def lm_eval_regex_filter(completion: str, pattern: re.Pattern, group_select: int
     return hit.strip()
 
 
-def _lm_evalnormalize_number(text: str) -> str:
+def _lm_eval_normalise(text: str) -> str:
     for pattern in LM_EVAL_REGEXES_TO_IGNORE:
         # lm-eval stores each step's result in a numpy string array, which drops trailing NUL characters.
         text = re.sub(pattern, "", text).rstrip("\x00")
@@ -84,7 +84,7 @@ def lm_eval_exact_match(prediction: str, reference: str) -> bool:
     """lm-eval's exact_match with the `gsm8k` task's options, on one pair. The reference is GSM8K's whole
     `answer` field (its `doc_to_target`); a bare gold number gives the same verdict, since the ignore-regexes
     cut the field down to what follows its last `#### ` and GSM8K's final answers are all integers."""
-    return _lm_evalnormalize_number(prediction) == _lm_evalnormalize_number(reference)
+    return _lm_eval_normalise(prediction) == _lm_eval_normalise(reference)
 
 
 def lm_eval_strict_match(completion: str, answer: str) -> LmEvalVerdict:

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 
 from scipy.stats import binomtest
 
+from gsm8k_lora.data.gsm8k import same_number
 from gsm8k_lora.evaluation.grading import extract_flexible, grade, repetition_loop
 
 # Each accuracy figure: (record field, metric name). lm-eval's `strict-match` and `flexible-extract` are computed
@@ -85,7 +86,7 @@ def score(rows: list[dict], generations: list[dict], model_name: str, max_new_to
             preds = [extract_flexible(c) for c in gen["completions"]]
             vote = majority_vote(preds)
             record.update(samples=gen["completions"], sample_preds=preds, majority_pred=vote,
-                          majority_correct=grade(f"#### {vote}", row["gold"]).correct if vote else False,
+                          majority_correct=same_number(vote, row["gold"]),
                           any_correct=any(grade(c, row["gold"]).correct for c in gen["completions"]))
         records.append(record)
     return records
@@ -143,3 +144,25 @@ def eval_metrics(predictions: dict[str, list[dict]]) -> dict:
                                      [r[key] for r in predictions["finetuned"]])
             metrics.update({f"paired_{name.removeprefix('gsm8k_')}_{k}": v for k, v in pair.items()})
     return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """What the terminal shows of `eval_metrics.json`."""
+    lines = []
+    for name in ("baseline", "finetuned"):
+        key = f"{name}_{HEADLINE}"
+        if key in metrics:
+            def m(rule: str, name: str = name) -> str:
+                return f"{metrics[f'{name}_{rule}']:.1%}"
+
+            lines.append(f"GSM8K accuracy ({name}, n={metrics[f'{name}_n']}): by-value {m(HEADLINE)} "
+                         f"[{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}] (the headline); "
+                         f"lm-eval strict-match {m('gsm8k_strict_match')}, flexible-extract "
+                         f"{m('gsm8k_flexible_extract')}; answer format rate {m('answer_format_rate')}, ran to the "
+                         f"token limit {m('hit_token_limit_rate')}, repetition loops {m('repetition_loop_rate')}")
+    if "paired_by_value_difference" in metrics:
+        lines.append(f"fine-tuned minus baseline (by-value): {metrics['paired_by_value_difference']:+.1%} "
+                     f"(McNemar p={metrics['paired_by_value_mcnemar_p']:.3g})")
+    if metrics.get("note"):
+        lines.append(metrics["note"])
+    return lines

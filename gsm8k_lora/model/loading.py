@@ -72,7 +72,7 @@ def four_bit_device(use_cpu: bool = False) -> str:
     if torch.cuda.is_available() and not use_cpu:
         return f"cuda:{torch.cuda.current_device()}"
     try:
-        import bitsandbytes
+        import bitsandbytes  # an optional extra (.[qlora]), imported only for 4-bit loading
     except ImportError:
         raise ConfigError("model.load_in_4bit=True is invalid: bitsandbytes is not installed; "
                           "pip install -e .[qlora], or set model.load_in_4bit=false") from None
@@ -119,7 +119,7 @@ def keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
     no-grad forward in eval mode (any evaluation pass), and that kernel has no backward: training after
     it silently loses the gradient through every frozen base weight (measured: the first layer's LoRA
     gradients were all wrong after one evaluation). No library setting turns the repack off, so this does."""
-    import bitsandbytes
+    import bitsandbytes  # an optional extra, present whenever a 4-bit model was loaded
 
     for module in model.modules():
         if isinstance(module, bitsandbytes.nn.Linear4bit):

@@ -20,7 +20,10 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gsm8k_lora.config import ModelConfig
 from gsm8k_lora.errors import ConfigError, ModelLoadError
@@ -47,8 +50,6 @@ def cache_root(cache_dir: str | None) -> Path:
 
 
 def in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
@@ -102,9 +103,6 @@ def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
     target = root / "gguf" / f"{gguf.stem}-{digest[:12]}-v{CONVERT_VERSION}"
     if (target / MARKER).exists():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"model: converting {gguf.name} to a float32 model directory (once; cached in {target.parent})")
 
     def convert(staging: Path) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gsm8k_lora.data import synthetic
+from gsm8k_lora.data.gsm8k import parse_answer
 
 BUILD_VERSION = 3  # bump when anything below changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -65,8 +66,7 @@ def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed:
     # A plain loop rather than a Trainer: this builds a test fixture in ~30 s, with no run directory,
     # logging or checkpoints to manage.
     rows = synthetic.generate(PRETRAIN_STEPS * PRETRAIN_BATCH, seed=20_000 + seed)
-    texts = [row["question"] + "\n" + row["answer"].rsplit("####", 1)[0].rstrip() + tokenizer.eos_token
-             for row in rows]
+    texts = [row["question"] + "\n" + parse_answer(row["answer"]).solution + tokenizer.eos_token for row in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / PRETRAIN_STEPS))
@@ -83,7 +83,7 @@ def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed:
     model.eval()
 
 
-def build(out_dir: Path, seed: int = 0, pretrain: bool = True) -> Path:
+def build(out_dir: Path, seed: int, pretrain: bool = True) -> Path:
     """Write the tokenizer and the (seeded, briefly pretrained) model to `out_dir`."""
     tokenizer = _train_tokenizer(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
@@ -100,7 +100,7 @@ def build(out_dir: Path, seed: int = 0, pretrain: bool = True) -> Path:
     return out_dir
 
 
-def ensure(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+def ensure(seed: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached model directory for `seed`, built first if missing. Safe against concurrent builds."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / f"tiny-llama-v{BUILD_VERSION}-seed{seed}"

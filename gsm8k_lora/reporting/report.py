@@ -13,7 +13,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from gsm8k_lora.evaluation import protocols
-from gsm8k_lora.evaluation.scoring import accuracy_by_steps
+from gsm8k_lora.evaluation.scoring import HEADLINE, LABELS, accuracy_by_steps
 from gsm8k_lora.records import read_json, read_predictions
 from gsm8k_lora.reporting import analysis, plots
 from gsm8k_lora.reporting.compare import compare, to_markdown
@@ -137,13 +137,12 @@ def protocol_text(ecfg: dict) -> str:
             f"end of turn or a complete `#### N` line")
 
 
-RULE_TEXT = {
-    "gsm8k_by_value": ("by-value (the headline)", "first `#### N`, else the last explicit final statement, else the "
-                       "last number; compared by value (`18.00` = `$18` = 18)"),
-    "gsm8k_by_value_strict": ("by-value strict", "the number after the first `####`, compared by value"),
-    "gsm8k_strict_match": ("lm-eval strict-match", "lm-eval's: first `#### (-?[0-9.,]+)`, exact string match"),
-    "gsm8k_flexible_extract": ("lm-eval flexible-extract", "lm-eval's: last `(-?[$0-9.,]{2,})\\|(-?[0-9]+)`, exact "
-                               "string match"),
+RULE_TEXT = {  # what each rule extracts and how it compares, for the report's table
+    "gsm8k_by_value": "first `#### N`, else the last explicit final statement, else the last number; compared by "
+                      "value (`18.00` = `$18` = 18)",
+    "gsm8k_by_value_strict": "the number after the first `####`, compared by value",
+    "gsm8k_strict_match": "lm-eval's: first `#### (-?[0-9.,]+)`, exact string match",
+    "gsm8k_flexible_extract": "lm-eval's: last `(-?[$0-9.,]{2,})\\|(-?[0-9]+)`, exact string match",
 }
 
 
@@ -153,7 +152,7 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
     ecfg = cfg.get("eval", {})
     prompt = ecfg["prompt"]
     out = ["## 5. GSM8K accuracy (generated answers, graded)",
-           f"Protocol: {protocol_text(ecfg)} (`eval.prompt={prompt}`); {ecfg.get('split', 'test')} split, "
+           f"Protocol: {protocol_text(ecfg)} (`eval.prompt={prompt}`); {ecfg['split']} split, "
            f"the same questions for both models. The headline is the by-value rule; lm-eval's figures are beside "
            f"it, computed as lm-eval computes them, to set against published lm-eval numbers.", "",
            "| figure | extraction rule | n | baseline [95% CI] | fine-tuned [95% CI] | difference (McNemar p) |",
@@ -162,7 +161,8 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
         key = f"{model}_{rule}"
         return f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]" if key in ev else "n/a"
 
-    for rule, (name, text) in RULE_TEXT.items():
+    for rule, text in RULE_TEXT.items():
+        name = LABELS[rule] + (" (the headline)" if rule == HEADLINE else "")
         short = rule.removeprefix("gsm8k_")
         diff = (f"{ev[f'paired_{short}_difference']:+.1%} (p={ev[f'paired_{short}_mcnemar_p']:.3g})"
                 if f"paired_{short}_difference" in ev else "n/a")
