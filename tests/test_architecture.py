@@ -111,9 +111,10 @@ def final_marker_uses(path: Path) -> list[str]:
         parsing = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                    and node.func.attr in PARSING_CALLS and any(has_marker(a) for a in node.args))
         testing = isinstance(node, ast.Compare) and has_marker(node.left)
-        writing = isinstance(node, ast.JoinedStr) and any(  # f"... #### {n}": a `#### N` line written
+        pairs = zip(node.values, node.values[1:], strict=False) if isinstance(node, ast.JoinedStr) else []
+        writing = any(  # f"... #### {n}": a `#### N` line written
             isinstance(part, ast.Constant) and str(part.value).rstrip().endswith("####")
-            and isinstance(after, ast.FormattedValue) for part, after in zip(node.values, node.values[1:]))
+            and isinstance(after, ast.FormattedValue) for part, after in pairs)
         if parsing or testing or writing:
             hits.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     return hits
