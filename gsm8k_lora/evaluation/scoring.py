@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from scipy.stats import binomtest
-
 from gsm8k_lora.data.gsm8k import same_number
 from gsm8k_lora.evaluation.grading import extract_flexible, grade, repetition_loop
 
@@ -30,6 +28,8 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
     """95% Wilson score interval for a proportion; (0, 0) for no trials."""
     if total == 0:
         return (0.0, 0.0)
+    from scipy.stats import binomtest  # deferred for start-up time: scipy.stats takes ~0.7 s to import
+
     ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
     return (float(ci.low), float(ci.high))
 
@@ -37,7 +37,11 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value from the discordant pairs (binomial with p = 1/2)."""
     n = only_a + only_b
-    return 1.0 if n == 0 else float(binomtest(min(only_a, only_b), n, 0.5).pvalue)
+    if n == 0:
+        return 1.0
+    from scipy.stats import binomtest  # deferred for start-up time: scipy.stats takes ~0.7 s to import
+
+    return float(binomtest(min(only_a, only_b), n, 0.5).pvalue)
 
 
 def paired_comparison(base: list[bool], tuned: list[bool]) -> dict:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import peft
 import torch
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, TrainerCallback
@@ -26,14 +25,18 @@ from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summar
 from gsm8k_lora.training.resilience import CheckpointGuard, oom_message, resume_checkpoint
 
 if TYPE_CHECKING:
+    import peft
     from trl import SFTConfig, SFTTrainer
 
-# TRL is imported where it is used, not at the top: importing its trainer takes seconds and, with
-# WANDB_MODE=offline, prints "[INFO] Running in WANDB offline mode" (transformers' W&B integration), which
-# would land in the output of `--cfg`, `--help` and every config error.
+# TRL and PEFT are imported where they are used, not at the top: together they take seconds to import
+# (PEFT brings bitsandbytes), which every command would pay before its config is even checked, and with
+# WANDB_MODE=offline TRL's trainer prints "[INFO] Running in WANDB offline mode" (transformers' W&B
+# integration) into the output of `--cfg`, `--help` and every config error.
 
 
 def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
+    import peft  # deferred: see the note at the top
+
     targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
     return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            bias=cfg.bias, target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
