@@ -22,6 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import yaml
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +51,12 @@ def write_json(path: Path, data: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run directory's resolved config.yaml as plain data ({} if it has none)."""
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None) or {}
 
 
 def _version(name: str) -> str | None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from gsm8k_lora import cli, records
 from gsm8k_lora.errors import DataError
-from gsm8k_lora.reporting.report import build, build_sweep, read_config
+from gsm8k_lora.records import read_config
+from gsm8k_lora.reporting.report import build, build_sweep
 
 
 def write_report(target: Path, price: float) -> tuple[Path, list[Path]]:

@@ -61,7 +61,7 @@ def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
     return splits, (eval_rows(splits, cfg.eval) if cfg.eval.enabled else [])
 
 
-def load_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
+def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
     """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
     facts `metrics.json` keeps about them."""
     weights = sources.resolve(cfg.model, cfg.cache_dir)
@@ -81,7 +81,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=
     main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
     splits, questions = load_data(cfg)
-    model, tokenizer, facts, resolved = load_model(cfg, splits, run_dir, raw_cfg, main_process)
+    model, tokenizer, facts, resolved = prepare_model(cfg, splits, run_dir, raw_cfg, main_process)
     tracker = tracking.start(cfg.logger, run_dir, name, resolved) if main_process else tracking.Tracker()
     exit_code = 1
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from gsm8k_lora.records import read_json
+from gsm8k_lora.records import read_config, read_json
 from gsm8k_lora.reporting import plots
 
 COLUMNS = ("job", "status", "overrides", "eval_loss_best", "protocol", "n", "baseline_acc", "baseline_ci95",
@@ -31,8 +31,7 @@ def read_job(job_dir: Path) -> dict:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     failed = read_json(job_dir / "failed.json")
     status = "done" if (job_dir / "done.json").exists() else ("failed" if failed else "incomplete")
-    config_file = job_dir / "config.yaml"
-    config = (yaml.safe_load(config_file.read_text()) if config_file.exists() else None) or {}
+    config = read_config(job_dir)
     return {"job": job_dir.name, "dir": job_dir, "status": status, "overrides": overrides or [],
             "protocol": (config.get("eval") or {}).get("prompt"),
             "metrics": read_json(job_dir / "metrics.json"), "eval": read_json(job_dir / "eval_metrics.json"),

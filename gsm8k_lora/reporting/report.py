@@ -9,20 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from matplotlib.figure import Figure
 
 from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.scoring import HEADLINE, LABELS, accuracy_by_steps
-from gsm8k_lora.records import read_json, read_predictions
+from gsm8k_lora.records import read_config, read_json, read_predictions
 from gsm8k_lora.reporting import analysis, plots
 from gsm8k_lora.reporting.compare import compare, to_markdown
 from gsm8k_lora.training.history import series
-
-
-def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None) or {}
 
 
 def load_run(run_dir: Path) -> dict:
