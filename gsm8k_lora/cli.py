@@ -1,20 +1,18 @@
-"""The door of the entry points: what the user reads in the terminal when something is wrong, and nothing else.
+"""The door of the entry points: what the user reads in the terminal before anything loads, and when
+something goes wrong.
 
-- `run(main)`: a config mistake is one line and exit code 2 (below);
-- `fail(err)`: an expected failure (`errors.py`) is one line and its exit code.
-(Library noise is silenced in `gsm8k_lora/__init__.py`.)
+- `answer_help(text)`: `--help` / `-h` print the command's own page (Hydra's generic one lists schema nodes as
+  options and takes seconds); `--hydra-help` stays Hydra's.
+- `compose(argv)`: the configs Hydra will compose from this command line: the run's, or in a sweep one per
+  value of every swept key. A mistake Hydra finds while composing (an unknown key or option, a value of the
+  wrong type, bad override syntax), which Hydra reports in 8 to 13 lines offering the `base_*` schemas as
+  options, becomes one `ConfigError` line that names the key and what is allowed.
+- `fail(err)`: an expected failure (`errors.py`) is one line on stderr and its exit code.
+The entry points check the composed configs (`config.validate`, `preflight`) before they hand over to the
+`@hydra.main` function, so a sweep that cannot run starts no job and writes nothing.
 
-Config mistakes:
-
-Hydra finds some mistakes while it composes (a key the schema lacks, a config-group option with no
-file, a value of the wrong type, bad override syntax) and reports each in 8 to 13 lines with exit
-code 1, offering the `base_*` schemas as options. `run(main)` composes first, as `@hydra.main` will
-(same search path, `--config-dir`, `--config-name` and overrides; in a multirun, every value of every
-swept key), and turns such a mistake into `config error: <key> is invalid: ...; allowed: ...`.
-Value ranges and cross-field rules are checked later, per job, by `config.validate`.
-
-Hydra's public compose API knows no `--config-dir`, so this makes the calls `@hydra.main` makes itself
-(`hydra._internal`; hydra-core is pinned below 1.4).
+Hydra's public compose API knows no `--config-dir` nor multirun, so this makes the calls `@hydra.main` makes
+itself (`hydra._internal`; hydra-core is pinned below 1.4, where those calls are what they are here).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,8 +32,10 @@ from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException, SearchPathException
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from gsm8k_lora.errors import ConfigError
 
 # Both entry points decorate `main` with @hydra.main(config_path="../conf", config_name="config");
 # this module sits beside them, so the relative path resolves to the same directory.
@@ -44,35 +44,45 @@ CONFIG_NAME = "config"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def run(main: Callable[[], object]) -> None:
-    """Check what Hydra will compose from the command line, then hand over to the decorated `main`. The
-    caller has run `config.register_configs()`: the schemas must be in Hydra's ConfigStore first."""
-    problem = config_problem(sys.argv[1:])
-    if problem is not None:
-        print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+def answer_help(text: str, argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(text)
+        sys.exit(0)
 
 
-def config_problem(argv: list[str]) -> str | None:
-    """One line saying what is wrong with the config these arguments compose, or None."""
+@dataclass
+class Composed:
+    multirun: bool
+    jobs: list[DictConfig]  # with their `hydra` node; `task_config` strips it, as Hydra does for the task
+    overrides: list[str]  # the command line's overrides
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The config the `@hydra.main` function receives: the composed one without its `hydra` node."""
+    task = cfg.copy()
+    with open_dict(task):
+        task.pop("hydra", None)
+    return task
+
+
+def compose(argv: list[str]) -> Composed | None:
+    """The configs this command line composes, or None when Hydra answers it itself (`--cfg`, `--info`,
+    `--hydra-help`, shell completion, HYDRA_FULL_ERROR=1). Raises ConfigError: one line."""
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return None  # Hydra's own help and diagnostics, left untouched
+    if args.hydra_help or args.info or args.shell_completion or args.cfg or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None  # Hydra's own output and diagnostics, left untouched
     syntax = _syntax_problem(args.overrides)
     if syntax:
-        return syntax
+        raise ConfigError(syntax)
     app = None
     try:
         app = _hydra_app(args)
-        _compose_all(app, args)
+        return _compose_all(app, args)
     except (HydraException, OmegaConfBaseException) as err:
-        return describe(err, app)
-    except Exception:  # not a mistake this check knows: Hydra composes again below and reports it itself
-        return None
+        raise ConfigError(describe(err, app)) from None
     finally:
         GlobalHydra.instance().clear()  # @hydra.main initialises its own
-    return None
 
 
 def _syntax_problem(overrides: list[str]) -> str | None:
@@ -97,16 +107,17 @@ def _hydra_app(args):
     return Hydra.create_main_hydra2(task_name=Path(sys.argv[0]).stem, config_search_path=search_path)
 
 
-def _compose_all(app, args) -> None:
-    """The config of the run, or of the sweep and then of each value of each swept key."""
+def _compose_all(app, args) -> Composed:
+    """The config of the run; in a sweep, one config per value of every swept key."""
     name = args.config_name or CONFIG_NAME
-    multirun = args.multirun or app.get_mode(config_name=name, overrides=list(args.overrides)) == RunMode.MULTIRUN
+    overrides = list(args.overrides)
+    multirun = args.multirun or app.get_mode(config_name=name, overrides=overrides) == RunMode.MULTIRUN
     if not multirun:
-        app.compose_config(config_name=name, overrides=list(args.overrides), run_mode=RunMode.RUN)
-        return
-    master = app.compose_config(config_name=name, overrides=list(args.overrides), run_mode=RunMode.MULTIRUN)
-    for job in sweep_jobs(master):
-        app.config_loader.load_sweep_config(master, job)
+        return Composed(False, [app.compose_config(config_name=name, overrides=overrides, run_mode=RunMode.RUN)],
+                        overrides)
+    master = app.compose_config(config_name=name, overrides=overrides, run_mode=RunMode.MULTIRUN)
+    jobs = [app.config_loader.load_sweep_config(master, job) for job in sweep_jobs(master)]
+    return Composed(True, jobs or [master], overrides)
 
 
 def sweep_jobs(master) -> list[list[str]]:
@@ -115,9 +126,23 @@ def sweep_jobs(master) -> list[list[str]]:
     whose search spaces are not a list of values."""
     if OmegaConf.select(master, "hydra.sweeper._target_") != BASIC_SWEEPER:
         return []
+    values = swept_values(master)
+    if values is None:
+        return []
+    first = [choices[0] for choices in values.values()]
+    jobs = [first]
+    for index, choices in enumerate(values.values()):
+        jobs += [first[:index] + [choice] + first[index + 1:] for choice in choices[1:]]
+    return jobs
+
+
+def swept_values(master) -> dict[str, list[str]] | None:
+    """Each key's `key=value` overrides in the basic sweeper's order: the sweep file's params, then the command
+    line, where a later override of the same key replaces the earlier, as in the sweeper. None when a value is
+    not a list (a range or interval: another sweeper's search space)."""
     params = OmegaConf.to_container(master.hydra.sweeper.params, resolve=True) if master.hydra.sweeper.params else {}
     lines = [f"{key}={value}" for key, value in params.items()] + list(master.hydra.overrides.task)
-    values: dict[str, list[str]] = {}  # a later override of the same key replaces the earlier, as in the sweeper
+    values: dict[str, list[str]] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.get_key_element()
         if not override.is_sweep_override():
@@ -125,12 +150,8 @@ def sweep_jobs(master) -> list[list[str]]:
         elif override.is_discrete_sweep():
             values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            return []
-    first = [choices[0] for choices in values.values()]
-    jobs = [first]
-    for index, choices in enumerate(values.values()):
-        jobs += [first[:index] + [choice] + first[index + 1:] for choice in choices[1:]]
-    return jobs
+            return None
+    return values
 
 
 def describe(err: Exception, app=None) -> str:
@@ -189,3 +210,8 @@ def fail(err: BaseException) -> NoReturn:
     print(f"{err.label}: {err}", file=sys.stderr)
     sys.exit(err.exit_code)
 
+
+def group_options(conf_dir: Path) -> dict[str, list[str]]:
+    """Each config group's options, as files under conf/ (the schemas `base_*` are not options)."""
+    return {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in sorted(conf_dir.iterdir())
+            if group.is_dir()}

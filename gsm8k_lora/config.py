@@ -85,15 +85,29 @@ class DataConfig:
     max_bad_fraction: float = MISSING
     train_limit: int | None = MISSING
     val_limit: int | None = MISSING
-    # synthetic generator only
-    num_train: int = MISSING
-    num_test: int = MISSING
-    synthetic_seed: int = MISSING
+    # synthetic generator only: null for the other sources
+    num_train: int | None = MISSING
+    num_test: int | None = MISSING
+    synthetic_seed: int | None = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("hub", "local", "synthetic"))
+        # A key the chosen source would ignore is a mistake to name, not to pass over in silence.
         if self.source in ("hub", "local"):
             _check(bool(self.path), "data.path", self.path, f"required for data.source={self.source}")
+            for key in ("num_train", "num_test", "synthetic_seed"):
+                _check(getattr(self, key) is None, f"data.{key}", getattr(self, key),
+                       f"data.source={self.source} ignores it: only data=synthetic generates rows")
+        if self.source != "hub":
+            _check(self.name is None, "data.name", self.name,
+                   f"data.source={self.source} ignores it: a dataset config is for a hub dataset (data=gsm8k)")
+        if self.source == "synthetic":
+            _check(self.path is None, "data.path", self.path,
+                   "data.source=synthetic generates its rows and reads no file: use data=local data.path=... for files")
+            for key in ("num_train", "num_test", "synthetic_seed"):
+                _check(getattr(self, key) is not None, f"data.{key}", None, "required for data.source=synthetic")
+            _check(self.num_train >= 10, "data.num_train", self.num_train, "must be at least 10")
+            _check(self.num_test >= 1, "data.num_test", self.num_test, "must be at least 1")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
                "must be in [0, 1]")
@@ -101,8 +115,6 @@ class DataConfig:
                "must be a positive integer or null")
         _check(self.val_limit is None or self.val_limit > 0, "data.val_limit", self.val_limit,
                "must be a positive integer or null")
-        _check(self.num_train >= 10, "data.num_train", self.num_train, "must be at least 10")
-        _check(self.num_test >= 1, "data.num_test", self.num_test, "must be at least 1")
 
 
 @dataclass

@@ -25,6 +25,13 @@ class ModelLoadError(RuntimeError):
     label = "error"
 
 
+class RunDirBusy(RuntimeError):
+    """The run directory is in use by another process; nothing was touched."""
+
+    exit_code = 2
+    label = "error"
+
+
 class RunStopped(RuntimeError):
     """Training stopped on purpose (a signal) or for a reason the user must act on (NaN, out of memory)."""
 
@@ -36,7 +43,7 @@ class RunStopped(RuntimeError):
         self.label = "stopped" if exit_code > 128 else "error"  # > 128: 128 + a signal's number
 
 
-EXPECTED = (ConfigError, DataError, ModelLoadError, RunStopped)
+EXPECTED = (ConfigError, DataError, ModelLoadError, RunDirBusy, RunStopped)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) outside training: stop at once, in one line
 
 

@@ -1,8 +1,10 @@
-"""GSM8K accuracy from generated, graded answers: `python -m gsm8k_lora.evaluate [adapter=DIR] [overrides]`.
+"""GSM8K accuracy from generated, graded answers: `python -m gsm8k_lora.evaluate [adapter=RUN_DIR] [overrides]`.
 
 The same questions are answered by the base model (adapter disabled) and the fine-tuned model;
 every grading rule gets its accuracy with a 95% Wilson interval, and the pair a difference and an
-exact McNemar test (`evaluation/`). Writes `predictions.jsonl` and `eval_metrics.json` to the run directory.
+exact McNemar test (`evaluation/`). Writes `predictions.jsonl` and `eval_metrics.json` to its own directory.
+Like `train`, the command's door answers `--help` and config mistakes before the libraries are imported; the
+evaluation itself is `evaluation/standalone.py`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,13 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
 
-from gsm8k_lora import cli, records
-from gsm8k_lora.config import register_configs, validate
-from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora import cli, hub, preflight
+from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
 from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate
-from gsm8k_lora.evaluation.scoring import summary_lines
-from gsm8k_lora.model.loading import four_bit_device, load
-from gsm8k_lora.model.sources import resolve as resolve_weights
 from gsm8k_lora.records import resolve_adapter, run_directory
 
 # What an evaluation of a run directory takes from the run's own config.yaml unless the command line sets it.
@@ -50,38 +46,56 @@ def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
         if ours != theirs:
             raise ConfigError(f"{key}={ours!r} is invalid: the adapter in {run_dir} was trained on {key}={theirs!r}; "
                               f"drop the model override to evaluate it on its own base model")
-    print(f"evaluate: model, data and prompt from {run_dir / 'config.yaml'} (command-line overrides win)")
     return merged
 
 
-def run(raw: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Compose (the run's own config where an adapter has one), validate, load, answer, write."""
-    merged = inherit_run_config(raw, overrides or [])
+def checked_config(raw: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
+    """The config to evaluate (a run's own where `adapter=` names one), validated, with everything this machine
+    cannot do for it said at once (ConfigError)."""
+    merged = inherit_run_config(raw, overrides)
     cfg = validate(merged)
-    if cfg.model.load_in_4bit:
-        four_bit_device()  # bitsandbytes installed, with kernels for this device
-    adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
-    splits = build_splits(cfg.data)
-    rows = eval_rows(splits, cfg.eval)
-    weights = resolve_weights(cfg.model, cfg.cache_dir)
-    model, tokenizer = load(cfg.model, cfg.cache_dir, resolved=weights)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is already placed by its device map
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-    records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
-    predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None)
-    records.write_eval(run_dir, predictions, metrics)
-    for line in summary_lines(metrics):
-        print(line)
-    return metrics
+    if cfg.adapter:
+        resolve_adapter(cfg.adapter)
+    found = preflight.problems(cfg, training=False)
+    if found:
+        raise ConfigError(preflight.message(found))
+    return cfg, merged
+
+
+def help_text() -> str:
+    options = cli.group_options(CONF_DIR)
+    return "\n".join([
+        "usage: python -m gsm8k_lora.evaluate [adapter=RUN_DIR] [group=option ...] [key=value ...]",
+        "",
+        "Answers GSM8K questions with a model and grades the answers (by-value, and lm-eval's strict-match and",
+        "flexible-extract), each accuracy with a 95% interval. With adapter=, the base model (adapter disabled) and",
+        "the fine-tuned one answer the same questions, and a paired McNemar test compares them.",
+        "",
+        "  adapter=outputs/runs/RUN        a run directory (or its adapter/): its own model, data, prompt and system",
+        "                                  prompt are used unless the command line overrides them",
+        "  model=smollm2_135m              a base model alone (options: " + ", ".join(options["model"]) + ")",
+        "  eval.prompt=lm_eval_gsm8k_plain the protocol (zero_shot_cot, fewshot, lm_eval_gsm8k, lm_eval_gsm8k_plain)",
+        "  eval.limit=100                  answer the first 100 questions (all 1,319 by default)",
+        "  eval.num_samples=8 eval.temperature=0.7   self-consistency: maj@8 and pass@8",
+        "  eval.split=validation           questions from the validation split instead of the test split",
+        "",
+        "It writes eval_metrics.json and predictions.jsonl to its own directory (hydra.run.dir=...).",
+        "every key and its value: --cfg job;  Hydra's own help: --hydra-help",
+    ])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        run(raw, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        cfg, merged = checked_config(raw, overrides)
+        from gsm8k_lora.evaluation import standalone  # deferred: the libraries, after the checks (see the top)
+
+        if run_directory(raw.adapter) is not None:
+            print(f"evaluate: model, data and prompt from {run_directory(raw.adapter) / 'config.yaml'} "
+                  f"(command-line overrides win)")
+        standalone.run(cfg, merged, Path(hydra_cfg.runtime.output_dir))
     except EXPECTED as err:
         cli.fail(err)
     except KeyboardInterrupt:
@@ -91,4 +105,14 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    cli.run(main)  # a config mistake: one line, exit code 2
+    cli.answer_help(help_text())
+    try:
+        setup_globals()
+        composed = cli.compose(sys.argv[1:])
+        for job in composed.jobs if composed else []:
+            checked_config(cli.task_config(job), composed.overrides)
+        if hub.unreachable_note():
+            print(hub.unreachable_note(), file=sys.stderr)
+    except EXPECTED as error:
+        cli.fail(error)
+    main()

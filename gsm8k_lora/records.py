@@ -8,7 +8,12 @@
 
 `done.json` is written last, after every result file; a job directory without it is incomplete, so a sweep
 started again re-runs only what is missing or failed. Each file is written whole or not at all (written
-beside, then renamed): a reader never sees half a file.
+beside, then renamed): a reader never sees half a file, and a write that fails (a full disk) leaves no
+half-written temporary file behind.
+
+A directory holds one run: `RunLock` keeps a second process out while one works in it, and
+`training_differences` names the settings a rerun changed, so a resume never continues a run trained with
+other settings.
 """
 
 from __future__ import annotations
@@ -17,20 +22,31 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import yaml
+from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora.errors import ConfigError
+from gsm8k_lora.errors import ConfigError, RunDirBusy
 
 PACKAGES = ("gsm8k_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "wandb",
             "bitsandbytes")
 DONE, FAILED = "done.json", "failed.json"
+CHECKPOINT_MARKER = ".complete"  # written into a checkpoint once the Trainer has written all of its files
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a run writes into its directory (Hydra's `.hydra/` and job log, and W&B's `wandb/`, aside).
+RUN_FILES = ("config.yaml", "environment.json", "metrics.json", "log_history.json", "eval_metrics.json",
+             "predictions.jsonl", "report.md", "wandb_run.txt", DONE, FAILED)
+RUN_DIRS = ("checkpoints", "adapter", "merged")
 
 
 def is_main_process() -> bool:
@@ -40,8 +56,12 @@ def is_main_process() -> bool:
 
 def write_text(path: Path, text: str) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -107,8 +127,12 @@ def write_figures(directory: Path, figures: dict[str, Figure | None]) -> list[Pa
             continue
         path = directory / f"{name}.png"
         tmp = directory / f".{name}.png.tmp"
-        figure.savefig(tmp, format="png")
-        tmp.replace(path)
+        try:
+            figure.savefig(tmp, format="png")
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         paths.append(path)
     return paths
 
@@ -165,7 +189,124 @@ def mark_done(job_dir: Path, overrides: list[str], objective: str, value: float 
 
 
 def mark_failed(job_dir: Path, overrides: list[str], err: BaseException) -> None:
-    job_dir.mkdir(parents=True, exist_ok=True)
+    """failed.json, best effort: when the failure is a full disk, the marker may not fit either, and the one
+    line the user gets matters more than a traceback about the marker."""
     last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
     where = f"{last[0].filename}:{last[0].lineno}" if last else None
-    write_json(job_dir / FAILED, {"overrides": overrides, "error": f"{type(err).__name__}: {err}", "where": where})
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json(job_dir / FAILED, {"overrides": overrides, "error": f"{type(err).__name__}: {err}", "where": where})
+    except OSError:
+        pass
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoints the Trainer finished writing, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if (m := _CHECKPOINT_RE.match(p.name)) and (p / CHECKPOINT_MARKER).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Something a rerun could continue or mix with: a complete checkpoint, an adapter or training figures."""
+    return bool(complete_checkpoints(run_dir / "checkpoints")) or (run_dir / "adapter").is_dir() \
+        or (run_dir / "metrics.json").exists()
+
+
+def finished_training(run_dir: Path) -> dict | None:
+    """The training figures of a run whose training ended and was written (its adapter and metrics.json),
+    else None: a resume of it goes straight to evaluation."""
+    if (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "metrics.json").exists():
+        return read_json(run_dir / "metrics.json")
+    return None
+
+
+# Settings a resume may change, because they cannot change what was trained: how the trained model is
+# evaluated (eval.*, except the accuracy during training, which can choose the best checkpoint), reported and
+# logged; where to resume from; merging after training; data loader workers (the data order comes from the
+# sampler, in the main process); labels (experiment_name, objective) and where builtin models are cached.
+# Every other key (model.*, data.*, lora.*, trainer.*, grid) shapes the training and must be the same.
+MAY_DIFFER = ("eval.", "report.", "logger.", "trainer.resume", "trainer.save_merged", "trainer.dataloader_num_workers",
+              "experiment_name", "objective", "cache_dir", "adapter")
+MUST_MATCH = ("eval.during_training", "eval.during_training_limit")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def training_differences(old: dict, new: dict) -> list[str]:
+    """`key old -> new` for each setting that shapes training and differs between two resolved configs. A key
+    only one of them has (a config written by another version of the package) is not compared."""
+    before, after = _flat(old), _flat(new)
+    differ = []
+    for key in sorted(before.keys() & after.keys()):
+        free = key.startswith(MAY_DIFFER) and not key.startswith(MUST_MATCH)
+        if not free and before[key] != after[key]:
+            differ.append(f"{key} {before[key]!r} -> {after[key]!r}")
+    return differ
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote here (checkpoints, adapter, figures, plots), so a fresh start cannot
+    mix with it. Hydra's `.hydra/` and log, and W&B's `wandb/`, stay."""
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("*.png")]:
+        path.unlink(missing_ok=True)
+
+
+def discard_empty_run(run_dir: Path) -> bool:
+    """Remove a run directory this process made that holds nothing of a run (only Hydra's files, a failure
+    marker, the config it failed on): a run that failed before it began leaves nothing behind. True if removed."""
+    kept = [run_dir / "checkpoints", run_dir / "eval_metrics.json", run_dir / "wandb"]
+    if not run_dir.is_dir() or holds_run(run_dir) or any(p.exists() for p in kept):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+class RunLock:
+    """One process per run directory, held while it works there: `filelock.FileLock`, an flock(2) on
+    `.lock`, which the operating system releases when the holder dies (kill -9 included), so a lock left by
+    a dead process never blocks a resume. Who holds it is written beside (`.lock.json`): a second process is
+    told who, and a record left by a holder that died is recognised as stale and taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.holder_file = run_dir / ".lock.json"
+        self._lock: FileLock | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise RunDirBusy naming the holder; returns a note when a stale lock was taken over."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.run_dir / ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = read_json(self.holder_file)
+            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}" if holder
+                   else "another process")
+            raise RunDirBusy(f"{self.run_dir} is in use by {who}: wait for it to end, or give this run another "
+                             f"hydra.run.dir") from None
+        self._lock = lock
+        stale = read_json(self.holder_file)
+        write_json(self.holder_file, {"pid": os.getpid(), "host": socket.gethostname(),
+                                      "started": datetime.now().isoformat(timespec="seconds"),
+                                      "command": " ".join(sys.argv)})
+        if stale:
+            return (f"took over the lock of {self.run_dir} left by pid {stale['pid']} on {stale['host']} "
+                    f"(started {stale['started']}), which ended without releasing it")
+        return None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self.holder_file.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None

@@ -1,15 +1,10 @@
 """Fine-tune with LoRA on GSM8K and measure what it bought: `python -m gsm8k_lora.train [overrides]`.
 
-The recipe, top to bottom; each step is a call into the folder that holds it (ARCHITECTURE.md):
-  1. compose    Hydra composes conf/ and the command line                        (`main`, `cli.run`)
-  2. validate   the typed schemas check every value, before anything loads     `config.py`
-  3. data       GSM8K loaded, cleaned, split; the questions to answer picked     `data/`
-  4. model      the weights resolved (hub, directory, GGUF, PyPI copy), loaded   `model/`
-  5. trainer    TRL's SFTTrainer from our config (`build_sft_config`)          `training/`
-  6. train      resumable, stopped cleanly by a signal, a NaN or OOM            `training/`
-  7. evaluate   baseline and fine-tuned answers, generated and graded           `evaluation/`
-  8. report     report.md and plots from the run directory's files alone        `reporting/`
-Every file goes to the run directory through `records.py`, and every W&B call through `tracking.py`.
+This module is the command. Its door answers before the libraries are imported (they take ~8 s): `--help`,
+and in one line with exit code 2 any config mistake or anything this machine cannot do, for every job of a
+sweep before the first starts. `main` is Hydra's job: it keeps one process in a run directory, never lets a
+rerun with other settings continue an earlier run, skips a finished job, marks a failed one, and hands the
+run to the recipe (`recipe.py`, steps 3 to 8).
 """
 
 from __future__ import annotations
@@ -19,115 +14,120 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, records, tracking
-from gsm8k_lora.config import Config, register_configs, validate
-from gsm8k_lora.data.formatting import describe_system_prompt
-from gsm8k_lora.data.loading import Splits, build_splits
-from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError, stops_a_sweep
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate
-from gsm8k_lora.evaluation.scoring import summary_lines
-from gsm8k_lora.model import sources
-from gsm8k_lora.model.loading import four_bit_device, load, resolve_dtype, weight_memory
-from gsm8k_lora.reporting import plots
-from gsm8k_lora.reporting.report import build as build_report
-from gsm8k_lora.training import sft
+from gsm8k_lora import cli, hub, preflight, records
+from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
+from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError, RunDirBusy, stops_a_sweep
+
+HELP_OVERRIDES = (
+    ("lora.r=16 lora.alpha=32", "the adapter's rank and scale (alpha / r)"),
+    ("trainer.learning_rate=1e-4", "the learning rate (the reference run's: 2e-4)"),
+    ("trainer.num_train_epochs=1", "epochs (trainer.max_steps=N stops earlier)"),
+    ("eval.limit=200", "answer at most 200 test questions (all 1,319 by default)"),
+    ("hydra.run.dir=outputs/runs/mine", "the run directory; the same command again resumes it"),
+)
 
 
-def check_hardware(cfg: Config) -> None:
-    """Settings this machine cannot run, caught before anything is loaded."""
-    cuda = torch.cuda.is_available() and not cfg.trainer.use_cpu
-    if cfg.trainer.bf16 and not (cuda and torch.cuda.is_bf16_supported()):
-        raise ConfigError("trainer.bf16=True is invalid: this machine has no bf16-capable CUDA GPU; "
-                          "use trainer=cpu_smoke or trainer.bf16=false")
-    if cfg.trainer.fp16 and not cuda:
-        raise ConfigError("trainer.fp16=True is invalid: fp16 mixed precision needs a CUDA GPU")
-    if cfg.trainer.tf32 and not cuda:
-        raise ConfigError("trainer.tf32=True is invalid: TF32 needs an Ampere or newer CUDA GPU; set it to null")
-    if cfg.model.load_in_4bit:
-        four_bit_device(cfg.trainer.use_cpu)  # bitsandbytes installed, with kernels for this device
+def help_text() -> str:
+    options = cli.group_options(CONF_DIR)
+    listed = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
+    defaults = {k: v for item in listed if isinstance(item, dict) for k, v in item.items()}
+    width = max(len(g) for g in options)
+    groups = [f"  {g:{width}s}  " + ", ".join(f"{o} (default)" if o == defaults.get(g) else o for o in opts)
+              for g, opts in options.items()]
+    overrides = [f"  {o:34s} {what}" for o, what in HELP_OVERRIDES]
+    return "\n".join([
+        "usage: python -m gsm8k_lora.train [group=option ...] [key=value ...]",
+        "",
+        "Fine-tunes a model with LoRA on GSM8K (TRL's SFTTrainer), then answers GSM8K test questions with the base",
+        "model and the fine-tuned one and grades both; writes everything to a run directory and to W&B.",
+        "The default is Falcon3-1B-Instruct on one CUDA GPU. On a CPU: experiment=smoke (make demo) or",
+        "experiment=real_cpu (make real).",
+        "",
+        "config groups (group=option):", *groups,
+        "",
+        "overrides people use most:", *overrides,
+        "",
+        "a sweep: python -m gsm8k_lora.train -m trainer.learning_rate=1e-4,2e-4  (or make sweep)",
+        "every key and its value: --cfg job;  Hydra's own help: --hydra-help;  the menu of the Makefile: make help",
+    ])
 
 
-def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
-    """Step 3: the splits, and the questions evaluation will answer (data problems surface before the model loads)."""
-    splits = build_splits(cfg.data)
-    stats = splits.stats
-    print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
-          f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
-    return splits, (eval_rows(splits, cfg.eval) if cfg.eval.enabled else [])
+def rerun_problem(run_dir: Path, resolved: dict, resume: str) -> str | None:
+    """Why this config may not continue the run already in `run_dir` (None: it may, or there is none)."""
+    if resume != "auto" or not (run_dir / "config.yaml").exists() or not records.holds_run(run_dir):
+        return None
+    differ = records.training_differences(records.read_config(run_dir), resolved)
+    if not differ:
+        return None
+    return (f"hydra.run.dir={run_dir} holds a run trained with other settings ({'; '.join(differ)}); to keep "
+            f"both, give this run a new hydra.run.dir, or add trainer.resume=never to start {run_dir} afresh "
+            f"(deleting its checkpoints and results)")
 
 
-def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
-    """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
-    facts `metrics.json` keeps about them."""
-    weights = sources.resolve(cfg.model, cfg.cache_dir)
-    resolved = records.write_run_record(run_dir, raw_cfg, weights.as_dict()) if main_process else {}
-    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
-    facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
-    facts.update(model_weights=weights.description,
-                 rows_validation_loss=len(sft.validation_for_loss(cfg, splits)),
-                 system_prompt=describe_system_prompt(tokenizer, cfg.data.system_prompt))
-    print(f"model: {weights.description}; system prompt: {facts['system_prompt']}")
-    return model, tokenizer, facts, resolved
+def check_configs(composed: cli.Composed) -> list[Config]:
+    """Every job's config validated, and everything this machine cannot do for them, said once (ConfigError)."""
+    configs = [validate(cli.task_config(job)) for job in composed.jobs]
+    found = list(dict.fromkeys(p for cfg in configs for p in preflight.problems(cfg)))  # once each, in order
+    if found:
+        raise ConfigError(preflight.message(found, sweep=composed.multirun))
+    return configs
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=None) -> dict:
-    """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together).
-    `on_stop_now` is called when a second SIGINT/SIGTERM ends training at once."""
-    main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
-    run_dir.mkdir(parents=True, exist_ok=True)
-    splits, questions = load_data(cfg)
-    model, tokenizer, facts, resolved = prepare_model(cfg, splits, run_dir, raw_cfg, main_process)
-    tracker = tracking.start(cfg.logger, run_dir, name, resolved) if main_process else tracking.Tracker()
-    exit_code = 1
-    try:
-        trainer = sft.build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", name, main_process,
-                                    tracker.callback(), on_stop_now)
-        sft.train(trainer, cfg, run_dir)
-        trainer.save_model(str(run_dir / "adapter"))
-        if not main_process:
-            exit_code = 0
-            return {}
-        tokenizer.save_pretrained(run_dir / "adapter")
-        metrics = {**sft.training_metrics(trainer, splits, cfg), **facts}
-        history = trainer.state.log_history
-        records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
-        tracker.summary(metrics)
-        eval_figures = {}
-        if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
-            predictions, eval_figures = evaluate(cfg, trainer.model, tokenizer, splits, questions, adapters=True)
-            records.write_eval(run_dir, predictions, eval_figures)
-            tracker.summary({k: v for k, v in eval_figures.items() if isinstance(v, (int, float))})
-            tracker.predictions(predictions)
-            print("\n".join(summary_lines(eval_figures)))
-        if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
-            trainer.model.merge_and_unload().save_pretrained(run_dir / "merged")
-            tokenizer.save_pretrained(run_dir / "merged")
-        if cfg.report.enabled:
-            text, figures = build_report(run_dir, cfg.report.gpu_hour_price_usd)
-            print(f"report: {records.write_text(run_dir / 'report.md', text)}")
-            records.write_figures(run_dir, figures)
-            tracker.images(sorted(run_dir.glob("*.png")))
-        print_loss_summary(metrics, run_dir)
-        exit_code = 0
-        return {**metrics, **eval_figures}
-    finally:
-        tracker.finish(exit_code)
+class Door:
+    """What the command checks and holds before Hydra starts: in a single run, the run directory it will use
+    (pinned on the command line, so Hydra picks the same one), no earlier run there with other settings, and
+    the directory's lock, held until the process ends."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self.fresh = False  # this process made the run directory: remove it again if the run never began
+        self.lock: records.RunLock | None = None
+
+    def open(self, argv: list[str]) -> None:
+        setup_globals()  # Hydra's resolvers (`now`), as @hydra.main registers them
+        composed = cli.compose(argv)
+        if composed is None:
+            return
+        configs = check_configs(composed)
+        if hub.unreachable_note():
+            print(hub.unreachable_note(), file=sys.stderr)
+        if composed.multirun:
+            return
+        run_dir = Path(str(OmegaConf.select(composed.jobs[0], "hydra.run.dir"))).absolute()
+        problem = rerun_problem(run_dir, OmegaConf.to_container(cli.task_config(composed.jobs[0]), resolve=True),
+                                configs[0].trainer.resume)
+        if problem:
+            raise ConfigError(problem)
+        if not any(a.startswith("hydra.run.dir=") for a in argv):
+            sys.argv.append(f"hydra.run.dir={run_dir}")  # `${now:...}` could resolve to another second in Hydra
+        self.run_dir, self.fresh = run_dir, not run_dir.exists()
+        if records.is_main_process():  # data-parallel ranks share the directory; rank 0 holds it
+            self.lock = records.RunLock(run_dir)
+            note = self.lock.acquire()
+            if note:
+                print(note, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
-def print_loss_summary(metrics: dict, run_dir: Path) -> None:
-    def fmt(key: str) -> str:
-        value = metrics.get(key)
-        return "n/a" if value is None else f"{value:.4f}"
+DOOR = Door()
 
-    print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
-          f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
-          f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
-    print(f"run directory: {run_dir}")
+
+def skip_line(job_dir: Path, done: dict) -> str:
+    return (f"skipping {job_dir}: completed before with the same overrides ({done['objective']}={done['value']}); "
+            f"to run it again, add trainer.resume=never (starts it afresh) or give another hydra.run.dir")
+
+
+def stopped_at_once(job_dir: Path) -> str:
+    return (f"stopped at once; checkpoints in {job_dir / 'checkpoints'} marked .complete can be resumed with the "
+            f"same command and hydra.run.dir={job_dir}")
 
 
 def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
@@ -136,20 +136,35 @@ def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
     return ",".join(keep) if keep else fallback
 
 
-def stopped_at_once(job_dir: Path) -> str:
-    return (f"stopped at once; checkpoints in {job_dir / 'checkpoints'} marked .complete can be resumed with the "
-            f"same command and hydra.run.dir={job_dir}")
-
-
 def main_guarded(cfg: DictConfig) -> float | None:
-    """Steps 2 to 8 for one Hydra job; expected failures become one line and a non-zero exit (in a sweep,
-    the job is marked failed and Hydra goes on with the others)."""
+    """One Hydra job: its run directory's bookkeeping around the recipe. An expected failure is one line and a
+    non-zero exit; in a sweep the job is marked failed and the others go on (the sweep's end reports it)."""
     hydra_cfg = HydraConfig.get()
-    job_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    job_dir, overrides = Path(hydra_cfg.runtime.output_dir).absolute(), list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    lock = None
+    if DOOR.run_dir != job_dir and records.is_main_process():  # a sweep's job: its own directory's lock
+        lock = records.RunLock(job_dir)
+    try:
+        if lock is not None:
+            note = lock.acquire()
+            if note:
+                print(note, file=sys.stderr)
+        return guarded_job(cfg, job_dir, overrides, multirun)
+    except RunDirBusy as err:  # another process's directory, or another run's: nothing was touched
+        if not multirun:
+            cli.fail(err)
+        print(f"job {job_dir.name} refused: {err}", file=sys.stderr)
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: bool) -> float | None:
     done = records.completed(job_dir, overrides)
     if done is not None:
-        print(f"skipping {job_dir}: completed before with the same overrides ({done['objective']}={done['value']})")
+        print(skip_line(job_dir, done))
         return done["value"]
 
     def stop_now() -> None:  # a second signal in training, or Ctrl-C outside it: record the stop, say one line
@@ -157,15 +172,28 @@ def main_guarded(cfg: DictConfig) -> float | None:
         print(stopped_at_once(job_dir), file=sys.stderr)
 
     try:
-        config = validate(cfg)
-        check_hardware(config)
+        config = check_configs(cli.Composed(multirun, [cfg], overrides))[0]  # a sweep's job: the door saw a sample
+        problem = rerun_problem(job_dir, OmegaConf.to_container(cfg, resolve=True), config.trainer.resume)
+        if problem:
+            raise RunDirBusy(problem)  # touches nothing: the directory is another run's
+        if config.trainer.resume == "never" and records.holds_run(job_dir):
+            records.clear_run(job_dir)
+            print(f"starting {job_dir} afresh (trainer.resume=never): its earlier checkpoints and results are deleted")
         if multirun and config.logger.group is None:  # one W&B group per sweep: its directory name
-            config.logger.group = Path(hydra_cfg.sweep.dir).name
-        results = run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name), stop_now)
+            config.logger.group = Path(HydraConfig.get().sweep.dir).name
+        from gsm8k_lora import recipe  # deferred: torch, transformers, TRL and PEFT, after the checks (see the top)
+
+        results = recipe.run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name),
+                             stop_now)
+    except RunDirBusy:
+        raise
     except EXPECTED as err:
+        if not multirun and DOOR.fresh and records.discard_empty_run(job_dir):
+            cli.fail(err)  # the run never began: nothing is left behind
         records.mark_failed(job_dir, overrides, err)
-        if multirun and not stops_a_sweep(err):  # Hydra marks the job failed and goes on with the others
-            raise
+        if multirun and not stops_a_sweep(err):  # one line; the other jobs go on, and the sweep's end says it
+            print(f"job {job_dir.name} failed: {err.label}: {err}", file=sys.stderr)
+            return None
         cli.fail(err)
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
         stop_now()
@@ -189,4 +217,12 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    cli.run(main)  # step 1, checked first: a config mistake is one line, exit code 2
+    cli.answer_help(help_text())
+    try:
+        DOOR.open(sys.argv[1:])  # steps 1 and 2: compose and check, before anything loads
+    except EXPECTED as error:
+        cli.fail(error)
+    try:
+        main()
+    finally:
+        DOOR.close()

@@ -184,7 +184,7 @@ def test_missing_local_path_is_reported():
 
 @pytest.mark.parametrize("args, needle", [
     (["lora.r=0"], "lora.r=0 is invalid: must be a positive integer"),
-    pytest.param(["trainer.bf16=true"], "trainer.bf16=True is invalid",
+    pytest.param(["trainer.bf16=true", "trainer.use_cpu=false"], "trainer.bf16=True needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 is valid on a GPU")),
     (["lora.rr=8"], "lora.rr is invalid"),
     (["lora=nonexistent"], "allowed: attn_only, default, r16"),

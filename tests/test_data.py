@@ -30,9 +30,9 @@ def test_local_parquet_in_the_hub_layout_loads_through_load_dataset(tmp_path):
         "  - split: test\n    path: main/test-*\n---\n")
     splits = data.build_splits(compose(f"data.path={tmp_path}").data)
     assert (splits.stats["rows_train"] + splits.stats["rows_validation"], splits.stats["rows_test"]) == (40, 8)
-    # data=local reads the same directory
-    local = data.build_splits(compose("data=local", f"data.path={tmp_path}").data)
-    assert local.stats == splits.stats
+    # data=local reads the directory's own train*/test* files only: none here, and it says where to go
+    with pytest.raises(data.DataError, match="data=gsm8k data.path="):
+        data.build_splits(compose("data=local", f"data.path={tmp_path}").data)
 
 
 def test_unreachable_hub_dataset_suggests_offline_options():

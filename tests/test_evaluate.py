@@ -89,7 +89,7 @@ def test_metrics_compare_baseline_and_finetuned_on_the_same_questions():
 
 @pytest.mark.parametrize("style", ["fewshot", "lm_eval_gsm8k"])
 def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir, tmp_path, monkeypatch, style):
-    """The path `python -m gsm8k_lora.evaluate` takes (evaluate.run -> answers.evaluate -> answers.answer), with the
+    """The path `python -m gsm8k_lora.evaluate` takes (standalone.run -> answers.evaluate -> answers.answer), with the
     prompts read where they go into generation: each holds k worked examples from the source's train split
     (the package's train and validation rows; lm-eval draws from all of it), by content, and of the test
     split only the question under test."""
@@ -98,7 +98,7 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
     from gsm8k_lora import evaluate
     from gsm8k_lora.config import register_configs, validate
     from gsm8k_lora.data.loading import build_splits
-    from gsm8k_lora.evaluation import answers
+    from gsm8k_lora.evaluation import answers, standalone
 
     prompts: list[str] = []
     real_generate = answers.generate
@@ -113,7 +113,7 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
         raw = compose(config_name="config", overrides=[
             "experiment=smoke", "logger=none", f"eval.prompt={style}", "eval.num_fewshot=3", "eval.limit=4",
             "eval.max_new_tokens=2", "data.num_train=100", "data.num_test=10"])
-    evaluate.run(raw, tmp_path)
+    standalone.run(*evaluate.checked_config(raw, []), tmp_path)
 
     splits = build_splits(validate(raw).data)  # the same seeded data, built again here
     train_source, test = splits.train.to_list() + splits.validation.to_list(), splits.test.to_list()

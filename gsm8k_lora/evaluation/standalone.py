@@ -1,0 +1,37 @@
+"""An evaluation on its own (`python -m gsm8k_lora.evaluate`): load the model (and adapter), answer, grade,
+write `eval_metrics.json` and `predictions.jsonl`, say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from gsm8k_lora import records
+from gsm8k_lora.config import Config
+from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.scoring import summary_lines
+from gsm8k_lora.model.loading import load, to_device
+from gsm8k_lora.model.sources import resolve as resolve_weights
+from gsm8k_lora.records import resolve_adapter
+
+
+def run(cfg: Config, merged: DictConfig, run_dir: Path) -> dict:
+    """Load, answer, write; `merged` is the config as evaluated (a run's own, with the command line's changes)."""
+    adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
+    splits = build_splits(cfg.data)
+    rows = eval_rows(splits, cfg.eval)
+    weights = resolve_weights(cfg.model, cfg.cache_dir)
+    model, tokenizer = load(cfg.model, cfg.cache_dir, resolved=weights)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    to_device(model)
+    records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
+    predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None)
+    records.write_eval(run_dir, predictions, metrics)
+    for line in summary_lines(metrics):
+        print(line)
+    print(f"evaluation written to {run_dir} (eval_metrics.json, predictions.jsonl)")
+    return metrics

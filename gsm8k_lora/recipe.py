@@ -1,0 +1,118 @@
+"""The recipe: fine-tune with LoRA on GSM8K and measure what it bought. `python -m gsm8k_lora.train` runs it.
+
+Top to bottom; each step is a call into the folder that holds it (ARCHITECTURE.md):
+  1. compose    Hydra composes conf/ and the command line                        `train.py`, `cli.py`
+  2. validate   the typed schemas and this machine's limits, before anything loads  `config.py`, `preflight.py`
+  3. data       GSM8K loaded, cleaned, split; the questions to answer picked     `data/`
+  4. model      the weights resolved (hub, directory, GGUF, PyPI copy), loaded   `model/`
+  5. trainer    TRL's SFTTrainer from our config (`build_sft_config`)          `training/`
+  6. train      resumable, stopped cleanly by a signal, a NaN or OOM            `training/`
+  7. evaluate   baseline and fine-tuned answers, generated and graded           `evaluation/`
+  8. report     report.md and plots from the run directory's files alone        `reporting/`
+Steps 1 and 2 are the door of `train.py`; this module is steps 3 to 8. Every file goes to the run directory
+through `records.py`, and every W&B call through `tracking.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from gsm8k_lora import records, tracking
+from gsm8k_lora.config import Config
+from gsm8k_lora.data.formatting import describe_system_prompt
+from gsm8k_lora.data.loading import Splits, build_splits
+from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.scoring import summary_lines
+from gsm8k_lora.model import sources
+from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
+from gsm8k_lora.reporting import plots
+from gsm8k_lora.reporting.report import build as build_report
+from gsm8k_lora.training import sft
+
+
+def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
+    """Step 3: the splits, and the questions evaluation will answer (data problems surface before the model loads)."""
+    splits = build_splits(cfg.data)
+    stats = splits.stats
+    print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
+          f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
+    return splits, (eval_rows(splits, cfg.eval) if cfg.eval.enabled else [])
+
+
+def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
+    """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
+    facts `metrics.json` keeps about them."""
+    weights = sources.resolve(cfg.model, cfg.cache_dir)
+    resolved = records.write_run_record(run_dir, raw_cfg, weights.as_dict()) if main_process else {}
+    model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
+    facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
+    facts.update(model_weights=weights.description,
+                 rows_validation_loss=len(sft.validation_for_loss(cfg, splits)),
+                 system_prompt=describe_system_prompt(tokenizer, cfg.data.system_prompt))
+    print(f"model: {weights.description}; system prompt: {facts['system_prompt']}")
+    return model, tokenizer, facts, resolved
+
+
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=None) -> dict:
+    """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together).
+    `on_stop_now` is called when a second SIGINT/SIGTERM ends training at once."""
+    main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits, questions = load_data(cfg)
+    model, tokenizer, facts, resolved = prepare_model(cfg, splits, run_dir, raw_cfg, main_process)
+    # A run whose training ended and was written (stopped later, while answering) is not trained again.
+    finished = records.finished_training(run_dir) if cfg.trainer.resume == "auto" else None
+    tracker = tracking.start(cfg.logger, run_dir, name, resolved) if main_process else tracking.Tracker()
+    exit_code = 1
+    try:
+        if finished is not None:
+            print(f"training finished earlier, at step {finished['steps']}: evaluating {run_dir / 'adapter'}")
+            model = to_device(PeftModel.from_pretrained(model, str(run_dir / "adapter")), cfg.trainer.use_cpu)
+            metrics = finished
+        else:
+            trainer = sft.build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", name, main_process,
+                                        tracker.callback(), on_stop_now)
+            sft.train(trainer, cfg, run_dir)
+            trainer.save_model(str(run_dir / "adapter"))
+            if not main_process:
+                exit_code = 0
+                return {}
+            tokenizer.save_pretrained(run_dir / "adapter")
+            model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg), **facts}
+            history = trainer.state.log_history
+            records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
+        tracker.summary(metrics)
+        eval_figures = {}
+        if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
+            predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True)
+            records.write_eval(run_dir, predictions, eval_figures)
+            tracker.summary({k: v for k, v in eval_figures.items() if isinstance(v, (int, float))})
+            tracker.predictions(predictions)
+            print("\n".join(summary_lines(eval_figures)))
+        if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
+            model.merge_and_unload().save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+        if cfg.report.enabled:
+            text, figures = build_report(run_dir, cfg.report.gpu_hour_price_usd)
+            print(f"report: {records.write_text(run_dir / 'report.md', text)}")
+            records.write_figures(run_dir, figures)
+            tracker.images(sorted(run_dir.glob("*.png")))
+        print_loss_summary(metrics, run_dir)
+        exit_code = 0
+        return {**metrics, **eval_figures}
+    finally:
+        tracker.finish(exit_code)
+
+
+def print_loss_summary(metrics: dict, run_dir: Path) -> None:
+    def fmt(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
+          f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
+          f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
+    print(f"run directory: {run_dir}")
