@@ -7,6 +7,7 @@ build through them. All training behaviour comes from `SFTConfig` fields, so a T
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
-from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 
 from gsm8k_lora.config import Config, LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
@@ -107,10 +108,41 @@ def build_trainer(cfg: Config, model, tokenizer, splits: Splits, out_dir: Path, 
     return trainer
 
 
+def finished_at(checkpoint: Path, cfg: TrainerConfig) -> bool:
+    """Whether training had ended when this checkpoint was written: its last step, or early stopping's."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    early = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
+    patience = cfg.early_stopping_patience
+    return state["global_step"] >= state["max_steps"] or (
+        patience is not None and early.get("early_stopping_patience_counter", 0) >= patience)
+
+
+def restore_finished(trainer: SFTTrainer, checkpoint: Path) -> None:
+    """The end of a training that had finished, from its checkpoint, instead of training on: the Trainer
+    resumed from its last checkpoint trains one step past `max_steps`. The state, early stopping's count, and
+    the adapter weights the end of training keeps (the best checkpoint's when early stopping is on)."""
+    from peft import set_peft_model_state_dict  # deferred: see the note at the top
+    from safetensors.torch import load_file
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    weights = Path(best) if trainer.args.load_best_model_at_end and best and Path(best).is_dir() else checkpoint
+    set_peft_model_state_dict(trainer.model, load_file(str(weights / "adapter_model.safetensors")))
+    early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    saved = trainer.state.stateful_callbacks.get("EarlyStoppingCallback", {}).get("attributes", {})
+    if early is not None and saved:
+        early.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
+
+
 def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
-    """trainer.train(), resumed from the last complete checkpoint when there is one; a signal, a NaN
-    or an out-of-memory error ends it with a message that says what to do."""
+    """trainer.train(), resumed from the last complete checkpoint when there is one (or, where training had
+    finished there, restored from it); a signal, a NaN or an out-of-memory error ends it with a message that
+    says what to do."""
     checkpoint = resume_checkpoint(cfg.trainer.resume, run_dir / "checkpoints")
+    if checkpoint and finished_at(Path(checkpoint), cfg.trainer):
+        print(f"training had finished at {checkpoint}: restored from it, not trained again")
+        restore_finished(trainer, Path(checkpoint))
+        return
     if checkpoint:
         print(f"resuming from {checkpoint}")
     try:

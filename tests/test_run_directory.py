@@ -1,0 +1,94 @@
+"""A run directory holds one run: a rerun continues it only with the same training settings, never trains past
+its end, goes straight to evaluation once its training is written, and starts afresh only when asked."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+RUN = ["experiment=smoke", "logger=none", "report.enabled=false", "trainer.max_steps=4", "trainer.save_steps=4",
+       "trainer.eval_steps=4", "trainer.logging_steps=2", "eval.limit=4", "eval.max_new_tokens=16",
+       "data.num_train=120", "data.num_test=10"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "log_history.json").read_text())["log_history"]
+
+
+def test_a_rerun_with_other_training_settings_is_refused_and_touches_nothing(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}", "trainer.learning_rate=1e-3", "lora.r=4")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "trainer.learning_rate 0.002 -> 0.001" in line and "lora.r 8 -> 4" in line
+    assert "new hydra.run.dir" in line and "trainer.resume=never" in line
+    assert snapshot(run_dir) == before
+
+
+def test_a_rerun_of_a_completed_run_is_skipped_and_says_how_to_run_it_again(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping" in proc.stdout and "add trainer.resume=never" in proc.stdout
+
+
+def test_a_run_stopped_after_training_answers_without_training_again(finished_run, tmp_path):
+    """Killed while answering: its adapter and metrics.json are written, done.json is not. The rerun may change
+    how it is evaluated (eval.*), and trains nothing."""
+    run_dir = copy_of(finished_run, tmp_path)
+    for name in ("done.json", "eval_metrics.json", "predictions.jsonl"):
+        (run_dir / name).unlink()
+    trained = history(run_dir)
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}", "eval.limit=6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training finished earlier, at step 4" in proc.stdout
+    assert history(run_dir) == trained
+    assert json.loads((run_dir / "eval_metrics.json").read_text())["finetuned_n"] == 6
+
+
+def test_a_run_whose_last_checkpoint_is_its_end_is_not_trained_past_it(finished_run, tmp_path):
+    """Killed after its last checkpoint, before its adapter and metrics were written: the Trainer resumed from
+    that checkpoint would train a step past max_steps."""
+    run_dir = copy_of(finished_run, tmp_path)
+    shutil.rmtree(run_dir / "adapter")
+    for name in ("done.json", "metrics.json", "eval_metrics.json", "predictions.jsonl"):
+        (run_dir / name).unlink()
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training had finished at" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["stop_reason"] == "completed"
+    original = json.loads((finished_run / "eval_metrics.json").read_text())
+    assert json.loads((run_dir / "eval_metrics.json").read_text()) == original  # the same trained weights
+
+
+def test_resume_never_starts_the_directory_afresh(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    proc = run_cli("train", *RUN, f"hydra.run.dir={run_dir}", "trainer.learning_rate=1e-3", "trainer.resume=never")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "afresh" in proc.stdout and "resuming" not in proc.stdout
+    rates = [row["learning_rate"] for row in history(run_dir) if "learning_rate" in row]
+    assert rates and max(rates) <= 1e-3  # every logged step trained at the new rate, none at 2e-3
