@@ -15,6 +15,7 @@ through `records.py`, and every W&B call through `tracking.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ from gsm8k_lora import records, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.answers import eval_rows, evaluate
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model import sources
@@ -91,23 +93,25 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=
             records.write_eval(run_dir, predictions, eval_figures)
             tracker.summary({k: v for k, v in eval_figures.items() if isinstance(v, (int, float))})
             tracker.predictions(predictions)
-            print("\n".join(summary_lines(eval_figures)))
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")
+        report = None
         if cfg.report.enabled:
             text, figures = build_report(run_dir, cfg.report.gpu_hour_price_usd)
-            print(f"report: {records.write_text(run_dir / 'report.md', text)}")
+            report = records.write_text(run_dir / "report.md", text)
             records.write_figures(run_dir, figures)
             tracker.images(sorted(run_dir.glob("*.png")))
-        print_loss_summary(metrics, run_dir)
+        print_summary(metrics, eval_figures, cfg)
+        print(f"run directory: {run_dir}" + (f" (report: {report.name})" if report else ""))
         exit_code = 0
         return {**metrics, **eval_figures}
     finally:
         tracker.finish(exit_code)
 
 
-def print_loss_summary(metrics: dict, run_dir: Path) -> None:
+def print_summary(metrics: dict, eval_figures: dict, cfg: Config) -> None:
+    """The run's last lines: what training did to the loss, then what it did to the answers."""
     def fmt(key: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else f"{value:.4f}"
@@ -115,4 +119,6 @@ def print_loss_summary(metrics: dict, run_dir: Path) -> None:
     print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
           f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
           f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
-    print(f"run directory: {run_dir}")
+    protocol = protocols.describe(dataclasses.asdict(cfg.eval), short=True)
+    for line in summary_lines(eval_figures, protocol, cfg.eval.split):
+        print(line)

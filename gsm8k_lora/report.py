@@ -36,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         cli.fail(DataError(f"{args.run_dir} is not a directory"))
+    sweep = (args.run_dir / "multirun.yaml").exists()
+    if not sweep and not (args.run_dir / "metrics.json").exists():
+        failure = records.read_json(args.run_dir / records.FAILED).get("error")
+        why = f"it failed: {failure}" if failure else "its training never finished (no metrics.json)"
+        cli.fail(DataError(f"{args.run_dir} holds no results to report: {why}"))
     price = args.gpu_hour_price
     if price is None:  # the run's own setting, as it ran
         price = read_config(args.run_dir).get("report", {}).get("gpu_hour_price_usd")
-    if price is None and not (args.run_dir / "multirun.yaml").exists():
+    if price is None and not sweep:
         cli.fail(DataError(f"{args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price"))
     try:
         path, _ = write_report(args.run_dir, price)

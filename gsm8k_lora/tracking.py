@@ -20,7 +20,8 @@ import wandb
 from gsm8k_lora.config import LoggerConfig
 
 PREDICTION_COLUMNS = ("id", "model", "question", "gold", "completion", "pred", "correct", "lm_eval_strict_correct",
-                      "lm_eval_flexible_correct", "hit_token_limit", "repetition_loop", "num_steps", "category")
+                      "lm_eval_flexible_correct", "hit_token_limit", "repetition_loop", "num_steps", "error_category",
+                      "problem_type")
 
 
 def has_wandb_key() -> bool:
@@ -90,13 +91,17 @@ def start(cfg: LoggerConfig, run_dir: Path, name: str, config: dict) -> Tracker:
         run = wandb.init(mode=mode, settings=_settings(cfg), **kwargs)
     if mode == "offline":
         print(f"W&B is logging offline to {run.dir}; upload later with: wandb sync {Path(run.dir).parent}")
+    else:
+        print(f"W&B run: {run.url}")
     link = run.url if mode == "online" else f"offline: wandb sync {Path(run.dir).parent}"
     (run_dir / "wandb_run.txt").write_text(f"{link}\n", encoding="utf-8")
     return Tracker(run)
 
 
 def _settings(cfg: LoggerConfig) -> wandb.Settings:
-    return wandb.Settings(init_timeout=cfg.init_timeout_s, quiet=True)
+    # silent: W&B's own banner (syncing mode, local directory, `wandb leet`) would stand beside the package's one
+    # line that says where the run logs and how to sync it
+    return wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True)
 
 
 def quiet_offline() -> None:

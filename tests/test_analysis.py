@@ -2,15 +2,9 @@
 
 import pytest
 
+from gsm8k_lora.evaluation.diagnosis import arithmetic_slips, error_category, evaluate_expression
 from gsm8k_lora.evaluation.scoring import accuracy_by_steps
-from gsm8k_lora.reporting.analysis import (
-    arithmetic_slips,
-    cost_usd,
-    error_category,
-    evaluate_expression,
-    next_steps,
-    read_learning_curve,
-)
+from gsm8k_lora.reporting.analysis import cost_usd, next_steps, read_learning_curve
 
 
 def curve(values, step=10):
@@ -61,8 +55,8 @@ def record(completion, pred, correct=False, explicit=True, tokens=20):
 @pytest.mark.parametrize("rec, category", [
     (record("2+2=<<2+2=4>>4\n#### 4", "4", correct=True), None),
     (record("Tom has many apples and", "5", explicit=False, tokens=128), "truncated"),
-    (record("I am not sure.", None, explicit=False), "no_answer"),
-    (record("He has 5 and 3 so 8", "8", explicit=False), "no_answer"),
+    (record("I am not sure.", None, explicit=False), "no_final_answer"),
+    (record("He has 5 and 3 so 8", "8", explicit=False), "no_final_answer"),
     (record("2*3=<<2*3=7>>7\n#### 7", "7"), "arithmetic_slip"),
     (record("2*3=<<2*3=6>>6\n#### 6", "6"), "wrong_plan"),
 ])
@@ -73,7 +67,7 @@ def test_error_categories(rec, category):
 def test_runs_written_before_records_said_so_are_read_by_the_token_limit():
     old = {"completion": "Tom has many apples and", "pred": "5", "correct": False, "explicit_answer": False,
            "generated_tokens": 128}
-    assert error_category(old, max_new_tokens=128) == "truncated" and error_category(old, 256) == "no_answer"
+    assert error_category(old, max_new_tokens=128) == "truncated" and error_category(old, 256) == "no_final_answer"
 
 
 def test_cost_arithmetic():
@@ -85,7 +79,9 @@ def test_cost_arithmetic():
 
 def test_accuracy_by_steps_groups_and_counts():
     recs = [{"num_steps": 2, "correct": True}, {"num_steps": 2, "correct": False}, {"num_steps": 5, "correct": True}]
-    assert accuracy_by_steps(recs) == [(2, 2, 0.5), (5, 1, 1.0)]
+    (two, five) = accuracy_by_steps(recs)
+    assert two[:3] == (2, 2, 0.5) and five[:3] == (5, 1, 1.0)
+    assert two[3] == pytest.approx(0.0945, abs=1e-4) and two[4] == pytest.approx(0.9055, abs=1e-4)  # Wilson, 1 of 2
 
 
 def test_next_steps_follow_from_the_figures():

@@ -60,12 +60,12 @@ def accuracy_selected_run(tmp_path_factory, tiny_model_dir):
                    "eval.num_samples=3", "eval.temperature=1.0", "eval.limit=8", "eval.max_new_tokens=32",
                    "eval.compare_baseline=false", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+    return run_dir, proc
 
 
 @pytest.mark.slow
 def test_best_checkpoint_is_chosen_by_generated_accuracy(accuracy_selected_run):
-    run_dir = accuracy_selected_run
+    run_dir, _ = accuracy_selected_run
     history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
     accuracy, loss = evaluations(history, GENERATED), evaluations(history, "eval_loss")
     assert [step for step, _ in accuracy] == [step for step, _ in loss] == [0, 2, 4, 6]  # beside every loss
@@ -84,7 +84,7 @@ def test_best_checkpoint_is_chosen_by_generated_accuracy(accuracy_selected_run):
 
 @pytest.mark.slow
 def test_self_consistency_figures_agree_with_the_samples(accuracy_selected_run):
-    run_dir = accuracy_selected_run
+    run_dir, proc = accuracy_selected_run
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(len(r["samples"]) == len(r["sample_preds"]) == 3 for r in records)
@@ -102,6 +102,16 @@ def test_self_consistency_figures_agree_with_the_samples(accuracy_selected_run):
     assert metrics[f"finetuned_{HEADLINE}"] == first
     # by definition: one of the samples is right whenever the vote, or the first sample, is right
     assert passed >= maj >= 0 and passed >= first
+    # shown where people look, with intervals, named as sampled: the terminal and the report's table
+    low, high = metrics["finetuned_gsm8k_maj@3_ci95_low"], metrics["finetuned_gsm8k_maj@3_ci95_high"]
+    assert low <= maj <= high
+    assert "3 samples at temperature 1.0 (maj@3, pass@3)" in proc.stdout
+    assert f"maj@3, by-value (the headline): fine-tuned {maj:.1%} [{low:.1%}, {high:.1%}]" in proc.stdout
+    assert "pass@3, by-value: fine-tuned" in proc.stdout and "the first sample alone" in proc.stdout
+    assert run_cli("report", str(run_dir), timeout=120).returncode == 0
+    report = (run_dir / "report.md").read_text()
+    assert "| maj@3 (the headline) |" in report and "| pass@3 |" in report
+    assert f"{maj:.1%} [{low:.1%}, {high:.1%}]" in report
 
 
 def fake_job(sweep: Path, job: int, lr: str, status: str, loss: float | None, accuracy: float | None) -> None:

@@ -16,7 +16,7 @@ from gsm8k_lora.evaluation.scoring import (
 )
 from tests.conftest import ROOT, compose, run_cli, write_jsonl
 
-ROWS = [{"id": f"test-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "num_steps": 1, "category": "x"}
+ROWS = [{"id": f"test-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "num_steps": 1, "problem_type": "x"}
         for i in range(4)]
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from gsm8k_lora.data.gsm8k import GoldAnswer, normalize_number, parse_answer, row_problem
-from gsm8k_lora.data.synthetic import CATEGORIES, generate
+from gsm8k_lora.data.synthetic import PROBLEM_TYPES, generate
 
 
 @pytest.mark.parametrize("answer, final, steps, solution", [
@@ -42,12 +42,12 @@ def test_synthetic_rows_are_valid_seeded_and_categorised():
     rows = generate(40, seed=3)
     assert rows == generate(40, seed=3)
     assert rows != generate(40, seed=4)
-    assert {r["category"] for r in rows} == set(CATEGORIES)
+    assert {r["problem_type"] for r in rows} == set(PROBLEM_TYPES)
     for row in rows:
         gold = parse_answer(row["answer"])
         assert gold is not None and row_problem(row) is None
         assert "<<" in row["answer"] and ">>" in row["answer"]
-    multi = [parse_answer(r["answer"]).num_steps for r in rows if r["category"] == "multi_step"]
+    multi = [parse_answer(r["answer"]).num_steps for r in rows if r["problem_type"] == "multi_step"]
     assert min(multi) == 3
 
 

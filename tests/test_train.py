@@ -31,6 +31,15 @@ pytestmark = pytest.mark.slow
 def test_run_prints_the_loss_falling_and_the_run_directory(smoke_run):
     run_dir, proc = smoke_run
     assert "train loss: first" in proc.stdout and f"run directory: {run_dir}" in proc.stdout
+    # the terminal shows the job: no raw trainer log dicts, no W&B banner beside the package's own line
+    said = proc.stdout + proc.stderr
+    assert "{'loss'" not in said and "{'eval_loss'" not in said and "wandb:" not in said
+    # it ends with what the run did to the answers: the format first, then accuracy, said to be noise or not
+    last = proc.stdout.strip().splitlines()
+    start = next(i for i, line in enumerate(last) if line.startswith("GSM8K, 30 test questions, zero-shot"))
+    assert last[start + 1].startswith("  answer format (states a final answer): baseline ")
+    assert last[start + 2].startswith("  accuracy, by-value (the headline): baseline ")
+    assert "significant (McNemar p=" in last[start + 2]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["eval_loss_last"] < metrics["eval_loss_first"]
@@ -127,7 +136,12 @@ def test_evaluation_answers_the_same_questions_with_baseline_and_finetuned(smoke
     # what the demo shows: fine-tuning taught the answer format the base model lacks
     assert metrics["finetuned_answer_format_rate"] > metrics["baseline_answer_format_rate"]
     assert 0 <= metrics["paired_by_value_mcnemar_p"] <= 1
-    assert "says nothing about Falcon3" in metrics["note"] and "GSM8K accuracy (finetuned, n=30)" in proc.stdout
+    assert "says nothing about Falcon3" in metrics["note"] and "GSM8K, 30 test questions" in proc.stdout
+    # each answer says why it is wrong, and what kind of problem it was (the synthetic generator's)
+    for record in records:
+        assert (record["error_category"] is None) == record["correct"]
+        assert record["problem_type"] in ("one_step", "multi_step", "rates_time", "money_change")
+        assert "category" not in record
 
 
 def test_evaluate_cli_reloads_the_adapter_from_the_run_directory(smoke_run, tmp_path):
@@ -135,6 +149,7 @@ def test_evaluate_cli_reloads_the_adapter_from_the_run_directory(smoke_run, tmp_
     proc = run_cli("evaluate", "experiment=smoke", "logger=none", f"adapter={run_dir}", "eval.limit=30",
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"evaluation written to {tmp_path}" in proc.stdout
     again = json.loads((tmp_path / "eval_metrics.json").read_text())
     first = json.loads((run_dir / "eval_metrics.json").read_text())
     # greedy decoding: the reloaded adapter answers as the trained one did
@@ -183,7 +198,7 @@ def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, t
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # 180 training rows, 16 per device on 2 devices: an epoch is 6 optimizer steps, not 12
     assert metrics["steps"] == 6 and metrics["epochs"] == pytest.approx(1.0)
-    assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("GSM8K accuracy (finetuned") == 1
+    assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("GSM8K, 4 test questions") == 1
 
 
 def test_report_states_the_figures_of_the_metrics_files(smoke_run):
@@ -197,7 +212,8 @@ def test_report_states_the_figures_of_the_metrics_files(smoke_run):
     assert f"{m['eval_loss_decrease_pct']:.1f}%" in report
     assert f"{m['rows_train']} train / {m['rows_validation']} validation / {m['rows_test']} test" in report
     # one row per accuracy, naming its extraction rule and n, both models with their 95% intervals
-    assert "Protocol: zero-shot, the training prompt" in report
+    assert "Protocol: zero-shot (the training prompt)" in report
+    assert "- Trainer: lr 0.002, max_steps 40 (40 of 40 steps run)" in report
     for label, rule in (("by-value (the headline)", "gsm8k_by_value"), ("by-value strict", "gsm8k_by_value_strict"),
                         ("lm-eval strict-match", "gsm8k_strict_match"),
                         ("lm-eval flexible-extract", "gsm8k_flexible_extract")):

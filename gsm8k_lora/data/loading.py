@@ -108,7 +108,7 @@ def clean(rows: list[dict], split: str, max_bad_fraction: float) -> tuple[Datase
             "answer": row["answer"].strip(),
             "gold": gold.final,
             "num_steps": gold.num_steps,
-            "category": row.get("category") or "",
+            "problem_type": row.get("problem_type") or "",
         })
     total = len(rows)
     bad = sum(dropped.values())
@@ -118,7 +118,7 @@ def clean(rows: list[dict], split: str, max_bad_fraction: float) -> tuple[Datase
                         f"data.max_bad_fraction={max_bad_fraction}")
     if rows and not kept:
         raise DataError(f"{split} split is empty after dropping {bad} malformed rows")
-    empty = {key: [] for key in ("id", "question", "answer", "gold", "num_steps", "category")}
+    empty = {key: [] for key in ("id", "question", "answer", "gold", "num_steps", "problem_type")}
     return (Dataset.from_list(kept) if kept else Dataset.from_dict(empty)), dropped
 
 

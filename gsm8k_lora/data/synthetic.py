@@ -1,7 +1,7 @@
 """A seeded generator of GSM8K-format word problems, so the pipeline runs with no dataset download.
 
 Each row has `question`, `answer` (worked solution with `<<a*b=c>>` calculator notes and a final
-`#### N`) and `category`. The same seed always gives the same rows. Problems are easy on purpose:
+`#### N`) and `problem_type`. The same seed always gives the same rows. Problems are easy on purpose:
 the point is a realistic format and length spread, not a benchmark.
 """
 
@@ -14,7 +14,7 @@ from gsm8k_lora.data.gsm8k import format_answer
 
 NAMES = ["Janet", "Tom", "Aisha", "Luis", "Mei", "Omar", "Sara", "Ivan", "Nina", "Kofi", "Priya", "Ben"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells"]
-CATEGORIES = ("one_step", "multi_step", "rates_time", "money_change")
+PROBLEM_TYPES = ("one_step", "multi_step", "rates_time", "money_change")
 
 
 def _calc(a: int, op: str, b: int) -> tuple[int, str]:
@@ -84,8 +84,8 @@ def generate(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        category = CATEGORIES[i % len(CATEGORIES)]
-        question, steps, final = _GENERATORS[category](rng)
+        kind = PROBLEM_TYPES[i % len(PROBLEM_TYPES)]
+        question, steps, final = _GENERATORS[kind](rng)
         answer = format_answer("\n".join(steps), final)
-        rows.append({"question": question, "answer": answer, "category": category})
+        rows.append({"question": question, "answer": answer, "problem_type": kind})
     return rows

@@ -46,6 +46,25 @@ LM_EVAL_GSM8K_CHAT = Protocol("lm_eval_gsm8k_chat", _STOPS, max_new_tokens=256, 
 BY_EVAL_PROMPT = {"lm_eval_gsm8k": LM_EVAL_GSM8K_CHAT, "lm_eval_gsm8k_plain": LM_EVAL_GSM8K}  # eval.prompt names
 
 
+def describe(ecfg: Mapping, short: bool = False) -> str:
+    """How the answers were asked for, from an `eval` config (a run's config.yaml, or `asdict(EvalConfig)`);
+    `short`: the terminal's form, without the stops."""
+    prompt, k = ecfg["prompt"], ecfg["num_fewshot"]
+    protocol = BY_EVAL_PROMPT.get(prompt)
+    if protocol is not None:
+        stops = ", ".join(f"`{s}`" for s in protocol.stop_sequences)
+        form = "--apply_chat_template --fewshot_as_multiturn" if protocol.chat else "plain text"
+        text = f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {protocol.max_new_tokens} new tokens"
+        return text if short else f"{text}, stop at {stops} or EOS"
+    samples = ecfg["num_samples"]
+    sampling = (f"{samples} samples at temperature {ecfg['temperature']} (maj@{samples}, pass@{samples})"
+                if samples > 1 else "greedy")
+    head = ("zero-shot (the training prompt)" if prompt == "zero_shot_cot"
+            else f"{k}-shot chat (worked examples as earlier turns)")
+    text = f"{head}, {sampling}, at most {ecfg.get('max_new_tokens')} new tokens"
+    return text if short else f"{text}, stop at EOS, end of turn or a complete `#### N` line"
+
+
 def lm_eval_stop_sequences(protocol: Protocol, eos_token: str | None) -> list[str]:
     """The stop list lm-eval generates with: the task's `until`, plus the EOS string if not already in it."""
     stops = list(protocol.stop_sequences)

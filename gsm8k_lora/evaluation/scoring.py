@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from gsm8k_lora.data.gsm8k import same_number
+from gsm8k_lora.evaluation.diagnosis import error_category
 from gsm8k_lora.evaluation.grading import extract_flexible, grade, repetition_loop
 
 # Each accuracy figure: (record field, metric name). lm-eval's `strict-match` and `flexible-extract` are computed
@@ -84,8 +85,9 @@ def score(rows: list[dict], generations: list[dict], model_name: str, max_new_to
             "lm_eval_flexible_correct": g.lm_eval_flexible.exact_match,
             "generated_tokens": tokens, "hit_token_limit": max_new_tokens is not None and tokens >= max_new_tokens,
             "repetition_loop": repetition_loop(first), "num_steps": row["num_steps"],
-            "category": row.get("category") or None,
+            "problem_type": row.get("problem_type") or None,  # the synthetic generator's kind of problem
         }
+        record["error_category"] = error_category(record)  # None when right
         if len(gen["completions"]) > 1:
             preds = [extract_flexible(c) for c in gen["completions"]]
             vote = majority_vote(preds)
@@ -105,12 +107,14 @@ def tally(records: list[dict]) -> dict[str, int]:
     return {name: sum(bool(r[key]) for r in records) for key, name in RULES}
 
 
-def accuracy_by_steps(records: list[dict]) -> list[tuple[int, int, float]]:
-    """(reasoning steps in the gold solution, questions, by-value accuracy), by steps."""
+def accuracy_by_steps(records: list[dict]) -> list[tuple[int, int, float, float, float]]:
+    """(reasoning steps in the gold solution, questions, by-value accuracy, its 95% interval), by steps."""
     groups: dict[int, list[dict]] = defaultdict(list)
     for record in records:
         groups[int(record["num_steps"])].append(record)
-    return [(steps, len(group), rate(group, "correct")) for steps, group in sorted(groups.items())]
+    return [(steps, len(group), rate(group, "correct"), *wilson_interval(sum(bool(r["correct"]) for r in group),
+                                                                      len(group)))
+            for steps, group in sorted(groups.items())]
 
 
 def accuracies(records: list[dict], prefix: str) -> dict:
@@ -132,41 +136,78 @@ def summarize(records: list[dict], prefix: str) -> dict:
     out[f"{prefix}_generated_tokens_mean"] = sum(r["generated_tokens"] for r in records) / n if n else 0.0
     if records and "majority_correct" in records[0]:
         k = len(records[0]["samples"])
-        out[f"{prefix}_gsm8k_maj@{k}"] = rate(records, "majority_correct")
-        out[f"{prefix}_gsm8k_pass@{k}"] = rate(records, "any_correct")
+        for key, name in (("majority_correct", f"gsm8k_maj@{k}"), ("any_correct", f"gsm8k_pass@{k}")):
+            low, high = wilson_interval(sum(bool(r[key]) for r in records), n)
+            out.update({f"{prefix}_{name}": rate(records, key), f"{prefix}_{name}_ci95_low": low,
+                        f"{prefix}_{name}_ci95_high": high})
     return out
 
 
+def sampled_k(records: list[dict]) -> int | None:
+    """k of self-consistency (maj@k, pass@k), or None for greedy answers."""
+    return len(records[0]["samples"]) if records and "samples" in records[0] else None
+
+
 def eval_metrics(predictions: dict[str, list[dict]]) -> dict:
-    """The figures of `eval_metrics.json`: each model's summary, and the paired comparison of the two."""
+    """The figures of `eval_metrics.json`: each model's summary, and the paired comparison of the two: every
+    accuracy, the answer-format rate and, when sampled, maj@k."""
     metrics: dict = {}
     for name, records in predictions.items():
         metrics.update(summarize(records, name))
     if {"baseline", "finetuned"} <= predictions.keys():
-        for key, name in RULES:
+        k = sampled_k(predictions["finetuned"])
+        paired = [*((key, name.removeprefix("gsm8k_")) for key, name in RULES), ("explicit_answer", "answer_format")]
+        if k is not None:
+            paired.append(("majority_correct", f"maj@{k}"))
+        for key, name in paired:
             pair = paired_comparison([r[key] for r in predictions["baseline"]],
                                      [r[key] for r in predictions["finetuned"]])
-            metrics.update({f"paired_{name.removeprefix('gsm8k_')}_{k}": v for k, v in pair.items()})
+            metrics.update({f"paired_{name}_{k}": v for k, v in pair.items()})
     return metrics
 
 
-def summary_lines(metrics: dict) -> list[str]:
-    """What the terminal shows of `eval_metrics.json`."""
-    lines = []
-    for name in ("baseline", "finetuned"):
-        key = f"{name}_{HEADLINE}"
-        if key in metrics:
-            def m(rule: str, name: str = name) -> str:
-                return f"{metrics[f'{name}_{rule}']:.1%}"
+def significance(metrics: dict, name: str) -> str:
+    """The paired difference of `paired_{name}_*` in points, and whether it is more than noise."""
+    diff, p, n = (metrics[f"paired_{name}_{k}"] for k in ("difference", "mcnemar_p", "n"))
+    if p < 0.05:
+        return f"{100 * diff:+.1f} points, significant (McNemar p={p:.2g})"
+    return f"{100 * diff:+.1f} points, not significant (McNemar p={p:.2g}): within the noise of {n} questions"
 
-            lines.append(f"GSM8K accuracy ({name}, n={metrics[f'{name}_n']}): by-value {m(HEADLINE)} "
-                         f"[{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}] (the headline); "
-                         f"lm-eval strict-match {m('gsm8k_strict_match')}, flexible-extract "
-                         f"{m('gsm8k_flexible_extract')}; answer format rate {m('answer_format_rate')}, ran to the "
-                         f"token limit {m('hit_token_limit_rate')}, repetition loops {m('repetition_loop_rate')}")
-    if "paired_by_value_difference" in metrics:
-        lines.append(f"fine-tuned minus baseline (by-value): {metrics['paired_by_value_difference']:+.1%} "
-                     f"(McNemar p={metrics['paired_by_value_mcnemar_p']:.3g})")
-    if metrics.get("note"):
-        lines.append(metrics["note"])
-    return lines
+
+def summary_lines(metrics: dict, protocol: str, split: str = "test") -> list[str]:
+    """What the terminal shows of `eval_metrics.json`, what changed first: the answer format, then the accuracy
+    (maj@k and pass@k when sampled), each with its 95% interval and whether the change is more than noise."""
+    models = [m for m in ("baseline", "finetuned") if f"{m}_n" in metrics]
+    if not models:
+        return []
+    names = {"baseline": "baseline", "finetuned": "fine-tuned"}
+    paired = len(models) == 2
+
+    def across(figure: str, interval: bool = True) -> str:
+        cells = []
+        for model in models:
+            key = f"{model}_{figure}"
+            ci = f" [{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}]" if interval else ""
+            cells.append(f"{names[model]} {metrics[key]:.1%}{ci}")
+        return " -> ".join(cells)
+
+    def line(label: str, figure: str, pair: str | None, interval: bool = True) -> str:
+        change = f"; {significance(metrics, pair)}" if paired and pair else ""
+        return f"  {label}: {across(figure, interval)}{change}"
+
+    k = next((int(key.rpartition("@")[2]) for key in metrics if key.startswith(f"{models[0]}_gsm8k_maj@")
+              and key[-1].isdigit()), None)
+    note = " (the built-in tiny model: its accuracy says nothing about real models)" if metrics.get("note") else ""
+    lines = [f"GSM8K, {metrics[models[0] + '_n']} {split} questions, {protocol}{note}",
+             line("answer format (states a final answer)", "answer_format_rate", "answer_format", interval=False)]
+    if k is not None:
+        lines += [line(f"maj@{k}, by-value (the headline)", f"gsm8k_maj@{k}", f"maj@{k}"),
+                  line(f"pass@{k}, by-value", f"gsm8k_pass@{k}", None),
+                  line("the first sample alone, by-value", HEADLINE, "by_value")]
+    else:
+        lines.append(line("accuracy, by-value (the headline)", HEADLINE, "by_value"))
+    rules = [f"lm-eval {LABELS[rule].removeprefix('lm-eval ')} {across(rule, interval=False)}"
+             for rule in ("gsm8k_strict_match", "gsm8k_flexible_extract")]
+    rates = [f"{what} {across(rate_name, interval=False)}" for what, rate_name in
+             (("ran to the token limit", "hit_token_limit_rate"), ("repetition loops", "repetition_loop_rate"))]
+    return lines + ["  " + "; ".join(rules), "  " + "; ".join(rates)]

@@ -3,6 +3,7 @@ write `eval_metrics.json` and `predictions.jsonl`, say where."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,6 +12,7 @@ from peft import PeftModel
 from gsm8k_lora import records
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.answers import eval_rows, evaluate
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model.loading import load, to_device
@@ -31,7 +33,7 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path) -> dict:
     records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
     predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None)
     records.write_eval(run_dir, predictions, metrics)
-    for line in summary_lines(metrics):
+    for line in summary_lines(metrics, protocols.describe(dataclasses.asdict(cfg.eval), short=True), cfg.eval.split):
         print(line)
     print(f"evaluation written to {run_dir} (eval_metrics.json, predictions.jsonl)")
     return metrics

@@ -1,19 +1,16 @@
 """Readings computed from a run's figures, for the report: pure functions, tested on known inputs.
 
 - `read_learning_curve`: is validation loss still falling, flat, or rising while training falls?
-- `error_category`: why a wrong answer is wrong (format, truncation, arithmetic slip, wrong plan).
+- `error_breakdown`: the wrong answers by error category (each answer's, `evaluation/diagnosis.py`).
 - `cost_usd`, `next_steps`.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from collections import defaultdict
 from dataclasses import dataclass
-from fractions import Fraction
 
-from gsm8k_lora.data.gsm8k import to_value
+from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, error_category
 
 FLAT_PCT = 0.5  # a relative change of validation loss within +-0.5% over the window is a plateau
 
@@ -66,76 +63,11 @@ def read_learning_curve(train: list[tuple[int, float]], val: list[tuple[int, flo
                         f"Validation loss changed {val_change:+.1f}% {span}: plateaued.")
 
 
-# `<<48/2=24>>` calculator notes and plain `48 / 2 = 24` statements.
-_CALC_RES = (
-    re.compile(r"<<\s*([-+*/().\d\s,]+?)\s*=\s*(-?[\d.,]+)\s*>>"),
-    re.compile(r"(?<![\w.<])(\d[\d,]*(?:\.\d+)?(?:\s*[-+*/x×]\s*\d[\d,]*(?:\.\d+)?)+)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)"),
-)
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b}
-
-
-def evaluate_expression(expr: str) -> Fraction | None:
-    """+ - * / and parentheses over numbers, exactly (Fractions); None for anything else. Python's own
-    parser reads the expression; only these node types are evaluated, so nothing is ever executed."""
-    text = expr.replace(",", "").replace("×", "*").replace("x", "*")
-
-    def value(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -value(node.operand)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return Fraction(str(node.value))
-        raise ValueError(f"not arithmetic: {ast.dump(node)}")
-
-    try:
-        return value(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError):
-        return None
-
-
-def arithmetic_slips(completion: str) -> list[str]:
-    """Calculations written in the completion whose stated result is false."""
-    slips = []
-    for pattern in _CALC_RES:
-        for expr, result in pattern.findall(completion):
-            value, stated = evaluate_expression(expr), to_value(result)
-            if value is not None and stated is not None and value != stated:
-                slips.append(f"{expr.strip()}={result}")
-    return slips
-
-
-ERROR_CATEGORIES = {
-    "truncated": "answer truncated by the token limit",
-    "no_answer": "no extractable answer (format)",
-    "arithmetic_slip": "arithmetic slip (a written calculation is false)",
-    "wrong_plan": "right arithmetic, wrong final number (misread question or wrong plan)",
-}
-
-
-def error_category(record: dict, max_new_tokens: int | None = None) -> str | None:
-    """Why a graded prediction is wrong; None if it is right. A record says whether it ran to the token
-    limit (`hit_token_limit`); `max_new_tokens` only serves records written before it did."""
-    if record["correct"]:
-        return None
-    hit = record.get("hit_token_limit")
-    if hit is None:
-        hit = max_new_tokens is not None and record["generated_tokens"] >= max_new_tokens
-    if hit and not record.get("explicit_answer"):
-        return "truncated"
-    if record["pred"] is None or not record.get("explicit_answer"):
-        return "no_answer"
-    if arithmetic_slips(record["completion"]):
-        return "arithmetic_slip"
-    return "wrong_plan"
-
-
 def error_breakdown(records: list[dict], max_new_tokens: int | None = None, examples: int = 3) -> dict:
     counts: dict[str, int] = {key: 0 for key in ERROR_CATEGORIES}
     shown: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        category = error_category(record, max_new_tokens)
+        category = record["error_category"] if "error_category" in record else error_category(record, max_new_tokens)
         if category is None:
             continue
         counts[category] += 1

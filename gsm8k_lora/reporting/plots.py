@@ -91,21 +91,29 @@ def val_loss_curves(jobs: list[dict]) -> Figure | None:
     return fig
 
 
-def accuracy_by_steps(rows: list[tuple[int, int, float]]) -> Figure | None:
-    """GSM8K accuracy by the number of reasoning steps in the gold solution, with question counts."""
-    if not rows:
+def accuracy_by_steps(by_model: dict[str, list[tuple[int, int, float, float, float]]]) -> Figure | None:
+    """By-value GSM8K accuracy of each model by the number of reasoning steps in the gold solution, with 95%
+    intervals and question counts; titled to read alone (W&B shows it without the report)."""
+    by_model = {name: rows for name, rows in by_model.items() if rows}
+    if not by_model:
         return None
+    steps = sorted({row[0] for rows in by_model.values() for row in rows})
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.subplots()
-    x = range(len(rows))  # positions, labelled with the step counts
-    bars = ax.bar(x, [a for _, _, a in rows])
-    ax.set_xticks(x, [str(s) for s, _, _ in rows])
-    for bar, (_, n, _) in zip(bars, rows, strict=True):
-        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_xlabel("reasoning steps in the gold solution")
-    ax.set_ylabel("GSM8K accuracy (by-value)")
+    width = 0.8 / len(by_model)
+    for index, (name, rows) in enumerate(by_model.items()):
+        found = {row[0]: row for row in rows}
+        x = [steps.index(s) + (index - (len(by_model) - 1) / 2) * width for s in found]
+        values = [row[2] for row in found.values()]
+        errors = [[v - row[3] for v, row in zip(values, found.values(), strict=True)],
+                  [row[4] - v for v, row in zip(values, found.values(), strict=True)]]
+        ax.bar(x, values, width, yerr=errors, capsize=3, label=name)
+    counts = {row[0]: row[1] for rows in by_model.values() for row in rows}
+    ax.set_xticks(range(len(steps)), [f"{s}\n(n={counts[s]})" for s in steps])
+    ax.set_xlabel("reasoning steps in the gold solution (questions)")
+    ax.set_ylabel("GSM8K accuracy, by-value")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Accuracy by problem length")
+    ax.set_title("GSM8K accuracy by problem length, baseline and fine-tuned (95% intervals)")
+    ax.legend()
     fig.tight_layout()
     return fig

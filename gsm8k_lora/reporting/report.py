@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, arithmetic_slips
 from gsm8k_lora.evaluation.scoring import HEADLINE, LABELS, accuracy_by_steps
 from gsm8k_lora.records import read_config, read_json, read_predictions
 from gsm8k_lora.reporting import analysis, plots
@@ -63,8 +64,8 @@ def overview(run: dict, price: float) -> list[str]:
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"bias={lora.get('bias')}, targets={lora.get('target_modules')}; {m.get('trainable_params')} trainable of "
         f"{m.get('total_params')} parameters",
-        f"- Trainer: lr {tr.get('learning_rate')}, {tr.get('num_train_epochs')} epochs (max_steps "
-        f"{tr.get('max_steps')}), batch {tr.get('per_device_train_batch_size')} x accumulation "
+        f"- Trainer: lr {tr.get('learning_rate')}, {length(tr, m)}, batch {tr.get('per_device_train_batch_size')} x "
+        f"accumulation "
         f"{tr.get('gradient_accumulation_steps')}, bf16 {tr.get('bf16')}, early stopping patience "
         f"{tr.get('early_stopping_patience')}",
         f"- Hardware: {env.get('device')} ({gpu_count} GPU), {env.get('cpu_count')} CPU cores; "
@@ -73,6 +74,13 @@ def overview(run: dict, price: float) -> list[str]:
         f"{m.get('tokens_seen')} tokens seen; stop: {m.get('stop_reason')}",
         cost_line,
     ]
+
+
+def length(tr: dict, m: dict) -> str:
+    """How long training was set to run, in the unit that decided it, and the steps it took."""
+    planned = (f"{tr.get('num_train_epochs')} epochs" if (tr.get("max_steps") or -1) < 0
+               else f"max_steps {tr.get('max_steps')}")
+    return f"{planned} ({m.get('steps')} of {m.get('max_steps')} steps run)"
 
 
 def weights_line(m: dict) -> str:
@@ -113,24 +121,6 @@ def token_accuracy_section(m: dict) -> list[str]:
             "still get the final number wrong."]
 
 
-def protocol_text(ecfg: dict) -> str:
-    """How the answers were asked for, from the run's `eval` config."""
-    prompt, k = ecfg["prompt"], ecfg["num_fewshot"]
-    protocol = protocols.BY_EVAL_PROMPT.get(prompt)
-    if protocol is not None:
-        stops = ", ".join(f"`{s}`" for s in protocol.stop_sequences)
-        form = "--apply_chat_template --fewshot_as_multiturn" if protocol.chat else "plain text"
-        return (f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {protocol.max_new_tokens} new tokens, stop at {stops} "
-                f"or EOS")
-    limit = f"at most {ecfg.get('max_new_tokens')} new tokens"
-    sampling = "greedy" if ecfg["num_samples"] == 1 else f"{ecfg['num_samples']} samples"
-    if prompt == "fewshot":
-        return (f"{k}-shot chat (worked examples as earlier turns), {sampling}, {limit}, stop at EOS, end of turn "
-                f"or a complete `#### N` line")
-    return (f"zero-shot, the training prompt (question in the chat template), {sampling}, {limit}, stop at EOS, "
-            f"end of turn or a complete `#### N` line")
-
-
 RULE_TEXT = {  # what each rule extracts and how it compares, for the report's table
     "gsm8k_by_value": "first `#### N`, else the last explicit final statement, else the last number; compared by "
                       "value (`18.00` = `$18` = 18)",
@@ -146,7 +136,7 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
     ecfg = cfg.get("eval", {})
     prompt = ecfg["prompt"]
     out = ["## 5. GSM8K accuracy (generated answers, graded)",
-           f"Protocol: {protocol_text(ecfg)} (`eval.prompt={prompt}`); {ecfg['split']} split, "
+           f"Protocol: {protocols.describe(ecfg)} (`eval.prompt={prompt}`); {ecfg['split']} split, "
            f"the same questions for both models. The headline is the by-value rule; lm-eval's figures are beside "
            f"it, computed as lm-eval computes them, to set against published lm-eval numbers.", "",
            "| figure | extraction rule | n | baseline [95% CI] | fine-tuned [95% CI] | difference (McNemar p) |",
@@ -155,13 +145,23 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
         key = f"{model}_{rule}"
         return f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]" if key in ev else "n/a"
 
-    for rule, text in RULE_TEXT.items():
-        name = LABELS[rule] + (" (the headline)" if rule == HEADLINE else "")
-        short = rule.removeprefix("gsm8k_")
-        diff = (f"{ev[f'paired_{short}_difference']:+.1%} (p={ev[f'paired_{short}_mcnemar_p']:.3g})"
-                if f"paired_{short}_difference" in ev else "n/a")
-        n = ev.get("finetuned_n", ev.get("baseline_n"))
-        out.append(f"| {name} | {text} | {n} | {cell('baseline', rule)} | {cell('finetuned', rule)} | {diff} |")
+    def diff(short: str) -> str:
+        key = f"paired_{short}_difference"
+        return f"{ev[key]:+.1%} (p={ev[f'paired_{short}_mcnemar_p']:.3g})" if key in ev else "n/a"
+
+    n = ev.get("finetuned_n", ev.get("baseline_n"))
+    k = next((key.rpartition("@")[2] for key in ev if key.endswith(tuple("0123456789"))
+              and "_gsm8k_maj@" in key), None)
+    rules = dict(RULE_TEXT)
+    if k is not None:  # sampled: the vote is the headline, the first sample one draw at the temperature
+        rules = {f"gsm8k_maj@{k}": f"maj@{k}: the most common by-value answer of the {k} samples",
+                 f"gsm8k_pass@{k}": f"pass@{k}: any of the {k} samples right, by value",
+                 **{rule: f"{text} (the first sample)" for rule, text in RULE_TEXT.items()}}
+    for rule, text in rules.items():
+        headline = rule == (f"gsm8k_maj@{k}" if k is not None else HEADLINE)
+        name = LABELS.get(rule, rule.removeprefix("gsm8k_")) + (" (the headline)" if headline else "")
+        out.append(f"| {name} | {text} | {n} | {cell('baseline', rule)} | {cell('finetuned', rule)} | "
+                   f"{diff(rule.removeprefix('gsm8k_'))} |")
     out += ["", "| model | answer format rate | ran to the token limit | repetition loops | mean tokens generated |",
             "|---|---|---|---|---|"]
     for model in ("baseline", "finetuned"):
@@ -170,29 +170,41 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
                                                              "repetition_loop_rate")]
             out.append(f"| {model} | " + " | ".join(f"{r:.1%}" for r in rates)
                        + f" | {ev.get(f'{model}_generated_tokens_mean', 0):.0f} |")
+    if "paired_answer_format_difference" in ev:
+        out += ["", f"- Answer-format rate, fine-tuned minus baseline: {diff('answer_format')}."]
     if "paired_by_value_difference" in ev:
         after, before = ev["paired_by_value_only_finetuned_correct"], ev["paired_by_value_only_baseline_correct"]
-        out += ["", f"- By-value, questions right only after fine-tuning: {after}; right only before: {before}."]
+        out += [f"- By-value, questions right only after fine-tuning: {after}; right only before: {before}."]
     if ev.get("note"):
         out.append(f"- {ev['note']}")
     return out
 
 
-def failure_section(run: dict, by_steps: list[tuple[int, int, float]]) -> list[str]:
+def failure_section(run: dict, by_steps: dict[str, list[tuple]]) -> list[str]:
     tuned = finetuned_records(run)
     if not tuned:
         return ["## 6. Where it fails", "- No predictions to analyse."]
     max_new = run["config"].get("eval", {}).get("max_new_tokens")  # for runs whose records lack hit_token_limit
-    out = ["## 6. Where it fails", f"Model: {tuned[0]['model']}.", "", "| reasoning steps | questions | accuracy |",
-           "|---|---|---|", *[f"| {s} | {n} | {a:.1%} |" for s, n, a in by_steps], "",
-           "![accuracy by steps](accuracy_by_steps.png)", "", "| error category | wrong answers |", "|---|---|"]
+    models = list(by_steps)
+    rows = {}
+    for model, groups in by_steps.items():
+        for steps, n, acc, low, high in groups:
+            rows.setdefault(steps, {"n": n})[model] = f"{acc:.1%} [{low:.1%}, {high:.1%}]"
+    out = ["## 6. Where it fails", "By-value accuracy by the reasoning steps in the gold solution (95% intervals):",
+           "", "| reasoning steps | questions | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models),
+           *[f"| {s} | {r['n']} | " + " | ".join(r.get(m, "") for m in models) + " |" for s, r in sorted(rows.items())],
+           "", "![accuracy by steps](accuracy_by_steps.png)", "",
+           f"Why the {tuned[0]['model']} model's wrong answers are wrong:", "",
+           "| error category | wrong answers |", "|---|---|"]
     breakdown = analysis.error_breakdown(tuned, max_new)
-    out += [f"| {analysis.ERROR_CATEGORIES[k]} | {n} |" for k, n in breakdown["counts"].items()]
+    out += [f"| {ERROR_CATEGORIES[k]} | {n} |" for k, n in breakdown["counts"].items()]
     for key, records in breakdown["examples"].items():
-        out += ["", f"**{analysis.ERROR_CATEGORIES[key]}**"]
+        out += ["", f"**{ERROR_CATEGORIES[key]}**"]
         for r in records:
-            slips = analysis.arithmetic_slips(r["completion"])
-            out += [f"- Q: {r['question']}  ", f"  gold {r['gold']}, predicted {r['pred']}"
+            slips = arithmetic_slips(r["completion"])
+            answered = (f"its last number {r['pred']}" if key == "no_final_answer" and r["pred"] is not None
+                        else f"answered {r['pred']}")
+            out += [f"- Q: {r['question']}  ", f"  gold {r['gold']}, {answered}"
                     + (f", false calculation `{slips[0]}`" if slips else "") + "  ",
                     "  completion: `" + r["completion"].replace("\n", " ⏎ ").replace("`", "'")[:400] + "`"]
     return out
@@ -210,7 +222,8 @@ def build(run_dir: Path, price: float) -> tuple[str, dict[str, Figure]]:
     figures = {}
     if not (run_dir / "loss.png").exists():
         figures["loss"] = plots.loss_curves(run["history"])
-    by_steps = accuracy_by_steps(finetuned_records(run))
+    by_steps = {model: accuracy_by_steps([r for r in run["predictions"] if r["model"] == model])
+                for model in ("baseline", "finetuned") if any(r["model"] == model for r in run["predictions"])}
     figures["accuracy_by_steps"] = plots.accuracy_by_steps(by_steps)
     curve_lines, reading = curve_section(run)
     early = run["metrics"].get("stop_reason") == "early_stopping"

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
+from transformers.trainer_callback import ProgressCallback
 
 from gsm8k_lora.config import Config, LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.loading import Splits
 from gsm8k_lora.errors import RunStopped
-from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback
+from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback, TrainingProgress
 from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
 from gsm8k_lora.training.resilience import CheckpointGuard, oom_message, resume_checkpoint
 
@@ -105,6 +106,9 @@ def build_trainer(cfg: Config, model, tokenizer, splits: Splits, out_dir: Path, 
                          peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
     if accuracy is not None:
         accuracy.trainer = trainer  # it logs through the trainer
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):  # not in a notebook
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TrainingProgress())
     return trainer
 
 
