@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gsm8k_lora.errors import ConfigError
+from gsm8k_lora.naming import swept_values
 
 # Both entry points decorate `main` with @hydra.main(config_path="../conf", config_name="config");
 # this module sits beside them, so the relative path resolves to the same directory.
@@ -134,24 +135,6 @@ def sweep_jobs(master) -> list[list[str]]:
     for index, choices in enumerate(values.values()):
         jobs += [first[:index] + [choice] + first[index + 1:] for choice in choices[1:]]
     return jobs
-
-
-def swept_values(master) -> dict[str, list[str]] | None:
-    """Each key's `key=value` overrides in the basic sweeper's order: the sweep file's params, then the command
-    line, where a later override of the same key replaces the earlier, as in the sweeper. None when a value is
-    not a list (a range or interval: another sweeper's search space)."""
-    params = OmegaConf.to_container(master.hydra.sweeper.params, resolve=True) if master.hydra.sweeper.params else {}
-    lines = [f"{key}={value}" for key, value in params.items()] + list(master.hydra.overrides.task)
-    values: dict[str, list[str]] = {}
-    for override in OverridesParser.create().parse_overrides(lines):
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            values[key] = [f"{key}={override.get_value_element_as_str()}"]
-        elif override.is_discrete_sweep():
-            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            return None
-    return values
 
 
 def describe(err: Exception, app=None) -> str:

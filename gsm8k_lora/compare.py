@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsm8k_lora import cli, records
+from gsm8k_lora import cli, records, tracking
+from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.errors import DataError
 from gsm8k_lora.reporting.compare import compare, to_markdown
 
@@ -19,6 +20,9 @@ from gsm8k_lora.reporting.compare import compare, to_markdown
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gsm8k_lora.compare", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--save-view", action="store_true",
+                        help="save the sweep's W&B dashboard view (needs W&B online and .[dashboard])")
+    parser.add_argument("--entity", help="the W&B entity to save the view to (default: the sweep's logger.entity)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         cli.fail(DataError(f"{args.sweep_dir} is not a directory"))
@@ -29,9 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in comparison.files.items():
         records.write_text(args.sweep_dir / name, text)
     records.write_figures(args.sweep_dir, comparison.figures)
-    print(to_markdown(comparison.rows, comparison.best))
-    failed = [r for r in comparison.rows if r["status"] != "done"]
-    print(f"{len(comparison.rows)} runs, {len(failed)} not done; best: {comparison.best}; written to {args.sweep_dir}")
+    print(to_markdown(comparison))
+    for row in comparison.rows:
+        if row["status"] != "done":
+            print(f"job {row['job']} {row['status']}: {row['error'] or 'no result (see its directory)'}")
+    failed = sum(r["status"] != "done" for r in comparison.rows)
+    best = "; ".join(f"{job} ({name})" for name, job in comparison.best.items()) or "none"
+    print(f"{len(comparison.rows)} runs, {failed} not done; best: {best}; written to {args.sweep_dir}")
+    if args.save_view:
+        logger = records.read_config(comparison.jobs[0]["dir"]).get("logger") or {}
+        cfg = LoggerConfig(**{**logger, **({"entity": args.entity} if args.entity else {})})
+        group = records.read_sweep(args.sweep_dir).get("group") or args.sweep_dir.name
+        tracking.save_view(cfg, args.sweep_dir, group, comparison.swept, tracking.resolve_mode(cfg) == "online")
     return 0
 
 

@@ -229,6 +229,8 @@ class EvalConfig:
     during_training: bool = MISSING
     during_training_limit: int = MISSING
     stop_sequences: list[str] = MISSING
+    seed: int = MISSING
+    baseline_cache: str | None = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("eval.split", self.split, ("test", "validation"))

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import setup_globals
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, hub, preflight
+from gsm8k_lora import cli, hub, naming, preflight
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
 from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError
 from gsm8k_lora.records import resolve_adapter, run_directory
@@ -95,7 +95,11 @@ def main(raw: DictConfig) -> None:
         if run_directory(raw.adapter) is not None:
             print(f"evaluate: model, data and prompt from {run_directory(raw.adapter) / 'config.yaml'} "
                   f"(command-line overrides win)")
-        standalone.run(cfg, merged, Path(hydra_cfg.runtime.output_dir))
+        what = run_directory(raw.adapter).name if run_directory(raw.adapter) else naming.model_name(
+            cfg.model.name_or_path)
+        own = naming.run_name([o for o in overrides if not o.startswith("adapter=")], None, "")
+        run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
+        standalone.run(cfg, merged, Path(hydra_cfg.runtime.output_dir), run_naming)
     except EXPECTED as err:
         cli.fail(err)
     except KeyboardInterrupt:

@@ -21,15 +21,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from gsm8k_lora import records, tracking
+from gsm8k_lora import naming, records, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits
-from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import eval_rows, evaluate
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model import sources
 from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
+from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.reporting import plots
 from gsm8k_lora.reporting.report import build as build_report
 from gsm8k_lora.training import sft
@@ -55,10 +56,11 @@ def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfi
                  rows_validation_loss=len(sft.validation_for_loss(cfg, splits)),
                  system_prompt=describe_system_prompt(tokenizer, cfg.data.system_prompt))
     print(f"model: {weights.description}; system prompt: {facts['system_prompt']}")
+    facts["weights_identity"] = baseline_cache.weights_identity(weights.path, cfg.model.revision)
     return model, tokenizer, facts, resolved
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=None) -> dict:
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming, on_stop_now=None) -> dict:
     """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together).
     `on_stop_now` is called when a second SIGINT/SIGTERM ends training at once."""
     main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
@@ -67,7 +69,9 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=
     model, tokenizer, facts, resolved = prepare_model(cfg, splits, run_dir, raw_cfg, main_process)
     # A run whose training ended and was written (stopped later, while answering) is not trained again.
     finished = records.finished_training(run_dir) if cfg.trainer.resume == "auto" else None
-    tracker = tracking.start(cfg.logger, run_dir, name, resolved) if main_process else tracking.Tracker()
+    name = run_naming.name
+    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(questions) or None)}
+    tracker = tracking.start(cfg.logger, run_dir, run_naming, logged) if main_process else tracking.Tracker()
     exit_code = 1
     try:
         if finished is not None:
@@ -83,16 +87,19 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, name: str, on_stop_now=
                 exit_code = 0
                 return {}
             tokenizer.save_pretrained(run_dir / "adapter")
-            model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg), **facts}
+            figures = {k: v for k, v in facts.items() if k != "weights_identity"}  # the cache's, not a figure
+            model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg), **figures}
             history = trainer.state.log_history
             records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
         tracker.summary(metrics)
         eval_figures = {}
         if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
-            predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True)
+            predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True,
+                                                 weights=facts["weights_identity"])
             records.write_eval(run_dir, predictions, eval_figures)
-            tracker.summary({k: v for k, v in eval_figures.items() if isinstance(v, (int, float))})
+            tracker.summary(eval_figures)
             tracker.predictions(predictions)
+        tracker.results(metrics, eval_figures)
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
             model.merge_and_unload().save_pretrained(run_dir / "merged")
             tokenizer.save_pretrained(run_dir / "merged")

@@ -4,7 +4,7 @@
     metrics.json       figures of training      log_history.json   every logged step
     eval_metrics.json  GSM8K accuracy           predictions.jsonl  graded answers, baseline and fine-tuned
     report.md, *.png   report and its plots     done.json / failed.json   job status (a sweep re-runs the rest)
-    adapter/, checkpoints/, wandb_run.txt: written by the Trainer and by `tracking.py`
+    adapter/, checkpoints/, wandb_run.json: written by the Trainer and by `tracking.py`
 
 `done.json` is written last, after every result file; a job directory without it is incomplete, so a sweep
 started again re-runs only what is missing or failed. Each file is written whole or not at all (written
@@ -41,11 +41,12 @@ from gsm8k_lora.errors import ConfigError, RunDirBusy
 PACKAGES = ("gsm8k_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "wandb",
             "bitsandbytes")
 DONE, FAILED = "done.json", "failed.json"
+WANDB_RUN = "wandb_run.json"  # the run's W&B id, mode and link (or sync command): a resume continues that run
 CHECKPOINT_MARKER = ".complete"  # written into a checkpoint once the Trainer has written all of its files
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes into its directory (Hydra's `.hydra/` and job log, and W&B's `wandb/`, aside).
 RUN_FILES = ("config.yaml", "environment.json", "metrics.json", "log_history.json", "eval_metrics.json",
-             "predictions.jsonl", "report.md", "wandb_run.txt", DONE, FAILED)
+             "predictions.jsonl", "report.md", WANDB_RUN, DONE, FAILED)
 RUN_DIRS = ("checkpoints", "adapter", "merged")
 
 
@@ -183,9 +184,12 @@ def completed(job_dir: Path, overrides: list[str]) -> dict | None:
     return record if record and record.get("overrides") == overrides else None
 
 
-def mark_done(job_dir: Path, overrides: list[str], objective: str, value: float | None) -> None:
+def mark_done(job_dir: Path, overrides: list[str], objective: str, value: float | None, started: datetime) -> None:
+    """done.json, last: the overrides it ran with, the objective a sweeper reads, and when and where it ran."""
     (job_dir / FAILED).unlink(missing_ok=True)
-    write_json(job_dir / DONE, {"overrides": overrides, "objective": objective, "value": value})
+    write_json(job_dir / DONE, {"overrides": overrides, "objective": objective, "value": value,
+                                "started": started.isoformat(timespec="milliseconds"),
+                                "finished": datetime.now().isoformat(timespec="milliseconds"), "pid": os.getpid()})
 
 
 def mark_failed(job_dir: Path, overrides: list[str], err: BaseException) -> None:
@@ -198,6 +202,14 @@ def mark_failed(job_dir: Path, overrides: list[str], err: BaseException) -> None
         write_json(job_dir / FAILED, {"overrides": overrides, "error": f"{type(err).__name__}: {err}", "where": where})
     except OSError:
         pass
+
+
+SWEEP = "sweep.json"  # at a sweep's root: its name, start, W&B group and swept keys (`sweep.SweepCallback`)
+
+
+def read_sweep(sweep_dir: Path) -> dict:
+    """The sweep's record, or {} where none was written."""
+    return read_json(sweep_dir / SWEEP)
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -310,3 +322,20 @@ class RunLock:
             self.holder_file.unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+
+
+_GPU_LOCKS: list[FileLock] = []  # held for the life of the process: a worker keeps its GPU from job to job
+
+
+def claim_gpu(sweep_dir: Path, count: int) -> int | None:
+    """One of `count` GPUs for a job running beside others (a parallel launcher's worker process): the first whose
+    lock in the sweep directory no other worker holds, or None when all are taken."""
+    for index in range(count):
+        lock = FileLock(sweep_dir / f".gpu-{index}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        _GPU_LOCKS.append(lock)
+        return index
+    return None

@@ -20,7 +20,7 @@ from gsm8k_lora.reporting.report import build, build_sweep
 def write_report(target: Path, price: float) -> tuple[Path, list[Path]]:
     """report.md (and, for a sweep, the comparison files) and the figures; returns the report and figure paths."""
     if (target / "multirun.yaml").exists():
-        text, files, figures = build_sweep(target)
+        text, files, figures, _ = build_sweep(target)
         for name, content in files.items():
             records.write_text(target / name, content)
     else:

@@ -6,10 +6,20 @@ A failure mid-run turns W&B off with one line, never the training: the run direc
 No key or token is ever written: the run directory holds the resolved config, not the environment.
 The recipe holds one `Tracker` and hands it what to log; with `logger=none` (or on a rank other than 0)
 the tracker is off and each call does nothing.
+
+What a dashboard gets from a run (`naming.py` says how it is named and grouped):
+- config: the resolved config once (nested), and the flat identifying settings beside it; transformers' own
+  dump of every TrainingArguments field and the model config is not added (`safe_wandb_callback`);
+- metrics: the live curves (`train/*`, `eval/*`), and the headline figures once, as metrics in their own
+  section (`results/...`, named as in eval_metrics.json and metrics.json) so default panels draw them;
+- summary: numbers only; text and local paths stay in the run directory.
+A sweep ends with a summary run in its group (`log_sweep_summary`): the comparison's table and plots, and
+a saved dashboard view built with wandb-workspaces (`sweep_view`).
 """
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import sys
@@ -17,8 +27,14 @@ from pathlib import Path
 
 import wandb
 
+from gsm8k_lora import records
 from gsm8k_lora.config import LoggerConfig
+from gsm8k_lora.naming import RunNaming
 
+RESULTS = "results"  # the section of the headline figures on the dashboard
+VIEW_SPEC = "wandb_view.json"  # a sweep's dashboard view, written where it cannot be saved
+# The figures transformers' W&B callback already puts in the summary (train_runtime, ...): not added twice.
+LIBRARY_SUMMARY = ("train_runtime_s", "train_samples_per_s")
 PREDICTION_COLUMNS = ("id", "model", "question", "gold", "completion", "pred", "correct", "lm_eval_strict_correct",
                       "lm_eval_flexible_correct", "hit_token_limit", "repetition_loop", "num_steps", "error_category",
                       "problem_type")
@@ -52,8 +68,16 @@ class Tracker:
         return safe_wandb_callback() if self.run is not None else None
 
     def summary(self, figures: dict) -> None:
+        """Numbers only (text, such as which weights were used, and local paths stay in the run directory); the
+        headline figures go to `results/` instead (`results`), so each figure has one key."""
         if self.run is not None:
-            self.run.summary.update({k: v for k, v in figures.items() if isinstance(v, (int, float, str))})
+            self.run.summary.update({k: v for k, v in figures.items() if isinstance(v, (int, float))
+                                     and not isinstance(v, bool) and k not in LIBRARY_SUMMARY and not is_headline(k)})
+
+    def results(self, metrics: dict, eval_figures: dict) -> None:
+        """The headline figures, logged once as metrics in their own section (and so in the summary)."""
+        if self.run is not None:
+            self.run.log({f"{RESULTS}/{k}": v for k, v in headline_figures(metrics, eval_figures).items()})
 
     def predictions(self, predictions: dict[str, list[dict]]) -> None:
         if self.run is not None:
@@ -71,15 +95,34 @@ class Tracker:
             self.run = None
 
 
-def start(cfg: LoggerConfig, run_dir: Path, name: str, config: dict) -> Tracker:
-    """Start a W&B run (a tracker that is off when logging is off); fall back to offline if online fails."""
+HEADLINE_PREFIXES = ("baseline_gsm8k_", "finetuned_gsm8k_", "baseline_answer_format_rate",
+                     "finetuned_answer_format_rate")
+
+
+def is_headline(key: str) -> bool:
+    """Accuracy under every rule (maj@k and pass@k when sampled) with its 95% bounds, the answer-format rates, the
+    paired tests' p and difference, and the best validation loss: what default panels should draw."""
+    return key.startswith(HEADLINE_PREFIXES) or key == "eval_loss_best" or (
+        key.startswith("paired_") and key.endswith(("_mcnemar_p", "_difference")))
+
+
+def headline_figures(metrics: dict, eval_figures: dict) -> dict:
+    return {k: v for k, v in {**metrics, **eval_figures}.items()
+            if is_headline(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> Tracker:
+    """Start a W&B run (a tracker that is off when logging is off); fall back to offline if online fails. A run
+    resumed in its directory continues its W&B run (same id) rather than starting a second one."""
     if cfg.backend != "wandb":
         return Tracker()
     mode = resolve_mode(cfg)
     if mode == "offline":
         quiet_offline()
-    kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags), name=name,
-                  config=config, dir=str(run_dir), reinit="finish_previous")
+    earlier = records.read_json(run_dir / records.WANDB_RUN).get("id")
+    kwargs = dict(project=cfg.project, entity=cfg.entity, group=naming.group, job_type=naming.job_type,
+                  tags=naming.tags, name=naming.name, config=config, dir=str(run_dir), reinit="finish_previous",
+                  **({"id": earlier, "resume": "allow"} if earlier else {}))
     try:
         run = wandb.init(mode=mode, settings=_settings(cfg), **kwargs)
     except Exception as err:  # bad key, no network, server error: the training result must not depend on W&B
@@ -89,12 +132,15 @@ def start(cfg: LoggerConfig, run_dir: Path, name: str, config: dict) -> Tracker:
         mode = "offline"
         quiet_offline()
         run = wandb.init(mode=mode, settings=_settings(cfg), **kwargs)
+    sync = f"wandb sync {Path(run.dir).parent}"
     if mode == "offline":
-        print(f"W&B is logging offline to {run.dir}; upload later with: wandb sync {Path(run.dir).parent}")
+        print(f"W&B is logging offline to {run.dir}; upload later with: {sync}")
     else:
         print(f"W&B run: {run.url}")
-    link = run.url if mode == "online" else f"offline: wandb sync {Path(run.dir).parent}"
-    (run_dir / "wandb_run.txt").write_text(f"{link}\n", encoding="utf-8")
+    online = mode == "online"
+    records.write_json(run_dir / records.WANDB_RUN, {"id": run.id, "mode": mode, "name": naming.name,
+                                                     "group": naming.group, "url": run.url if online else None,
+                                                     "sync": None if online else sync})
     return Tracker(run)
 
 
@@ -114,7 +160,10 @@ def quiet_offline() -> None:
 
 def safe_wandb_callback():
     """transformers' WandbCallback, except that a W&B failure mid-run (service crash, lost network, quota)
-    turns W&B logging off with one line instead of ending the training."""
+    turns W&B logging off with one line instead of ending the training, and that its setup adds nothing to
+    the run's config: `tracking.start` logged the resolved config and the identifying settings, and the
+    library's dump of every TrainingArguments field and the model config (~170 flat keys) would say each
+    setting a second time under another name."""
     # Imported here, not at the top: transformers' W&B integration prints "[INFO] Running in WANDB offline
     # mode" to stdout when it is imported, which would land in the output of every command (`--cfg`, `--help`).
     from transformers.integrations import WandbCallback
@@ -122,8 +171,14 @@ def safe_wandb_callback():
     class SafeWandbCallback(WandbCallback):
         failed = False
 
+        def setup(self, args, state, model, **kwargs):
+            self._initialized = True
+            if state.is_world_process_zero:  # as the library does: curves against the optimizer step
+                self._wandb.define_metric("train/global_step")
+                self._wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
+
     for name in ("setup", "on_train_begin", "on_train_end", "on_log", "on_save", "on_predict"):
-        setattr(SafeWandbCallback, name, _guarded(getattr(WandbCallback, name)))
+        setattr(SafeWandbCallback, name, _guarded(getattr(SafeWandbCallback, name)))
     return SafeWandbCallback()
 
 
@@ -140,3 +195,88 @@ def _guarded(original):
             return None
 
     return method
+
+
+def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, comparison, figures: list[Path]) -> None:
+    """The sweep's summary run in its group: every job's row of the comparison as a W&B Table, and the plots;
+    then its dashboard view. Nothing with logger=none."""
+    if cfg.backend != "wandb":
+        return
+    mode = resolve_mode(cfg)
+    if mode == "offline":
+        quiet_offline()
+    name = f"{sweep.get('name', sweep_dir.name)} summary"
+    group = sweep.get("group") or sweep_dir.name
+    init = dict(project=cfg.project, entity=cfg.entity, group=group, job_type="sweep_summary", name=name,
+                tags=list(cfg.tags), dir=str(sweep_dir), reinit="finish_previous",
+                config={"sweep": sweep.get("name"), "swept": comparison.swept, "jobs": len(comparison.rows)})
+    try:
+        run = wandb.init(mode=mode, settings=_settings(cfg), **init)
+    except Exception as err:  # the comparison is on disk either way
+        print(f"W&B summary run not started ({type(err).__name__}); the comparison is in {sweep_dir}", file=sys.stderr)
+        return
+    columns = comparison.columns
+    table = wandb.Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.rows])
+    run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    run.summary.update({"sweep/jobs_done": sum(r["status"] == "done" for r in comparison.rows),
+                        "sweep/jobs_failed": sum(r["status"] != "done" for r in comparison.rows)})
+    online = mode == "online"
+    url = run.url if online else None
+    run.finish()
+    print(f"W&B sweep summary: {url}" if online else
+          f"W&B sweep summary logged offline; upload later with: wandb sync {Path(run.dir).parent}")
+    save_view(cfg, sweep_dir, group, comparison.swept, online)
+
+
+def _cell(value):
+    return value if value is None or isinstance(value, (int, float, str)) else str(value)
+
+
+def sweep_view(entity: str, project: str, group: str, swept: list[str]):
+    """The sweep's saved dashboard view, as code (wandb-workspaces, an optional extra): the group's runs; the
+    swept settings to fine-tuned accuracy in parallel coordinates; fine-tuned accuracy against learning rate
+    (epochs as the third axis); the summary run's table; validation loss. Built without a server."""
+    import wandb_workspaces.reports.v2 as wr  # an optional extra (.[dashboard]), imported for sweeps only
+    import wandb_workspaces.workspaces as ws
+
+    accuracy = wr.SummaryMetric(f"{RESULTS}/finetuned_gsm8k_by_value")
+    flat = {"lr": "lr", "epochs": "epochs", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+    axes = list(dict.fromkeys([*(flat[k] for k in swept if k in flat), "lr", "epochs", "lora_r"]))
+    panels = [
+        wr.ParallelCoordinatesPlot(title="swept settings against fine-tuned accuracy", columns=[
+            *(wr.ParallelCoordinatesPlotColumn(metric=wr.Config(key)) for key in axes),
+            wr.ParallelCoordinatesPlotColumn(metric=accuracy, display_name="fine-tuned GSM8K by-value")]),
+        wr.ScatterPlot(title="fine-tuned accuracy against learning rate, by epochs", x=wr.Config("lr"), y=accuracy,
+                       z=wr.Config("epochs"), log_x=True),
+        wr.WeavePanelSummaryTable(table_name="sweep/jobs"),
+        wr.LinePlot(title="validation loss", x="train/global_step", y=["eval/loss"]),
+    ]
+    return ws.Workspace(entity=entity, project=project, name=f"sweep {group}",
+                        sections=[ws.Section(name=f"sweep {group}", panels=panels, is_open=True)],
+                        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group") == group]))
+
+
+def save_view(cfg: LoggerConfig, sweep_dir: Path, group: str, swept: list[str], online: bool) -> None:
+    """Saved to W&B when online; otherwise (offline, or the extra missing) its spec is written to the sweep
+    directory and the line says how to save it later."""
+    later = f"save it later (W&B online) with: python -m gsm8k_lora.compare {sweep_dir} --save-view"
+    try:
+        view = sweep_view(cfg.entity or "", cfg.project, group, swept)
+    except ImportError:
+        print(f"W&B view not built: pip install -e .[dashboard] (wandb-workspaces), then {later}")
+        return
+    if online and cfg.entity:
+        try:
+            view.save()
+            return
+        except Exception as err:  # the spec below keeps it
+            print(f"W&B view not saved ({type(err).__name__})", file=sys.stderr)
+    records.write_text(sweep_dir / VIEW_SPEC, view._to_model().model_dump_json(by_alias=True, indent=1))
+    print(f"W&B view written to {sweep_dir / VIEW_SPEC}; {later}" + ("" if cfg.entity else " --entity <yours>"))
+
+
+def read_view(path: Path):
+    """A view spec written by `save_view`, back as a workspace (wandb-workspaces' own model)."""
+    from wandb_workspaces.workspaces import Workspace, internal  # an optional extra, as above
+
+    return Workspace._from_model(internal.View.model_validate(json.loads(path.read_text(encoding="utf-8"))))

@@ -9,17 +9,21 @@ run to the recipe (`recipe.py`, steps 3 to 8).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import setup_globals
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, hub, preflight, records
+from gsm8k_lora import cli, hub, naming, preflight, records
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
 from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError, RunDirBusy, stops_a_sweep
 
@@ -69,8 +73,25 @@ def rerun_problem(run_dir: Path, resolved: dict, resume: str) -> str | None:
             f"(deleting its checkpoints and results)")
 
 
+GRID = {"grid.epochs": "trainer.num_train_epochs", "grid.learning_rates": "trainer.learning_rate"}
+
+
+def grid_problem(overrides: list[str]) -> str | None:
+    """`grid.*` holds an experiment's default values for the sweep files; a comma list given for it is a sweep
+    of the grid key itself (Hydra's reading), which trains none of the values asked for."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if key in GRID and override.is_sweep_override():
+            return (f"{override.input_line} is invalid: it sweeps {key} itself; give the values as "
+                    f"{GRID[key]}={override.input_line.partition('=')[2]} (it replaces the sweep file's)")
+    return None
+
+
 def check_configs(composed: cli.Composed) -> list[Config]:
     """Every job's config validated, and everything this machine cannot do for them, said once (ConfigError)."""
+    problem = grid_problem(composed.overrides)
+    if problem:
+        raise ConfigError(problem)
     configs = [validate(cli.task_config(job)) for job in composed.jobs]
     found = list(dict.fromkeys(p for cfg in configs for p in preflight.problems(cfg)))  # once each, in order
     if found:
@@ -130,10 +151,14 @@ def stopped_at_once(job_dir: Path) -> str:
             f"same command and hydra.run.dir={job_dir}")
 
 
-def run_name_from_overrides(overrides: list[str], fallback: str) -> str:
-    """W&B run name from the command-line overrides, e.g. 'lora.r=16,trainer.learning_rate=1e-4'."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
-    return ",".join(keep) if keep else fallback
+def job_naming(config: Config, overrides: list[str], multirun: bool) -> naming.RunNaming:
+    """How this job reads on the dashboard: in a sweep, named by its swept values and grouped with the sweep
+    (`sweep.json`, written when the sweep started); alone, named by the command line's own overrides."""
+    sweep = records.read_sweep(Path(HydraConfig.get().sweep.dir)) if multirun else {}
+    swept = sweep.get("swept") if multirun else None
+    group = config.logger.group or (sweep.get("group") or Path(HydraConfig.get().sweep.dir).name if multirun else None)
+    return naming.RunNaming(naming.run_name(overrides, swept, config.experiment_name), group, "train",
+                            naming.tags(config))
 
 
 def main_guarded(cfg: DictConfig) -> float | None:
@@ -161,7 +186,33 @@ def main_guarded(cfg: DictConfig) -> float | None:
             lock.release()
 
 
+def gpu_count() -> int:
+    """The machine's NVIDIA GPUs, asked of nvidia-smi: asking torch would start CUDA before a GPU is chosen."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def pin_gpu() -> None:
+    """A job that a parallel launcher (SWEEP=parallel) runs beside others in a worker process of its own gets one
+    GPU of its own on a multi-GPU machine, before anything starts CUDA (a process that sees several GPUs trains on
+    all of them at once). Nothing when the user chose the GPUs, or with a single GPU or none."""
+    launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
+    if "joblib" not in launcher.lower() or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    count = gpu_count()
+    gpu = records.claim_gpu(Path(HydraConfig.get().sweep.dir), count) if count > 1 else None
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        print(f"job {HydraConfig.get().job.num}: GPU {gpu} of {count}")
+
+
 def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: bool) -> float | None:
+    started = datetime.now()
+    if multirun:
+        pin_gpu()
     done = records.completed(job_dir, overrides)
     if done is not None:
         print(skip_line(job_dir, done))
@@ -179,12 +230,9 @@ def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: 
         if config.trainer.resume == "never" and records.holds_run(job_dir):
             records.clear_run(job_dir)
             print(f"starting {job_dir} afresh (trainer.resume=never): its earlier checkpoints and results are deleted")
-        if multirun and config.logger.group is None:  # one W&B group per sweep: its directory name
-            config.logger.group = Path(HydraConfig.get().sweep.dir).name
         from gsm8k_lora import recipe  # deferred: torch, transformers, TRL and PEFT, after the checks (see the top)
 
-        results = recipe.run(config, cfg, job_dir, run_name_from_overrides(overrides, config.experiment_name),
-                             stop_now)
+        results = recipe.run(config, cfg, job_dir, job_naming(config, overrides, multirun), stop_now)
     except RunDirBusy:
         raise
     except EXPECTED as err:
@@ -203,7 +251,7 @@ def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: 
         raise
     value = results.get(config.objective)
     if records.is_main_process():
-        records.mark_done(job_dir, overrides, config.objective, value)
+        records.mark_done(job_dir, overrides, config.objective, value, started)
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ CACHE = Path(os.environ.get("GSM8K_LORA_TEST_CACHE", ROOT / ".cache" / "models")
 
 OFFLINE_ENV = {
     "GSM8K_LORA_CACHE": str(CACHE),
+    # the baseline answers' cache: this session's own, so no test reads answers an earlier session generated
+    "GSM8K_LORA_BASELINE_CACHE": tempfile.mkdtemp(prefix="gsm8k_lora-baselines-"),
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "offline",

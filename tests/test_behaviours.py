@@ -137,7 +137,7 @@ def test_compare_ranks_runs_and_marks_the_best(tmp_path, jobs, best):
         fake_job(tmp_path, number, *job)
     proc = run_cli("compare", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"best: {best}" in proc.stdout
+    assert f"best: {best} (" in proc.stdout
     rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
     assert [r["job"] for r in rows] == [str(n) for n in range(len(jobs))]
     assert [r["job"] for r in rows if r["best"] == "True"] == [best]
@@ -173,10 +173,11 @@ import sys
 from pathlib import Path
 from gsm8k_lora import tracking
 from gsm8k_lora.config import compose
+from gsm8k_lora.naming import RunNaming
 cfg = compose(["logger=wandb", "logger.project=offline-check"]).logger
 print("mode:", tracking.resolve_mode(cfg))
 if sys.argv[1:]:
-    tracking.start(cfg, Path(sys.argv[1]), "offline-check", {"lora": {"r": 8}}).finish()
+    tracking.start(cfg, Path(sys.argv[1]), RunNaming("offline-check", None, "train"), {"lora": {"r": 8}}).finish()
 """
 
 
@@ -197,7 +198,7 @@ def test_wandb_logs_offline_and_prints_the_sync_command_when_no_key_is_configure
     assert "mode: offline" in proc.stdout and "online start failed" not in proc.stderr
     (offline,) = run_dir.glob("wandb/offline-run-*")
     assert f"upload later with: wandb sync {offline}" in proc.stdout
-    assert (run_dir / "wandb_run.txt").read_text().strip() == f"offline: wandb sync {offline}"
+    assert json.loads((run_dir / "wandb_run.json").read_text())["sync"] == f"wandb sync {offline}"
     assert list(offline.glob("run-*.wandb"))
     # the same machine with a key in its netrc logs online: the offline choice above was made for lack of one
     netrc = tmp_path / "home" / ".netrc"

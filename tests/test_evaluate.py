@@ -99,6 +99,7 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
     from gsm8k_lora.config import register_configs, validate
     from gsm8k_lora.data.loading import build_splits
     from gsm8k_lora.evaluation import answers, standalone
+    from gsm8k_lora.naming import RunNaming
 
     prompts: list[str] = []
     real_generate = answers.generate
@@ -113,7 +114,7 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
         raw = compose(config_name="config", overrides=[
             "experiment=smoke", "logger=none", f"eval.prompt={style}", "eval.num_fewshot=3", "eval.limit=4",
             "eval.max_new_tokens=2", "data.num_train=100", "data.num_test=10"])
-    standalone.run(*evaluate.checked_config(raw, []), tmp_path)
+    standalone.run(*evaluate.checked_config(raw, []), tmp_path, RunNaming("fewshot", None, "evaluate"))
 
     splits = build_splits(validate(raw).data)  # the same seeded data, built again here
     train_source, test = splits.train.to_list() + splits.validation.to_list(), splits.test.to_list()

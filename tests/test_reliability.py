@@ -124,11 +124,13 @@ def test_oom_message_names_the_settings_that_reduce_memory():
 
 def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
     from gsm8k_lora import tracking
+    from gsm8k_lora.naming import RunNaming
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port on this machine
-    tracker = tracking.start(compose("logger=wandb", "logger.init_timeout_s=10").logger, tmp_path, "x", {"a": 1})
+    tracker = tracking.start(compose("logger=wandb", "logger.init_timeout_s=10").logger, tmp_path,
+                             RunNaming("x", None, "train"), {"a": 1})
     try:
         assert tracker.run.offline
         tracker.run.log({"loss": 1.0})
@@ -136,7 +138,7 @@ def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
         tracker.finish()
     out = capsys.readouterr()
     assert "logging offline instead" in out.err and "wandb sync" in out.out
-    assert "0" * 40 not in (tmp_path / "wandb_run.txt").read_text()
+    assert "0" * 40 not in (tmp_path / "wandb_run.json").read_text()
 
 
 def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):

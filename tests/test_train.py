@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli
-from tests.wandb_offline import run_contents
+from tests.wandb_offline import history, read_run
 
 SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
 
@@ -50,7 +50,7 @@ def test_run_directory_is_complete(smoke_run):
     run_dir, _ = smoke_run
     for name in ("config.yaml", "environment.json", "metrics.json", "log_history.json", "loss.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "merged/config.json", "wandb_run.txt", ".hydra/overrides.yaml"):
+                 "merged/config.json", "wandb_run.json", ".hydra/overrides.yaml"):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["packages"]["trl"] and env["packages"]["transformers"] and "experiment=smoke" in env["command"]
@@ -102,18 +102,18 @@ def test_adapter_reloads_and_reproduces_the_trained_model(smoke_run, tiny_model_
 
 def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     run_dir, _ = smoke_run
-    offline = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(offline) == 1
-    logged = run_contents(offline[0])
-    assert logged["name"].startswith("experiment=smoke,trainer.max_steps=40,trainer.save_merged=true,eval.limit=30")
+    logged = read_run(run_dir)
+    # named by the user's own overrides, the experiment (shared by every run of it) aside
+    assert logged["name"] == ("trainer.max_steps=40 trainer.save_merged=true eval.limit=30 eval.during_training=true "
+                              "eval.during_training_limit=20") and logged["job_type"] == "train"
     assert logged["config"]["lora"]["r"] == 8 and logged["config"]["trainer"]["max_steps"] == 40
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert logged["summary"]["eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])
+    assert logged["summary"]["results/eval_loss_best"] == pytest.approx(metrics["eval_loss_best"])
     assert logged["summary"]["train_token_accuracy_last"] == pytest.approx(metrics["train_token_accuracy_last"])
-    assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= logged["history_keys"]  # the live curves
+    assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= history(run_dir).keys()  # the live curves
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
-    assert logged["summary"]["finetuned_gsm8k_by_value"] == evaluated["finetuned_gsm8k_by_value"]
-    assert "offline" in (run_dir / "wandb_run.txt").read_text()
+    assert logged["summary"]["results/finetuned_gsm8k_by_value"] == evaluated["finetuned_gsm8k_by_value"]
+    assert json.loads((run_dir / "wandb_run.json").read_text())["mode"] == "offline"
     for path in run_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             content = path.read_bytes()

@@ -5,11 +5,12 @@ disabled) and the fine-tuned model, then graded and summed up (`scoring.py`). Us
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from gsm8k_lora.config import Config, EvalConfig
 from gsm8k_lora.data.loading import Splits
-from gsm8k_lora.evaluation import protocols
-from gsm8k_lora.evaluation.generation import build_prompt, generate, token_limit
+from gsm8k_lora.evaluation import baseline_cache, protocols
+from gsm8k_lora.evaluation.generation import build_prompt, generate, settings, token_limit
 from gsm8k_lora.evaluation.scoring import eval_metrics, score
 
 TINY_NOTE = ("The built-in tiny model's accuracy says nothing about Falcon3 or any real model: "
@@ -42,28 +43,40 @@ def pick_shots(train_rows: list[dict], cfg: EvalConfig, num_questions: int) -> l
 
 
 def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: EvalConfig,
-           system_prompt: str | None, adapters: bool) -> dict[str, list[dict]]:
-    """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions."""
+           system_prompt: str | None, adapters: bool, weights: dict | None = None) -> tuple[dict[str, list[dict]], str]:
+    """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions, and
+    where the baseline's answers came from: `generated`, or the cache entry that held them (`weights`: the
+    base weights' identity, `baseline_cache.weights_identity`; without it the baseline is not cached)."""
     prompts = [build_prompt(tokenizer, r["question"], cfg, s, system_prompt) for r, s in zip(rows, shots, strict=True)]
     model.config.use_cache = True
     out: dict[str, list[dict]] = {}
+    source = "generated"
     if not adapters or cfg.compare_baseline:
         context = model.disable_adapter() if adapters else contextlib.nullcontext()
         with context:
-            out["baseline"] = score(rows, generate(model, tokenizer, prompts, cfg, "Baseline answers"), "baseline",
-                                    token_limit(cfg))
+            def run() -> list[dict]:
+                return generate(model, tokenizer, prompts, cfg, "Baseline answers")
+
+            if cfg.baseline_cache and weights is not None:
+                the_key = baseline_cache.key(weights, model, prompts, rows, settings(tokenizer, cfg))
+                generations, source = baseline_cache.fetch(Path(cfg.baseline_cache), the_key, run)
+            else:
+                generations = run()
+            out["baseline"] = score(rows, generations, "baseline", token_limit(cfg))
     if adapters:
         out["finetuned"] = score(rows, generate(model, tokenizer, prompts, cfg, "Fine-tuned answers"), "finetuned",
                                  token_limit(cfg))
-    return out
+    return out, source
 
 
-def evaluate(cfg: Config, model, tokenizer, splits: Splits, rows: list[dict], adapters: bool
-             ) -> tuple[dict[str, list[dict]], dict]:
+def evaluate(cfg: Config, model, tokenizer, splits: Splits, rows: list[dict], adapters: bool,
+             weights: dict | None = None) -> tuple[dict[str, list[dict]], dict]:
     """The questions answered and graded, and the figures of `eval_metrics.json`."""
     shots = pick_shots(shot_pool(splits, cfg.eval), cfg.eval, len(rows))
-    predictions = answer(model, tokenizer, rows, shots, cfg.eval, cfg.data.system_prompt, adapters)
+    predictions, source = answer(model, tokenizer, rows, shots, cfg.eval, cfg.data.system_prompt, adapters, weights)
     metrics = eval_metrics(predictions)
+    if "baseline" in predictions:
+        metrics["baseline_source"] = source
     if cfg.model.name_or_path.startswith("builtin:"):
         metrics["note"] = TINY_NOTE
     return predictions, metrics

@@ -86,22 +86,40 @@ def adds_special_tokens(tokenizer, first_prompt: str, protocol) -> bool:
     return not (bos and first_prompt.startswith(bos))
 
 
+def stops_and_limit(tokenizer, cfg: EvalConfig) -> tuple[list[str], int]:
+    """The stop strings and token limit of `eval.prompt`: lm-eval's own for its protocols (and no early stop at
+    the `#### N` line there), else the new-turn markers, `eval.stop_sequences` and `eval.max_new_tokens`."""
+    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
+    if protocol is not None:
+        return protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token), protocol.max_new_tokens
+    return [*NEW_TURN_TEXT, *cfg.stop_sequences], cfg.max_new_tokens
+
+
+def settings(tokenizer, cfg: EvalConfig) -> dict:
+    """Everything besides the model and the prompts that decides the answers (the baseline cache's key)."""
+    stops, max_new = stops_and_limit(tokenizer, cfg)
+    return {"stop_sequences": stops, "stop_token_ids": stop_token_ids(tokenizer), "max_new_tokens": max_new,
+            "answer_line_stop": cfg.prompt not in protocols.BY_EVAL_PROMPT, "num_samples": cfg.num_samples,
+            "temperature": cfg.temperature if cfg.num_samples > 1 else None, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "pad_token_id": tokenizer.pad_token_id}
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = "Generating") -> list[dict]:
-    """For each prompt, `cfg.num_samples` completions with their generated token counts."""
+    """For each prompt, `cfg.num_samples` completions with their generated token counts. Sampling starts from
+    `eval.seed` each time, so the same settings give the same answers."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batches must end at the same position
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     results: list[dict] = [{} for _ in prompts]
     sampling = cfg.num_samples > 1
+    if sampling:
+        torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
     protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
-    if protocol is not None:  # lm-eval's own stops and token limit, and no early stop at the `#### N` line
-        stops = protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token)
-        max_new, criteria = protocol.max_new_tokens, []
-    else:
-        stops, max_new = [*NEW_TURN_TEXT, *cfg.stop_sequences], cfg.max_new_tokens
+    stops, max_new = stops_and_limit(tokenizer, cfg)
+    criteria = []
     for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + cfg.batch_size]
         texts_in = [prompts[i] for i in idx]

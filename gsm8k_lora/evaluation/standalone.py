@@ -9,18 +9,19 @@ from pathlib import Path
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from gsm8k_lora import records
+from gsm8k_lora import naming, records, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.loading import build_splits
-from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import eval_rows, evaluate
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model.loading import load, to_device
 from gsm8k_lora.model.sources import resolve as resolve_weights
+from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.records import resolve_adapter
 
 
-def run(cfg: Config, merged: DictConfig, run_dir: Path) -> dict:
+def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -> dict:
     """Load, answer, write; `merged` is the config as evaluated (a run's own, with the command line's changes)."""
     adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
     splits = build_splits(cfg.data)
@@ -30,9 +31,19 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path) -> dict:
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     to_device(model)
-    records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
-    predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None)
-    records.write_eval(run_dir, predictions, metrics)
+    resolved = records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
+    tracker = tracking.start(cfg.logger, run_dir, run_naming, {**resolved, **naming.identifying(cfg, None, len(rows))})
+    exit_code = 1
+    try:
+        predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None,
+                                        weights=baseline_cache.weights_identity(weights.path, cfg.model.revision))
+        records.write_eval(run_dir, predictions, metrics)
+        tracker.summary(metrics)
+        tracker.predictions(predictions)
+        tracker.results({}, metrics)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
     for line in summary_lines(metrics, protocols.describe(dataclasses.asdict(cfg.eval), short=True), cfg.eval.split):
         print(line)
     print(f"evaluation written to {run_dir} (eval_metrics.json, predictions.jsonl)")

@@ -1,7 +1,12 @@
-"""The comparison of a sweep's runs, from what each job wrote in its directory (metrics, eval metrics,
-log history, status markers, Hydra overrides): a table with the best run marked, as `comparison.csv` and
-`comparison.md`, and the figures `accuracy_grid` and `val_loss_curves`. Built here, written by the caller
-(`python -m gsm8k_lora.compare`, the sweep report).
+"""The comparison of a sweep's runs, from what each job wrote in its directory (config, metrics, eval metrics,
+log history, status markers, Hydra overrides) and the sweep's own record: one row per job with its swept values
+and headline figures with their 95% intervals, the best run of each protocol marked. The same rows go to
+`comparison.csv`, `comparison.md`, the sweep report and the W&B summary run's table (`tracking.py`), so the
+local comparison and the dashboard's agree. Built here, written by the caller.
+
+Runs asked in different ways are kept apart: a job's `protocol` names its prompt and decoding (greedy, or
+maj@k of k samples at a temperature), its headline figure is that decoding's (maj@k when sampled), and the
+best run is chosen within each protocol.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
+from gsm8k_lora import naming
 from gsm8k_lora.records import read_config, read_json
 from gsm8k_lora.reporting import plots
 
-COLUMNS = ("job", "status", "overrides", "eval_loss_best", "protocol", "n", "baseline_acc", "baseline_ci95",
-           "finetuned_acc", "finetuned_ci95", "difference", "mcnemar_p", "finetuned_loop_rate", "train_runtime_s",
-           "error")
+FIGURES = ("baseline", "baseline_ci95_low", "baseline_ci95_high", "finetuned", "finetuned_ci95_low",
+           "finetuned_ci95_high", "difference", "mcnemar_p", "finetuned_strict_match", "finetuned_flexible_extract",
+           "finetuned_loop_rate", "eval_loss_best", "train_runtime_s")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -31,104 +37,152 @@ def read_job(job_dir: Path) -> dict:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     failed = read_json(job_dir / "failed.json")
     status = "done" if (job_dir / "done.json").exists() else ("failed" if failed else "incomplete")
-    config = read_config(job_dir)
     return {"job": job_dir.name, "dir": job_dir, "status": status, "overrides": overrides or [],
-            "protocol": (config.get("eval") or {}).get("prompt"),
-            "metrics": read_json(job_dir / "metrics.json"), "eval": read_json(job_dir / "eval_metrics.json"),
+            "config": read_config(job_dir), "metrics": read_json(job_dir / "metrics.json"),
+            "eval": read_json(job_dir / "eval_metrics.json"), "wandb": read_json(job_dir / "wandb_run.json"),
             "history": read_json(job_dir / "log_history.json").get("log_history", []), "error": failed.get("error")}
 
 
-def varying(jobs: list[dict]) -> list[str]:
-    """The override keys whose value differs between jobs: what the sweep is about."""
+def swept(sweep_dir: Path, jobs: list[dict]) -> list[str]:
+    """The keys the sweep varied: from its record, else the override keys whose value differs between jobs."""
+    recorded = read_json(sweep_dir / "sweep.json").get("swept")
+    if recorded:
+        return list(recorded)
     values: dict[str, set] = {}
     for job in jobs:
         for item in job["overrides"]:
             key, _, value = item.partition("=")
             values.setdefault(key, set()).add(value)
-    return [key for key, seen in values.items() if len(seen) > 1 or len(jobs) == 1]
+    return [key for key, seen in values.items() if len(seen) > 1]
 
 
-def _ci(ev: dict, model: str) -> str:
-    key = f"{model}_gsm8k_by_value"
-    if f"{key}_ci95_low" not in ev:
+def headline(ev: dict) -> str:
+    """The figure a job's protocol is judged by: maj@k when it sampled, else by-value."""
+    return next((key.partition("_")[2] for key in ev if key.startswith("finetuned_gsm8k_maj@")
+                 and key[-1].isdigit()), "gsm8k_by_value")
+
+
+def protocol(job: dict) -> str:
+    ecfg = job["config"].get("eval") or {}
+    if not ecfg:
         return ""
-    return f"[{ev[key + '_ci95_low']:.3f}, {ev[key + '_ci95_high']:.3f}]"
+    samples = ecfg.get("num_samples", 1)
+    decoding = "greedy" if samples == 1 else f"maj@{samples} of {samples} samples at T={ecfg.get('temperature')}"
+    return f"{ecfg.get('prompt')}, {decoding}"
 
 
-def rows_of(jobs: list[dict]) -> list[dict]:
-    keys = varying(jobs)
-    rows = []
-    for job in jobs:
-        m, ev = job["metrics"], job["eval"]
-        shown = [o for o in job["overrides"] if o.partition("=")[0] in keys]
-        rows.append({
-            "job": job["job"], "status": job["status"], "overrides": " ".join(shown),
-            "eval_loss_best": m.get("eval_loss_best"), "protocol": job["protocol"] if ev else None,
-            "n": ev.get("finetuned_n", ev.get("baseline_n")),
-            "baseline_acc": ev.get("baseline_gsm8k_by_value"), "baseline_ci95": _ci(ev, "baseline"),
-            "finetuned_acc": ev.get("finetuned_gsm8k_by_value"), "finetuned_ci95": _ci(ev, "finetuned"),
-            "difference": ev.get("paired_by_value_difference"), "mcnemar_p": ev.get("paired_by_value_mcnemar_p"),
-            "finetuned_loop_rate": ev.get("finetuned_repetition_loop_rate"),
-            "train_runtime_s": m.get("train_runtime_s"), "error": job["error"] or "",
-        })
-    return rows
+def row_of(job: dict, keys: list[str]) -> dict:
+    m, ev = job["metrics"], job["eval"]
+    values = {o.lstrip("+~").partition("=")[0]: o.partition("=")[2] for o in job["overrides"]}
+    rule = headline(ev)
+    short = rule.removeprefix("gsm8k_")
+    row = {"job": job["job"], "status": job["status"], **{naming.short(k): values.get(k) for k in keys},
+           "protocol": protocol(job) if ev else None, "rule": rule if ev else None,
+           "n": ev.get("finetuned_n", ev.get("baseline_n"))}
+    for model in ("baseline", "finetuned"):
+        row[model] = ev.get(f"{model}_{rule}")
+        row[f"{model}_ci95_low"], row[f"{model}_ci95_high"] = (ev.get(f"{model}_{rule}_ci95_low"),
+                                                               ev.get(f"{model}_{rule}_ci95_high"))
+    row.update({"difference": ev.get(f"paired_{short}_difference"), "mcnemar_p": ev.get(f"paired_{short}_mcnemar_p"),
+                "finetuned_strict_match": ev.get("finetuned_gsm8k_strict_match"),
+                "finetuned_flexible_extract": ev.get("finetuned_gsm8k_flexible_extract"),
+                "finetuned_loop_rate": ev.get("finetuned_repetition_loop_rate"),
+                "eval_loss_best": m.get("eval_loss_best"), "train_runtime_s": m.get("train_runtime_s"),
+                "wandb_run": job["wandb"].get("id"), "error": job["error"] or ""})
+    return row
 
 
-def best_job(rows: list[dict]) -> str | None:
-    """Highest fine-tuned GSM8K accuracy (lowest validation loss breaks ties, or decides without eval)."""
+def best_jobs(rows: list[dict]) -> dict[str, str]:
+    """The best done job of each protocol: highest fine-tuned headline accuracy (the lower validation loss breaks a
+    tie); without evaluation, the lowest validation loss."""
+    best: dict[str, str] = {}
     done = [r for r in rows if r["status"] == "done"]
-    scored = [r for r in done if r["finetuned_acc"] is not None]
-    if scored:
-        return max(scored, key=lambda r: (r["finetuned_acc"], -(r["eval_loss_best"] or 0)))["job"]
-    with_loss = [r for r in done if r["eval_loss_best"] is not None]
-    return min(with_loss, key=lambda r: r["eval_loss_best"])["job"] if with_loss else None
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def to_markdown(rows: list[dict], best: str | None) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [_fmt(row[c]) for c in COLUMNS]
-        if row["job"] == best:
-            cells[0] = f"**{cells[0]} (best)**"
-        lines.append("| " + " | ".join(cells) + " |")
-    note = ("\n\nAccuracy is GSM8K accuracy of generated answers graded by the package's by-value rule (the "
-            "headline: first `#### N`, else the last explicit final statement, else the last number, compared by "
-            "value), on the same n questions for baseline and fine-tuned, asked as `protocol` (the run's eval.prompt; "
-            "each job's report.md has lm-eval's strict-match and flexible-extract beside it); 95% Wilson intervals; "
-            "p: exact McNemar test; finetuned_loop_rate: share of fine-tuned answers caught in a repetition loop.")
-    return "\n".join(lines) + note + "\n"
-
-
-def to_csv(rows: list[dict], best: str | None) -> str:
-    handle = io.StringIO()
-    writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, "best"], lineterminator="\r\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**{c: row[c] for c in COLUMNS}, "best": row["job"] == best})
-    return handle.getvalue()
+    for name in dict.fromkeys(r["protocol"] for r in done):
+        group = [r for r in done if r["protocol"] == name]
+        scored = [r for r in group if r["finetuned"] is not None]
+        if scored:
+            best[name] = max(scored, key=lambda r: (r["finetuned"], -(r["eval_loss_best"] or 0)))["job"]
+        elif with_loss := [r for r in group if r["eval_loss_best"] is not None]:
+            best[name] = min(with_loss, key=lambda r: r["eval_loss_best"])["job"]
+    return best
 
 
 @dataclass
 class Comparison:
     jobs: list[dict]
     rows: list[dict]
-    best: str | None
+    swept: list[str]  # short names of the swept keys: the rows' first columns after job and status
+    best: dict[str, str]  # protocol -> its best job
     files: dict[str, str]  # file name -> text
-    figures: dict[str, Figure]
+    figures: dict[str, Figure]  # only what could be drawn
+
+    @property
+    def columns(self) -> list[str]:
+        return ["job", "status", *self.swept, "protocol", "rule", "n", *FIGURES, "wandb_run", "error"]
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        percent = column in ("baseline", "finetuned", "difference") or column.startswith("finetuned_")
+        return f"{value:.1%}" if percent else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(comparison: Comparison) -> str:
+    """One table per protocol, each with its best run marked; accuracies with their 95% intervals."""
+    head = ["job", "status", *comparison.swept, "n", "baseline [95% CI]", "fine-tuned [95% CI]",
+            "difference (McNemar p)", "lm-eval strict / flexible", "loops", "best eval loss", "error"]
+    out = []
+    for name in dict.fromkeys(r["protocol"] for r in comparison.rows):
+        rows = [r for r in comparison.rows if r["protocol"] == name]
+        rule = next((r["rule"] for r in rows if r["rule"]), None)
+        out += [f"Protocol: {name or 'not evaluated'}" + (f"; accuracy: {rule}" if rule else ""), "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            job = f"**{r['job']} (best)**" if comparison.best.get(name) == r["job"] else r["job"]
+            cells = [job, r["status"], *(_cell("", r[k]) for k in comparison.swept), _cell("n", r["n"]),
+                     _interval(r, "baseline"), _interval(r, "finetuned"),
+                     "" if r["difference"] is None else f"{r['difference']:+.1%} (p={r['mcnemar_p']:.3g})",
+                     " / ".join(_cell("finetuned_", r[k]) for k in ("finetuned_strict_match",
+                                                                    "finetuned_flexible_extract")),
+                     _cell("finetuned_", r["finetuned_loop_rate"]), _cell("", r["eval_loss_best"]), r["error"]]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    note = ("Accuracy: GSM8K accuracy of generated answers on the same n questions for baseline and fine-tuned, by "
+            "the package's by-value rule (maj@k of the samples where the protocol sampled), with 95% Wilson "
+            "intervals; p: exact McNemar test; strict / flexible: lm-eval's rules on the fine-tuned answers; loops: "
+            "share of fine-tuned answers caught in a repetition loop.")
+    return "\n".join(out) + note + "\n"
+
+
+def _interval(row: dict, model: str) -> str:
+    if row[model] is None:
+        return ""
+    low, high = row[model + "_ci95_low"], row[model + "_ci95_high"]
+    return f"{row[model]:.1%}" + ("" if low is None else f" [{low:.1%}, {high:.1%}]")
+
+
+def to_csv(comparison: Comparison) -> str:
+    handle = io.StringIO()
+    writer = csv.DictWriter(handle, fieldnames=[*comparison.columns, "best"], lineterminator="\r\n")
+    writer.writeheader()
+    for row in comparison.rows:
+        writer.writerow({**{c: row[c] for c in comparison.columns},
+                         "best": comparison.best.get(row["protocol"]) == row["job"]})
+    return handle.getvalue()
 
 
 def compare(sweep_dir: Path) -> Comparison:
     jobs = [read_job(d) for d in job_dirs(sweep_dir)]
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (0/, 1/, ...): is it a sweep directory?")
-    rows = rows_of(jobs)
-    best = best_job(rows)
-    files = {"comparison.csv": to_csv(rows, best), "comparison.md": to_markdown(rows, best)}
-    figures = {"accuracy_grid": plots.accuracy_grid(jobs), "val_loss_curves": plots.val_loss_curves(jobs)}
-    return Comparison(jobs, rows, best, files, {k: v for k, v in figures.items() if v is not None})
+    keys = swept(sweep_dir, jobs)
+    rows = [row_of(job, keys) for job in jobs]
+    comparison = Comparison(jobs, rows, [naming.short(k) for k in keys], best_jobs(rows), {}, {})
+    comparison.files = {"comparison.csv": to_csv(comparison), "comparison.md": to_markdown(comparison)}
+    figures = {"accuracy_grid": plots.accuracy_grid(rows, comparison.swept),
+               "val_loss_curves": plots.val_loss_curves(jobs, rows, comparison.swept)}
+    comparison.figures = {k: v for k, v in figures.items() if v is not None}
+    return comparison

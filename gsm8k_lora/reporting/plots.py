@@ -29,62 +29,69 @@ def loss_curves(history: list[dict], title: str = "Loss") -> Figure | None:
     return fig
 
 
-def _override(job: dict, key: str) -> str | None:
-    return next((o.partition("=")[2] for o in job["overrides"] if o.partition("=")[0] == key), None)
+def job_label(row: dict, swept: list[str]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in swept if row.get(k) is not None) or f"job {row['job']}"
 
 
-def accuracy_grid(jobs: list[dict]) -> Figure | None:
-    """Fine-tuned GSM8K accuracy over the learning-rate x epochs grid (bars when it is not a grid)."""
-    scored = [j for j in jobs if "finetuned_gsm8k_by_value" in j["eval"]]
+def accuracy_grid(rows: list[dict], swept: list[str]) -> Figure | None:
+    """Fine-tuned GSM8K accuracy of every job (its protocol's headline figure) with its 95% interval: a heat map
+    over learning rate x epochs where the sweep varied both, else a bar per job beside its baseline."""
+    scored = [r for r in rows if r["finetuned"] is not None]
     if not scored:
         return None
-    lrs = sorted({_override(j, "trainer.learning_rate") for j in scored} - {None}, key=float)
-    epochs = sorted({_override(j, "trainer.num_train_epochs") for j in scored} - {None}, key=float)
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    rule, n = scored[0]["rule"], scored[0]["n"]
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
     ax = fig.subplots()
-    if len(lrs) > 1 and len(epochs) > 1:
+    lrs = sorted({r["lr"] for r in scored if r.get("lr")}, key=float) if "lr" in swept else []
+    epochs = sorted({r["epochs"] for r in scored if r.get("epochs")}, key=float) if "epochs" in swept else []
+    if len(lrs) > 1 and len(epochs) > 1 and len(swept) == 2:
         grid = [[math.nan] * len(lrs) for _ in epochs]
-        for j in scored:
-            lr, ep = _override(j, "trainer.learning_rate"), _override(j, "trainer.num_train_epochs")
-            if lr in lrs and ep in epochs:
-                grid[epochs.index(ep)][lrs.index(lr)] = j["eval"]["finetuned_gsm8k_by_value"]
+        for r in scored:
+            grid[epochs.index(r["epochs"])][lrs.index(r["lr"])] = r["finetuned"]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0.0)
-        for y, row in enumerate(grid):
-            for x, value in enumerate(row):
-                ax.text(x, y, "failed" if value != value else f"{value:.1%}", ha="center", va="center", color="w")
+        for r in scored:
+            ax.text(lrs.index(r["lr"]), epochs.index(r["epochs"]),
+                    f"{r['finetuned']:.1%}\n[{r['finetuned_ci95_low']:.1%}, {r['finetuned_ci95_high']:.1%}]",
+                    ha="center", va="center", color="w", fontsize=8)
         ax.set_xticks(range(len(lrs)), lrs)
         ax.set_yticks(range(len(epochs)), epochs)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("epochs")
-        fig.colorbar(image, ax=ax, label="GSM8K accuracy (by-value)")
+        fig.colorbar(image, ax=ax, label=f"fine-tuned GSM8K accuracy ({rule})")
     else:
-        x = range(len(scored))  # positions, labelled with the job names (which read as numbers)
-        ax.bar(x, [j["eval"]["finetuned_gsm8k_by_value"] for j in scored], label="fine-tuned")
-        ax.plot(x, [j["eval"].get("baseline_gsm8k_by_value", math.nan) for j in scored], "k_",
-                markersize=20, label="baseline")
-        ax.set_xticks(x, [j["job"] for j in scored])
-        ax.set_xlabel("job")
-        ax.set_ylabel("GSM8K accuracy (by-value)")
+        x = range(len(scored))  # positions, labelled with each job's swept values
+        for offset, model in ((-0.2, "baseline"), (0.2, "finetuned")):
+            have = [(i, r) for i, r in zip(x, scored, strict=True) if r[model] is not None]
+            if have:
+                bounds = [(r[f"{model}_ci95_low"], r[f"{model}_ci95_high"]) for _, r in have]
+                ax.bar([i + offset for i, _ in have], [r[model] for _, r in have], 0.4, label=model,
+                       yerr=[[r[model] - (low if low is not None else r[model]) for (_, r), (low, _) in
+                              zip(have, bounds, strict=True)],
+                             [(high if high is not None else r[model]) - r[model] for (_, r), (_, high) in
+                              zip(have, bounds, strict=True)]], capsize=3)
+        ax.set_xticks(list(x), [job_label(r, swept) for r in scored], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"GSM8K accuracy ({rule})")
+        ax.set_ylim(0, 1.05)
         ax.legend()
-    ax.set_title("Fine-tuned GSM8K accuracy (generated answers)")
+    ax.set_title(f"Fine-tuned GSM8K accuracy over the sweep ({rule}, n={n}, 95% intervals)")
     fig.tight_layout()
     return fig
 
 
-def val_loss_curves(jobs: list[dict]) -> Figure | None:
-    """Validation loss of every job; `jobs` carry their `history`."""
-    drawn = [j for j in jobs if series(j.get("history", []), "eval_loss")]
+def val_loss_curves(jobs: list[dict], rows: list[dict], swept: list[str]) -> Figure | None:
+    """Validation loss of every job over its steps, labelled by its swept values."""
+    drawn = [(j, r) for j, r in zip(jobs, rows, strict=True) if series(j.get("history", []), "eval_loss")]
     if not drawn:
         return None
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.subplots()
-    for job in drawn:
+    for job, row in drawn:
         points = series(job["history"], "eval_loss")
-        label = " ".join(o for o in job["overrides"] if o.startswith(("trainer.", "lora."))) or job["job"]
-        ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3, label=f"{job['job']}: {label}")
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3,
+                label=f"{job['job']}: {job_label(row, swept)}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
-    ax.set_title("Validation loss of every run")
+    ax.set_title("Validation loss of every run of the sweep")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, arithmetic_slips
 from gsm8k_lora.evaluation.scoring import HEADLINE, LABELS, accuracy_by_steps
-from gsm8k_lora.records import read_config, read_json, read_predictions
+from gsm8k_lora.records import read_config, read_json, read_predictions, read_sweep
 from gsm8k_lora.reporting import analysis, plots
-from gsm8k_lora.reporting.compare import compare, to_markdown
+from gsm8k_lora.reporting.compare import Comparison, compare, to_markdown
 from gsm8k_lora.training.history import series
 
 
@@ -237,13 +237,24 @@ def build(run_dir: Path, price: float) -> tuple[str, dict[str, Figure]]:
     return text, {name: fig for name, fig in figures.items() if fig is not None}
 
 
-def build_sweep(sweep_dir: Path) -> tuple[str, dict[str, str], dict[str, Figure]]:
-    """The report of a sweep: its text, the comparison files (name -> text) and the figures."""
+def build_sweep(sweep_dir: Path) -> tuple[str, dict[str, str], dict[str, Figure], Comparison]:
+    """The report of a sweep: its text, the comparison files (name -> text), the figures it could draw (only
+    those are linked) and the comparison itself (its rows are also the W&B summary run's table)."""
     comparison = compare(sweep_dir)
-    lines = [f"# Sweep report: {sweep_dir.name}", "", to_markdown(comparison.rows, comparison.best),
-             "## Learning curves"]
+    sweep = read_sweep(sweep_dir)
+    lines = [f"# Sweep report: {sweep.get('name', sweep_dir.name)}", "",
+             f"W&B group: `{sweep['group']}`; swept: {', '.join(sweep.get('swept') or []) or 'nothing'}."
+             if sweep else "", "", to_markdown(comparison)]
+    failed = [r for r in comparison.rows if r["status"] != "done"]
+    if failed:
+        lines += ["## Jobs that did not finish", *[f"- job {r['job']} ({r['status']}): {r['error'] or 'no result'}"
+                                                   for r in failed], ""]
+    lines.append("## Learning curves")
     for row, job in zip(comparison.rows, comparison.jobs, strict=True):
-        reading = analysis.read_learning_curve(series(job["history"], "loss"), series(job["history"], "eval_loss"))
-        lines.append(f"- job {row['job']} ({row['overrides']}): {reading.sentence}")
-    lines += ["", "![accuracy grid](accuracy_grid.png)", "", "![validation loss](val_loss_curves.png)"]
-    return "\n".join(lines) + "\n", comparison.files, comparison.figures
+        if job["history"]:
+            reading = analysis.read_learning_curve(series(job["history"], "loss"), series(job["history"], "eval_loss"))
+            lines.append(f"- job {row['job']} ({plots.job_label(row, comparison.swept)}): {reading.sentence}")
+    for name, title in (("accuracy_grid", "accuracy over the grid"), ("val_loss_curves", "validation loss")):
+        if name in comparison.figures:
+            lines += ["", f"![{title}]({name}.png)"]
+    return "\n".join(lines) + "\n", comparison.files, comparison.figures, comparison
