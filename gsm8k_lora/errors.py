@@ -32,6 +32,14 @@ class RunDirBusy(RuntimeError):
     label = "error"
 
 
+class DiskFull(RuntimeError):
+    """No room to write where the run writes: the message says where, how much a checkpoint of the run takes,
+    which checkpoint is the last complete one, and that the same command resumes from it."""
+
+    exit_code = 74  # sysexits' EX_IOERR
+    label = "disk full"
+
+
 class RunStopped(RuntimeError):
     """Training stopped on purpose (a signal) or for a reason the user must act on (NaN, out of memory)."""
 
@@ -43,8 +51,7 @@ class RunStopped(RuntimeError):
         self.label = "stopped" if exit_code > 128 else "error"  # > 128: 128 + a signal's number
 
 
-EXPECTED = (ConfigError, DataError, ModelLoadError, RunDirBusy, RunStopped)
-INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) outside training: stop at once, in one line
+EXPECTED = (ConfigError, DataError, ModelLoadError, RunDirBusy, DiskFull, RunStopped)
 
 
 def stops_a_sweep(err: BaseException) -> bool:

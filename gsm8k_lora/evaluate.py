@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsm8k_lora import cli, hub, naming, preflight
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
-from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError
+from gsm8k_lora.errors import EXPECTED, ConfigError
 from gsm8k_lora.records import resolve_adapter, run_directory
+from gsm8k_lora.stopping import STOP, Interrupted, StopNow
 
 # What an evaluation of a run directory takes from the run's own config.yaml unless the command line sets it.
 RUN_KEYS = ("model", "data", "eval.prompt", "eval.num_fewshot")
@@ -88,6 +89,7 @@ def help_text() -> str:
 def main(raw: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
+    STOP.install()
     try:
         cfg, merged = checked_config(raw, overrides)
         from gsm8k_lora.evaluation import standalone  # deferred: the libraries, after the checks (see the top)
@@ -102,9 +104,11 @@ def main(raw: DictConfig) -> None:
         standalone.run(cfg, merged, Path(hydra_cfg.runtime.output_dir), run_naming)
     except EXPECTED as err:
         cli.fail(err)
-    except KeyboardInterrupt:
-        print("stopped: interrupted before the answers were graded; no results were written", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    except (Interrupted, StopNow) as stop:
+        print(f"{stop} before the answers were graded; no results were written", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    finally:
+        STOP.restore()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from gsm8k_lora import naming, records, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits
+from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import eval_rows, evaluate
 from gsm8k_lora.evaluation.scoring import summary_lines
@@ -33,6 +34,7 @@ from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memo
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.reporting import plots
 from gsm8k_lora.reporting.report import build as build_report
+from gsm8k_lora.stopping import STOP, Interrupted
 from gsm8k_lora.training import sft
 
 
@@ -60,9 +62,8 @@ def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfi
     return model, tokenizer, facts, resolved
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming, on_stop_now=None) -> dict:
-    """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together).
-    `on_stop_now` is called when a second SIGINT/SIGTERM ends training at once."""
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) -> dict:
+    """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together)."""
     main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
     splits, questions = load_data(cfg)
@@ -80,7 +81,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming, 
             metrics = finished
         else:
             trainer = sft.build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", name, main_process,
-                                        tracker.callback(), on_stop_now)
+                                        tracker.callback())
             sft.train(trainer, cfg, run_dir)
             trainer.save_model(str(run_dir / "adapter"))
             if not main_process:
@@ -94,8 +95,15 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming, 
         tracker.summary(metrics)
         eval_figures = {}
         if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
-            predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True,
-                                                 weights=facts["weights_identity"])
+            try:
+                with STOP.safe_section():
+                    predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True,
+                                                         weights=facts["weights_identity"])
+            except Interrupted as stop:
+                raise RunStopped(f"by {stop.signal_name} while answering the test questions; the training "
+                                 f"results are kept (metrics.json, adapter/). Resume with: "
+                                 f"{sft.resume_command(run_dir)} (it answers them without training again)",
+                                 stop.exit_code) from None
             records.write_eval(run_dir, predictions, eval_figures)
             tracker.summary(eval_figures)
             tracker.predictions(predictions)

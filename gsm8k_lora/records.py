@@ -18,11 +18,13 @@ other settings.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata as md
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -60,7 +62,7 @@ def write_text(path: Path, text: str) -> Path:
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-    except OSError:
+    except BaseException:  # a full disk, or a stop at once: no half-written file left behind
         tmp.unlink(missing_ok=True)
         raise
     return path
@@ -131,7 +133,7 @@ def write_figures(directory: Path, figures: dict[str, Figure | None]) -> list[Pa
         try:
             figure.savefig(tmp, format="png")
             tmp.replace(path)
-        except OSError:
+        except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         paths.append(path)
@@ -277,7 +279,7 @@ def clear_run(run_dir: Path) -> None:
 def discard_empty_run(run_dir: Path) -> bool:
     """Remove a run directory this process made that holds nothing of a run (only Hydra's files, a failure
     marker, the config it failed on): a run that failed before it began leaves nothing behind. True if removed."""
-    kept = [run_dir / "checkpoints", run_dir / "eval_metrics.json", run_dir / "wandb"]
+    kept = [run_dir / "eval_metrics.json", run_dir / "wandb"]
     if not run_dir.is_dir() or holds_run(run_dir) or any(p.exists() for p in kept):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -322,6 +324,61 @@ class RunLock:
             self.holder_file.unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+
+
+NO_ROOM = {errno.ENOSPC: "no space is left on the disk", errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "a file reached the size limit of this process (ulimit -f)"}
+# How torch's and safetensors' writers report a failed write: no errno, only their own message.
+WRITER_FAILURES = ("inline_container", "iostream error", "PytorchStreamWriter", "StorageFull", "No space left")
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def no_room(err: BaseException, where: Path) -> str | None:
+    """Why a write failed for lack of room (the disk, a quota, a file size limit), read from the exception and
+    the exceptions it came from, or None if that is not why. A writer's own message counts where the disk is
+    indeed (nearly) full."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_ROOM:
+            return NO_ROOM[err.errno]
+        if any(marker in str(err) for marker in WRITER_FAILURES):
+            if _nearly_full(where):
+                return NO_ROOM[errno.ENOSPC]
+            if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+                return NO_ROOM[errno.EFBIG]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _nearly_full(where: Path) -> bool:
+    usage = shutil.disk_usage(where if where.exists() else where.parent)
+    return usage.free < max(2**20, usage.total // 1000)
+
+
+def disk_full_line(run_dir: Path, reason: str) -> str:
+    """One line after a write failed for lack of room: where, what a checkpoint takes (measured from the last
+    complete one, which is kept), and that the same command resumes from it once there is room. A checkpoint
+    left half-written is removed: it is not one, and it holds the room a resume needs."""
+    complete = complete_checkpoints(run_dir / "checkpoints")
+    last = complete[-1] if complete else None
+    if (run_dir / "checkpoints").is_dir():
+        for folder in (run_dir / "checkpoints").glob("checkpoint-*"):
+            if folder.is_dir() and folder not in complete:
+                shutil.rmtree(folder, ignore_errors=True)
+    free = shutil.disk_usage(run_dir).free
+    head = f"{reason} where {run_dir} is written ({mib(free)} free)"
+    if last is None:
+        return f"{head}; no checkpoint was complete yet. Free space and run the same command to start again"
+    return (f"{head}; a checkpoint of this run takes {mib(size(last))}, and {last.name}, the last complete one, is "
+            f"kept. Free space and run the same command: it resumes from {last.name}")
 
 
 _GPU_LOCKS: list[FileLock] = []  # held for the life of the process: a worker keeps its GPU from job to job

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsm8k_lora import cli, hub, naming, preflight, records
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
-from gsm8k_lora.errors import EXPECTED, INTERRUPTED, ConfigError, RunDirBusy, stops_a_sweep
+from gsm8k_lora.errors import EXPECTED, ConfigError, DiskFull, RunDirBusy, stops_a_sweep
+from gsm8k_lora.stopping import STOP, StopNow
 
 HELP_OVERRIDES = (
     ("lora.r=16 lora.alpha=32", "the adapter's rank and scale (alpha / r)"),
@@ -218,10 +219,11 @@ def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: 
         print(skip_line(job_dir, done))
         return done["value"]
 
-    def stop_now() -> None:  # a second signal in training, or Ctrl-C outside it: record the stop, say one line
+    def stop_now() -> None:  # a second signal: record the stop, say one line
         records.mark_failed(job_dir, overrides, RuntimeError("stopped at once"))
         print(stopped_at_once(job_dir), file=sys.stderr)
 
+    STOP.install(stop_now)  # the first SIGINT/SIGTERM stops at the next safe point, wherever the run is
     try:
         config = check_configs(cli.Composed(multirun, [cfg], overrides))[0]  # a sweep's job: the door saw a sample
         problem = rerun_problem(job_dir, OmegaConf.to_container(cfg, resolve=True), config.trainer.resume)
@@ -232,9 +234,14 @@ def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: 
             print(f"starting {job_dir} afresh (trainer.resume=never): its earlier checkpoints and results are deleted")
         from gsm8k_lora import recipe  # deferred: torch, transformers, TRL and PEFT, after the checks (see the top)
 
-        results = recipe.run(config, cfg, job_dir, job_naming(config, overrides, multirun), stop_now)
+        results = recipe.run(config, cfg, job_dir, job_naming(config, overrides, multirun))
     except RunDirBusy:
         raise
+    except StopNow as stop:  # a signal outside any safe point (loading): nothing in flight to keep
+        if not (not multirun and DOOR.fresh and records.discard_empty_run(job_dir)):
+            records.mark_failed(job_dir, overrides, RuntimeError(str(stop)))
+        print(f"{stop}; {stopped_at_once(job_dir)}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except EXPECTED as err:
         if not multirun and DOOR.fresh and records.discard_empty_run(job_dir):
             cli.fail(err)  # the run never began: nothing is left behind
@@ -243,12 +250,16 @@ def guarded_job(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: 
             print(f"job {job_dir.name} failed: {err.label}: {err}", file=sys.stderr)
             return None
         cli.fail(err)
-    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): stop at once, in one line
-        stop_now()
-        sys.exit(INTERRUPTED)
     except Exception as err:
-        records.mark_failed(job_dir, overrides, err)
-        raise
+        reason = records.no_room(err, job_dir)
+        if reason is None:
+            records.mark_failed(job_dir, overrides, err)
+            raise
+        full = DiskFull(records.disk_full_line(job_dir, reason))  # every later job would meet it too
+        records.mark_failed(job_dir, overrides, full)
+        cli.fail(full)
+    finally:
+        STOP.restore()
     value = results.get(config.objective)
     if records.is_main_process():
         records.mark_done(job_dir, overrides, config.objective, value, started)

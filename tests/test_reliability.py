@@ -1,11 +1,14 @@
 """Runs survive interruption, bad input and unreachable services, and lose nothing."""
 
+import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,10 +21,35 @@ SHORT = ["experiment=smoke", "logger=none", "trainer.max_steps=12", "trainer.sav
          "trainer.logging_steps=2", "eval.enabled=false", "report.enabled=false", "data.num_train=300"]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gsm8k_lora.train", *SHORT, f"hydra.run.dir={run_dir}", *extra],
+def start(run_dir: Path, *extra: str, args: list[str] = SHORT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gsm8k_lora.train", *args, f"hydra.run.dir={run_dir}", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **OFFLINE_ENV})
+
+
+class Watched:
+    """A process whose stderr is read as it comes (progress bars included), so a test can act on what it says."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.err = proc, ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read(64), ""):
+            self.err += chunk
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while text not in self.err:
+            assert self.proc.poll() is None, self.err[-2000:]
+            assert time.time() < deadline, f"{text!r} never said"
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 300) -> str:
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        return self.err
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -57,6 +85,8 @@ def test_sigkill_then_resume_reaches_the_same_steps_and_loss(tmp_path, reference
     resumed = run_cli("train", *SHORT, f"hydra.run.dir={tmp_path}", "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "checkpoint-" in resumed.stdout
+    # the killed process never released its lock: recognised as stale and taken over, saying so
+    assert f"took over the lock of {tmp_path} left by pid {proc.pid}" in resumed.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == reference["steps"] == 12
     # same optimizer, scheduler, RNG and data order: the same numbers as the run never interrupted
@@ -71,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143
-    assert "stopped by SIGTERM" in err and "trainer.resume=auto" in err and f"hydra.run.dir={tmp_path}" in err
+    assert "stopped: by SIGTERM" in err and f"hydra.run.dir={tmp_path}" in err
     step = int(err.split("at step ")[1].split(",")[0])
     assert (tmp_path / "checkpoints" / f"checkpoint-{step}" / MARKER).exists()
     assert "SIGTERM" in json.loads((tmp_path / "failed.json").read_text())["error"]
@@ -200,5 +230,119 @@ def test_interrupting_an_evaluation_ends_in_one_line(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: interrupted")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "stopped by SIGINT before the answers were graded; no results were written"
     assert not (tmp_path / "eval_metrics.json").exists()
+
+
+def said(err: str) -> str:
+    """stderr without its progress bars."""
+    lines = (line.replace("\x1b[A", "").strip() for line in err.replace("\r", "\n").splitlines())
+    return "\n".join(line for line in lines if line and not any(bar in line for bar in ("it/s]", "s/it]", "%|")))
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_validation_loss_comes_within_a_batch_and_saves_the_steps(tmp_path, tiny_model_dir):
+    """SIGTERM while the validation loss is computed (a long pass: 600 rows, one a batch) is honoured within a
+    batch, not after the pass: the checkpoint it saves has no validation loss for that step."""
+    proc = Watched(start(tmp_path, "trainer.per_device_eval_batch_size=1", "data.num_train=6000",
+                         "trainer.max_steps=8", "trainer.eval_steps=4"))
+    proc.wait_for("Validation loss")
+    proc.proc.send_signal(signal.SIGTERM)
+    err = said(proc.finish())
+    assert proc.proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "stopped: by SIGTERM during the validation loss at step 0" in err.splitlines()[-1]
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-0"
+    assert (checkpoint / MARKER).exists()
+    logged = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert not any("eval_loss" in row for row in logged)  # the pass was cut short, not waited for
+
+
+@pytest.mark.slow
+def test_a_stop_while_answering_keeps_the_training_and_its_resume_only_answers(tmp_path, tiny_model_dir):
+    args = [a for a in SHORT if a != "eval.enabled=false"]
+    proc = Watched(start(tmp_path, "eval.limit=100", "eval.batch_size=1", "eval.max_new_tokens=128", args=args))
+    proc.wait_for("Baseline answers")
+    proc.proc.send_signal(signal.SIGTERM)
+    err = said(proc.finish())
+    assert proc.proc.returncode == 143, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("stopped")]
+    assert "while answering the test questions; the training results are kept" in line and "Traceback" not in err
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert not (tmp_path / "eval_metrics.json").exists()
+    trained = (tmp_path / "log_history.json").read_text()
+    resumed = run_cli("train", *args, "eval.limit=4", "eval.max_new_tokens=16", f"hydra.run.dir={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "training finished earlier, at step 12" in resumed.stdout
+    assert (tmp_path / "log_history.json").read_text() == trained and (tmp_path / "eval_metrics.json").exists()
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A filesystem of `size` mounted at `path` (tmpfs: root only), or pytest.skip where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({mounted.stderr.strip()}); the file-size-limit test "
+                    f"stands in for it")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+DISK = ["trainer.save_steps=2", "trainer.eval_steps=2", "trainer.max_steps=12", "trainer.save_total_limit=1"]
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model_dir):
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        proc = run_cli("train", *SHORT, f"hydra.run.dir={disk / 'run'}", "trainer.save_steps=2",
+                       "trainer.eval_steps=2")
+        err = said(proc.stderr)
+        assert proc.returncode == 74 and "Traceback" not in err, err[-2000:]
+        line = err.splitlines()[-1]
+        assert line.startswith(f"disk full: not enough disk for this run: {disk / 'run'} has ")
+        assert "4 checkpoints of about" in line and "trainer.save_total_limit" in line  # limit 2, +1 written, +best
+        assert not (disk / "run").exists()  # nothing trained, nothing left
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir):
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        run_dir = disk / "run"
+        proc = Watched(start(run_dir, *DISK))
+        wait_for(run_dir / "checkpoints" / "checkpoint-2" / MARKER, proc.proc)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 300 * 1024))  # another process fills the disk
+        err = said(proc.finish())
+        assert proc.proc.returncode == 74, err[-3000:]
+        (line,) = [line for line in err.splitlines() if line.startswith("disk full:")]
+        assert err.splitlines()[-1] == line and "Traceback" not in err
+        assert f"no space is left on the disk where {run_dir} is written" in line
+        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+        assert len(kept) == 1 and f"{kept[0]}, the last complete one, is kept" in line and "it resumes from" in line
+        assert (run_dir / "checkpoints" / kept[0] / MARKER).exists()  # the half-written one is gone
+        assert not list(run_dir.rglob("*.tmp")) and (run_dir / "failed.json").stat().st_size > 0
+        (disk / "filler").unlink()
+        resumed = run_cli("train", *SHORT, *DISK, f"hydra.run.dir={run_dir}")
+        assert resumed.returncode == 0 and f"resuming from {run_dir / 'checkpoints' / kept[0]}" in resumed.stdout
+        assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 12
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_is_one_line_too(tmp_path, tiny_model_dir):
+    """Where no filesystem can be mounted: a write-size limit (ulimit -f) stops the first checkpoint's largest
+    file, as a full disk would."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    proc = subprocess.run([sys.executable, "-m", "gsm8k_lora.train", *SHORT, *DISK, f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, preexec_fn=limit,
+                          timeout=300)
+    err = said(proc.stderr)
+    assert proc.returncode == 74, err[-3000:]
+    assert err.splitlines()[-1].startswith("disk full: a file reached the size limit of this process (ulimit -f)")
+    assert "no checkpoint was complete yet" in err and "Traceback" not in err and not list(tmp_path.rglob("*.tmp"))

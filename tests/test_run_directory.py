@@ -1,13 +1,19 @@
-"""A run directory holds one run: a rerun continues it only with the same training settings, never trains past
-its end, goes straight to evaluation once its training is written, and starts afresh only when asked."""
+"""A run directory holds one run: one process works in it at a time; a rerun continues it only with the same
+training settings, never trains past its end, goes straight to evaluation once its training is written, and
+starts afresh only when asked."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import OFFLINE_ENV, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 RUN = ["experiment=smoke", "logger=none", "report.enabled=false", "trainer.max_steps=4", "trainer.save_steps=4",
@@ -94,3 +100,21 @@ def test_resume_never_starts_the_directory_afresh(finished_run, tmp_path):
     assert "afresh" in proc.stdout and "resuming" not in proc.stdout
     rates = [row["learning_rate"] for row in history(run_dir) if "learning_rate" in row]
     assert rates and max(rates) <= 1e-3  # every logged step trained at the new rate, none at 2e-3
+
+
+def test_a_second_process_in_the_same_run_directory_is_refused_at_once(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "gsm8k_lora.train", *RUN, "trainer.max_steps=30",
+                              f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, **OFFLINE_ENV})
+    deadline = time.time() + 120
+    while not (run_dir / ".lock.json").exists():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = run_cli("train", *RUN, "eval.limit=5", f"hydra.run.dir={run_dir}", timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run_dir} is in use by pid {first.pid} on {socket.gethostname()}, started ")
+    assert first.poll() is None  # refused while the first still works
+    assert "eval.limit=5" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # it touched nothing
+    assert first.wait(timeout=300) == 0 and (run_dir / "done.json").exists() and not (run_dir / ".lock.json").exists()

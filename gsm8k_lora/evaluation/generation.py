@@ -18,6 +18,7 @@ from gsm8k_lora.config import EvalConfig
 from gsm8k_lora.data.formatting import build_messages, render_prompt
 from gsm8k_lora.data.gsm8k import NEW_TURN_TEXT, answer_line_complete
 from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.stopping import STOP
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
@@ -61,6 +62,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     if turn is not None:
         ids.append(tokenizer.convert_tokens_to_ids(turn))
     return sorted({i for i in ids if i is not None})
+
+
+class StopAsked(StoppingCriteria):
+    """Every row, once a SIGINT/SIGTERM asked the run to stop: generation ends after the current decoding step
+    (and `generate` raises `Interrupted`), not after the batch."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), STOP.requested, dtype=torch.bool, device=input_ids.device)
 
 
 class AnswerComplete(StoppingCriteria):
@@ -119,15 +128,13 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
     stop_ids = stop_token_ids(tokenizer)
     protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
     stops, max_new = stops_and_limit(tokenizer, cfg)
-    criteria = []
     for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + cfg.batch_size]
         texts_in = [prompts[i] for i in idx]
         batch = tokenizer(texts_in, return_tensors="pt", padding=True,
                           add_special_tokens=adds_special_tokens(tokenizer, texts_in[0], protocol)).to(device)
         prompt_len = batch.input_ids.shape[1]
-        if protocol is None:
-            criteria = [AnswerComplete(tokenizer, prompt_len)]
+        criteria = [StopAsked()] + ([AnswerComplete(tokenizer, prompt_len)] if protocol is None else [])
         out = model.generate(
             **batch, max_new_tokens=max_new, do_sample=sampling,
             temperature=cfg.temperature if sampling else None, top_p=None, top_k=None,
@@ -135,6 +142,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = 
             eos_token_id=stop_ids, stop_strings=stops or None, tokenizer=tokenizer,
             stopping_criteria=StoppingCriteriaList(criteria),
         )
+        STOP.check()  # a stop asked for during this batch: its answers are cut short, not to be graded
         new = out[:, prompt_len:].view(len(idx), cfg.num_samples, -1)
         for row, i in enumerate(idx):
             texts, counts = [], []

@@ -19,6 +19,7 @@ from gsm8k_lora.model.loading import load, to_device
 from gsm8k_lora.model.sources import resolve as resolve_weights
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.records import resolve_adapter
+from gsm8k_lora.stopping import STOP
 
 
 def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -> dict:
@@ -35,8 +36,9 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -
     tracker = tracking.start(cfg.logger, run_dir, run_naming, {**resolved, **naming.identifying(cfg, None, len(rows))})
     exit_code = 1
     try:
-        predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None,
-                                        weights=baseline_cache.weights_identity(weights.path, cfg.model.revision))
+        with STOP.safe_section():  # a signal stops the answers within one decoding step
+            predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None,
+                                            weights=baseline_cache.weights_identity(weights.path, cfg.model.revision))
         records.write_eval(run_dir, predictions, metrics)
         tracker.summary(metrics)
         tracker.predictions(predictions)

@@ -1,5 +1,6 @@
 """What keeps a paid run from being lost: complete-checkpoint markers, resume, graceful stop on
-SIGINT/SIGTERM, a stop on a non-finite loss, and an out-of-memory message that says what to change.
+SIGINT/SIGTERM, a stop on a non-finite loss, room on the disk for the checkpoints, and an out-of-memory
+message that says what to change.
 
 transformers writes a checkpoint's files one by one, so a run killed mid-save leaves a half-written
 `checkpoint-N`. The `.complete` marker is written after the Trainer has finished saving, and resume
@@ -9,17 +10,16 @@ only picks checkpoints that carry it.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import sys
-from collections.abc import Callable
+import shutil
+import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.records import CHECKPOINT_MARKER as MARKER
-from gsm8k_lora.records import complete_checkpoints
+from gsm8k_lora.records import complete_checkpoints, mib, size
+from gsm8k_lora.stopping import STOP
 
 
 def resume_checkpoint(setting: str, checkpoint_dir: Path) -> str | None:
@@ -35,46 +35,28 @@ def resume_checkpoint(setting: str, checkpoint_dir: Path) -> str | None:
 
 
 class CheckpointGuard(TrainerCallback):
-    """Marks saved checkpoints complete; stops cleanly on SIGINT/SIGTERM and on a non-finite loss."""
+    """Marks saved checkpoints complete; stops cleanly on a SIGINT/SIGTERM (`stopping.STOP`: after the current
+    step, or between two batches of the validation loss) and on a non-finite loss."""
 
-    def __init__(self, checkpoint_dir: Path, main_process: bool, on_stop_now: Callable[[], None] | None = None):
+    def __init__(self, checkpoint_dir: Path, main_process: bool):
         self.checkpoint_dir, self.main_process = checkpoint_dir, main_process
-        self.on_stop_now = on_stop_now  # says the one line (and records the stop) before the process ends
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None:  # a second signal: stop now
-            if self.on_stop_now is None:
-                raise KeyboardInterrupt
-            # Ended here rather than by an exception, which library code in flight (a save, a progress bar,
-            # a finaliser) may print as a traceback or swallow: the line said is the last word.
-            self.on_stop_now()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM, as the first signal's stop
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_name is not None:
+        if STOP.requested:
             control.should_save = True
             control.should_training_stop = True
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        STOP.check()  # a stop asked for during the validation loss: within one batch, not after the whole pass
+
     def on_save(self, args, state, control, **kwargs):
+        self.mark(state.global_step)
+
+    def mark(self, step: int) -> None:
         if self.main_process:
-            folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
+            folder = self.checkpoint_dir / f"checkpoint-{step}"
             if folder.is_dir():
-                (folder / MARKER).write_text(f"{state.global_step}\n")
+                (folder / MARKER).write_text(f"{step}\n")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "eval_loss"):
@@ -84,6 +66,29 @@ class CheckpointGuard(TrainerCallback):
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
                 raise RunStopped(f"{key} became {value} at step {state.global_step}; {kept}. Lower "
                                  f"trainer.learning_rate or check the data; training was stopped")
+
+
+def checkpoint_bytes(trainable: int, tokenizer) -> int:
+    """About what one checkpoint of this run takes: the adapter (float32), AdamW's two moments, the tokenizer's
+    files, and the states (scheduler, RNG, trainer) and model card."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tokenizer_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
+    return 12 * trainable + tokenizer_bytes + 64 * 1024
+
+
+def room_problem(run_dir: Path, checkpoint: int, adapter: int, saves: int) -> str | None:
+    """Why this run will not fit where it writes (None: it fits): `saves` checkpoints on disk at once (the save
+    total limit, plus the one written before the oldest is removed), the adapter, and 1 MiB of results; what
+    this directory already holds of them counts as written."""
+    held = sum(size(p) for p in complete_checkpoints(run_dir / "checkpoints"))
+    need = max(0, saves * checkpoint + adapter + 2**20 - held)
+    free = shutil.disk_usage(run_dir).free
+    if free >= need:
+        return None
+    return (f"{run_dir} has {mib(free)} free; this run needs about {mib(need)} more ({saves} checkpoints of about "
+            f"{mib(checkpoint)} on disk at once, then the {mib(adapter)} adapter). Free space, lower "
+            f"trainer.save_total_limit, or give a hydra.run.dir on a larger disk")
 
 
 def oom_message(cfg) -> str:

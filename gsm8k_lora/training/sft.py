@@ -8,6 +8,7 @@ build through them. All training behaviour comes from `SFTConfig` fields, so a T
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,13 +19,21 @@ from datasets import Dataset
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
+from gsm8k_lora import records
 from gsm8k_lora.config import Config, LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.loading import Splits
-from gsm8k_lora.errors import RunStopped
+from gsm8k_lora.errors import DiskFull, RunStopped
+from gsm8k_lora.stopping import STOP, Interrupted
 from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback, TrainingProgress
 from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
-from gsm8k_lora.training.resilience import CheckpointGuard, oom_message, resume_checkpoint
+from gsm8k_lora.training.resilience import (
+    CheckpointGuard,
+    checkpoint_bytes,
+    oom_message,
+    resume_checkpoint,
+    room_problem,
+)
 
 if TYPE_CHECKING:
     import peft
@@ -84,14 +93,14 @@ def validation_for_loss(cfg: Config, splits: Splits) -> Dataset:
 
 
 def build_trainer(cfg: Config, model, tokenizer, splits: Splits, out_dir: Path, name: str, main_process: bool,
-                  wandb_callback: TrainerCallback | None = None, on_stop_now=None) -> SFTTrainer:
+                  wandb_callback: TrainerCallback | None = None) -> SFTTrainer:
     """SFTTrainer on the training rows in the model's chat template, with this package's callbacks."""
     from trl import SFTTrainer  # deferred: see the note at the top
 
     system_prompt = cfg.data.system_prompt
     train_ds = to_prompt_completion(splits.train, tokenizer, system_prompt)
     val_ds = to_prompt_completion(validation_for_loss(cfg, splits), tokenizer, system_prompt)
-    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process, on_stop_now)]
+    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process)]
     if wandb_callback is not None:  # added here, not through report_to, so a W&B failure cannot end the run
         callbacks.append(wandb_callback)
     accuracy = None
@@ -138,28 +147,62 @@ def restore_finished(trainer: SFTTrainer, checkpoint: Path) -> None:
         early.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run: the one typed, in the same run directory."""
+    typed = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
+    return shlex.join(["python", "-m", "gsm8k_lora.train", *typed, f"hydra.run.dir={run_dir}"])
+
+
+def planned_saves(trainer: SFTTrainer, cfg: TrainerConfig) -> int:
+    """How many checkpoints this run keeps on disk at once: the save total limit, plus the one written before the
+    oldest is removed, plus the best one when it is kept at the end; at most one a save of the whole run."""
+    args = trainer.args
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps * args.num_train_epochs)
+    every = math.ceil(steps / cfg.save_steps) + 1  # and the last step's
+    if cfg.save_total_limit is None:
+        return every
+    return min(every, cfg.save_total_limit + 1 + int(args.load_best_model_at_end))
+
+
+def check_room(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path) -> None:
+    """Refuse, before training, a run whose checkpoints will not fit where it writes."""
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
+    checkpoint = checkpoint_bytes(trainable, trainer.processing_class)
+    problem = room_problem(run_dir, checkpoint, checkpoint - 8 * trainable, planned_saves(trainer, cfg))
+    if problem:
+        raise DiskFull(f"not enough disk for this run: {problem}")
+
+
 def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
     """trainer.train(), resumed from the last complete checkpoint when there is one (or, where training had
-    finished there, restored from it); a signal, a NaN or an out-of-memory error ends it with a message that
+    finished there, restored from it), after a check that its checkpoints fit on the disk. A signal stops it at
+    the next safe point with a checkpoint saved; a NaN or an out-of-memory error ends it with a message that
     says what to do."""
     checkpoint = resume_checkpoint(cfg.trainer.resume, run_dir / "checkpoints")
     if checkpoint and finished_at(Path(checkpoint), cfg.trainer):
         print(f"training had finished at {checkpoint}: restored from it, not trained again")
         restore_finished(trainer, Path(checkpoint))
         return
+    if records.is_main_process():
+        check_room(trainer, cfg.trainer, run_dir)
     if checkpoint:
         print(f"resuming from {checkpoint}")
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointGuard))
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with STOP.safe_section():
+            trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise RunStopped(oom_message(cfg)) from None
-    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointGuard))
-    if guard.signal_name:
-        typed = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
-        command = shlex.join(["python", "-m", "gsm8k_lora.train", *typed])
-        raise RunStopped(f"stopped by {guard.signal_name} at step {trainer.state.global_step}, checkpoint saved. "
-                         f"Resume with: {command} hydra.run.dir={run_dir} trainer.resume=auto",
-                         exit_code=130 if guard.signal_name == "SIGINT" else 143)
+    except Interrupted as stop:  # between two batches of the validation loss: save what the steps did
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own save, as at a save step
+        guard.mark(trainer.state.global_step)
+        raise RunStopped(f"by {stop.signal_name} during the validation loss at step {trainer.state.global_step}, "
+                         f"checkpoint saved (that step's validation loss is not computed). Resume with: "
+                         f"{resume_command(run_dir)}", stop.exit_code) from None
+    if STOP.requested:  # after a step: the Trainer saved a checkpoint of it
+        raise RunStopped(f"by {STOP.signal_name} at step {trainer.state.global_step}, checkpoint saved. "
+                         f"Resume with: {resume_command(run_dir)}", 130 if STOP.signal_name == "SIGINT" else 143)
 
 
 def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: Config) -> dict:
