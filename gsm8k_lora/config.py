@@ -231,6 +231,7 @@ class EvalConfig:
     stop_sequences: list[str] = MISSING
     seed: int = MISSING
     baseline_cache: str | None = MISSING
+    dtype: str = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("eval.split", self.split, ("test", "validation"))
@@ -245,6 +246,7 @@ class EvalConfig:
                "must be positive when eval.num_samples > 1")
         _check(self.during_training_limit > 0, "eval.during_training_limit", self.during_training_limit,
                "must be a positive integer")
+        _check_choice("eval.dtype", self.dtype, ("auto", "model", "float32", "bfloat16"))
 
 
 @dataclass

@@ -111,9 +111,11 @@ def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("*.json")
     figures = json.loads(result.read_text())
-    for key in ("eval_batched_speedup_x", "eval_single_questions_per_s", "train_speedup_x",
+    for key in ("eval_batched_speedup_x", "eval_speedup_over_padded_x", "eval_tokens_per_s", "train_speedup_x",
                 "train_padding_efficiency_default", "train_padding_efficiency_trl_defaults"):
         assert figures[key] > 0
+    # continuous batching computes no token it does not keep; the padded batches do (counted at the LM head)
+    assert figures["eval_computed_over_kept_x"] == 1.0 < figures["eval_computed_over_kept_x_padded"]
     # the base tiny model never writes `#### N`: the token ratio is unmeasured, and says so
     assert figures["eval_needed_measured_rows"] == 0 and figures["eval_generated_over_needed_x"] is None
     assert "n/a: the model wrote no #### answer" in proc.stdout

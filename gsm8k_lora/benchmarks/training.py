@@ -110,7 +110,7 @@ def variants(cfg: Config, steps: int) -> dict[str, ArgsFactory]:
 
 
 def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, rows: list[dict], steps: int,
-                load_in_4bit: bool = False) -> dict:
+                load_in_4bit: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict:
     """Train a freshly loaded model (loaded as a run loads it: `cfg.model` with this directory) with the
     variant's SFTConfig (`steps` optimizer steps) and the run's LoRA config; real tokens/s after one warm-up step."""
     if steps < 2:
@@ -129,7 +129,7 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SFTTrainer(model=model, args=make_args(tmp), train_dataset=ds, processing_class=tokenizer,
-                             peft_config=build_lora_config(cfg.lora))
+                             peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
         counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
         trainer.data_collator = counter
         warmup = AfterWarmup(counter)

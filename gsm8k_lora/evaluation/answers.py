@@ -58,7 +58,7 @@ def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: Eva
                 return generate(model, tokenizer, prompts, cfg, "Baseline answers")
 
             if cfg.baseline_cache and weights is not None:
-                the_key = baseline_cache.key(weights, model, prompts, rows, settings(tokenizer, cfg))
+                the_key = baseline_cache.key(weights, model, prompts, rows, settings(model, tokenizer, cfg))
                 generations, source = baseline_cache.fetch(Path(cfg.baseline_cache), the_key, run)
             else:
                 generations = run()

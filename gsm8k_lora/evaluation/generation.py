@@ -1,24 +1,29 @@
-"""Prompts and batched generation for evaluation.
+"""Prompts and generation for evaluation.
 
 Prompts are built with the model's chat template, exactly as in training (`data/formatting.py`), or as
-lm-evaluation-harness builds them (`protocols.py`). Generation is batched with left padding and the KV
-cache (`model.generate`); each row stops at EOS or the template's end-of-turn token (token ids), at a
-fixed stop string (`generate(stop_strings=...)`: the new-turn markers of `data/gsm8k.py`, or lm-eval's
-stops), or (outside lm-eval's protocol) as soon as its `#### N` line is complete, so no row burns the
-whole `max_new_tokens` once it has answered.
+lm-evaluation-harness builds them (`protocols.py`). Answers are generated with continuous batching
+(`batching.py`); each row stops at EOS or the template's end-of-turn token (token ids), once it has written a
+stop string (the new-turn markers of `data/gsm8k.py` and `eval.stop_sequences`, or lm-eval's stops), or
+(outside lm-eval's protocols) as soon as its `#### N` line is complete, so no row burns the whole
+`max_new_tokens` once it has answered. `model.generate`'s padded batches, what this package used before, stay
+in the benchmark as the baseline it is measured against (`benchmarks/generation.py`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from copy import deepcopy
+
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from gsm8k_lora.config import EvalConfig
 from gsm8k_lora.data.formatting import build_messages, render_prompt
 from gsm8k_lora.data.gsm8k import NEW_TURN_TEXT, answer_line_complete
-from gsm8k_lora.evaluation import protocols
-from gsm8k_lora.stopping import STOP
+from gsm8k_lora.evaluation import batching, protocols
+from gsm8k_lora.preflight import cpu_has_bf16
+
+ANSWER_LOOKBACK = 24  # generated tokens read for a complete `#### N` line: the line and the newline after it fit
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
@@ -64,27 +69,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-class StopAsked(StoppingCriteria):
-    """Every row, once a SIGINT/SIGTERM asked the run to stop: generation ends after the current decoding step
-    (and `generate` raises `Interrupted`), not after the batch."""
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), STOP.requested, dtype=torch.bool, device=input_ids.device)
-
-
-class AnswerComplete(StoppingCriteria):
-    """Per row: the `#### N` line is complete. Hand-written because the end of an answer line is a
-    pattern (a number after `####`, then a newline); fixed stop strings go to `generate(stop_strings=)`."""
-
-    def __init__(self, tokenizer, prompt_len: int, lookback: int = 24):
-        self.tokenizer, self.prompt_len, self.lookback = tokenizer, prompt_len, lookback
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.lookback):])
-        done = [answer_line_complete(t) for t in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 def adds_special_tokens(tokenizer, first_prompt: str, protocol) -> bool:
     """Our own prompts are tokenised as training tokenises them: the chat template already holds every
     special token. lm-eval's protocols follow lm-eval's `tok_batch_encode`: the tokenizer's own special
@@ -104,55 +88,104 @@ def stops_and_limit(tokenizer, cfg: EvalConfig) -> tuple[list[str], int]:
     return [*NEW_TURN_TEXT, *cfg.stop_sequences], cfg.max_new_tokens
 
 
-def settings(tokenizer, cfg: EvalConfig) -> dict:
+def settings(model, tokenizer, cfg: EvalConfig) -> dict:
     """Everything besides the model and the prompts that decides the answers (the baseline cache's key)."""
     stops, max_new = stops_and_limit(tokenizer, cfg)
-    return {"stop_sequences": stops, "stop_token_ids": stop_token_ids(tokenizer), "max_new_tokens": max_new,
+    return {"dtype": str(generation_dtype(model, cfg)).removeprefix("torch."), "stop_sequences": stops,
+            "stop_token_ids": stop_token_ids(tokenizer), "max_new_tokens": max_new,
             "answer_line_stop": cfg.prompt not in protocols.BY_EVAL_PROMPT, "num_samples": cfg.num_samples,
             "temperature": cfg.temperature if cfg.num_samples > 1 else None, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "pad_token_id": tokenizer.pad_token_id}
 
 
-@torch.inference_mode()
+def stop_window(tokenizer, stops: list[str]) -> int:
+    """Tokens of a sequence's tail that can hold any stop string, with room for one split across tokens."""
+    return max((len(tokenizer(s, add_special_tokens=False).input_ids) for s in stops if s), default=0) + 2
+
+
+def requests(tokenizer, prompts: list[str], cfg: EvalConfig) -> list[batching.Request]:
+    """One request a prompt and sample, tokenised as `generate` tokenises it, each with the stops of `eval.prompt`."""
+    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
+    stops, _ = stops_and_limit(tokenizer, cfg)
+    window = stop_window(tokenizer, stops)
+
+    endings = {stop[-1] for stop in stops if stop}
+
+    def stopped(prompt: list[int], tokens: list[int]) -> bool:
+        # A stop string written (the sequence's tail, as transformers' StopStringCriteria reads it), or (outside
+        # lm-eval's protocols) a complete `#### N` line among the generated tokens. Read only when the newest token
+        # could end one: a stop string's last character, or the newline that ends an answer line.
+        newest = tokenizer.decode(tokens[-1:])
+        if any(c in newest for c in endings) and any(
+                stop in tokenizer.decode((prompt + tokens)[-window:]) for stop in stops if stop):
+            return True
+        return protocol is None and "\n" in newest and answer_line_complete(
+            tokenizer.decode(tokens[-ANSWER_LOOKBACK:]))
+
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=adds_special_tokens(tokenizer, prompt, protocol)).input_ids
+        out += [batching.Request(ids, stopped) for _ in range(cfg.num_samples)]
+    return out
+
+
+def completion(tokenizer, tokens: list[int], cfg: EvalConfig) -> str:
+    """The text of generated tokens, as graded: special tokens dropped; under lm-eval's protocols, cut at its stops."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if cfg.prompt in protocols.BY_EVAL_PROMPT:
+        return protocols.lm_eval_truncate(text, stops_and_limit(tokenizer, cfg)[0])
+    return text
+
+
+def generation_dtype(model, cfg: EvalConfig) -> torch.dtype:
+    """The dtype answers are generated in (`eval.dtype`). `auto`: bfloat16 for a float32 model on a CPU with bf16
+    instructions (AVX512-BF16 or AMX: there bf16 matmuls run 2-3x float32, `make bench`), else the model's own."""
+    own = next(model.parameters()).dtype
+    if cfg.dtype == "model" or getattr(model, "is_loaded_in_4bit", False):
+        return own
+    if cfg.dtype == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return torch.bfloat16 if own == torch.float32 and on_cpu and cpu_has_bf16() else own
+    return getattr(torch, cfg.dtype)
+
+
+@contextmanager
+def in_dtype(model, dtype: torch.dtype):
+    """The model, or where `dtype` is not its own a copy of it in `dtype` (the adapter's state included): the
+    trained model itself stays as it is for what follows (merging, saving, training on)."""
+    if next(model.parameters()).dtype == dtype:
+        yield model
+        return
+    copy = deepcopy(model).to(dtype)
+    try:
+        yield copy
+    finally:
+        del copy
+
+
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = "Generating") -> list[dict]:
-    """For each prompt, `cfg.num_samples` completions with their generated token counts. Sampling starts from
-    `eval.seed` each time, so the same settings give the same answers."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batches must end at the same position
+    """For each prompt, `cfg.num_samples` completions with their generated token counts, `eval.batch_size` rows in
+    flight at once (`batching.py`), in `eval.dtype`. Sampling starts from `eval.seed` each time, so the same
+    settings give the same answers."""
+    with in_dtype(model, generation_dtype(model, cfg)) as chosen:
+        return _generate(chosen, tokenizer, prompts, cfg, desc)
+
+
+def _generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str) -> list[dict]:
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    results: list[dict] = [{} for _ in prompts]
     sampling = cfg.num_samples > 1
     if sampling:
         torch.manual_seed(cfg.seed)
-    device = next(model.parameters()).device
-    stop_ids = stop_token_ids(tokenizer)
-    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
-    stops, max_new = stops_and_limit(tokenizer, cfg)
-    for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + cfg.batch_size]
-        texts_in = [prompts[i] for i in idx]
-        batch = tokenizer(texts_in, return_tensors="pt", padding=True,
-                          add_special_tokens=adds_special_tokens(tokenizer, texts_in[0], protocol)).to(device)
-        prompt_len = batch.input_ids.shape[1]
-        criteria = [StopAsked()] + ([AnswerComplete(tokenizer, prompt_len)] if protocol is None else [])
-        out = model.generate(
-            **batch, max_new_tokens=max_new, do_sample=sampling,
-            temperature=cfg.temperature if sampling else None, top_p=None, top_k=None,
-            num_return_sequences=cfg.num_samples, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_ids, stop_strings=stops or None, tokenizer=tokenizer,
-            stopping_criteria=StoppingCriteriaList(criteria),
-        )
-        STOP.check()  # a stop asked for during this batch: its answers are cut short, not to be graded
-        new = out[:, prompt_len:].view(len(idx), cfg.num_samples, -1)
-        for row, i in enumerate(idx):
-            texts, counts = [], []
-            for seq in new[row]:
-                keep = seq[seq != tokenizer.pad_token_id].tolist()
-                ends = [k for k, token in enumerate(keep) if token in stop_ids]
-                keep = keep[: ends[0] + 1] if ends else keep
-                counts.append(len(keep))
-                text = tokenizer.decode(keep, skip_special_tokens=True)
-                texts.append(protocols.lm_eval_truncate(text, stops) if protocol is not None else text)
-            results[i] = {"completions": texts, "generated_tokens": counts}
-    tokenizer.padding_side = side
-    return results
+    _, max_new = stops_and_limit(tokenizer, cfg)
+    attention = model.config._attn_implementation
+    if attention == "flash_attention_2":  # it takes no attention mask: the slots' masks need SDPA
+        model.config._attn_implementation = "sdpa"
+    try:
+        with tqdm(total=len(prompts) * cfg.num_samples, desc=desc, unit="answer") as bar:
+            tokens, _ = batching.run(model, requests(tokenizer, prompts, cfg), cfg.batch_size, max_new,
+                                     set(stop_token_ids(tokenizer)), cfg.temperature if sampling else None, bar.update)
+    finally:
+        model.config._attn_implementation = attention
+    k = cfg.num_samples
+    return [{"completions": [completion(tokenizer, t, cfg) for t in tokens[i * k:(i + 1) * k]],
+             "generated_tokens": [len(t) for t in tokens[i * k:(i + 1) * k]]} for i in range(len(prompts))]

@@ -1,0 +1,50 @@
+"""Answers generated with continuous batching are the answers `model.generate`'s padded batches give, under
+every protocol's stops, with questions joining the batch as others leave it."""
+
+import dataclasses
+
+import pytest
+
+from gsm8k_lora.benchmarks.generation import generate_padded
+from gsm8k_lora.data import synthetic
+from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.evaluation.answers import pick_shots, shot_pool
+from gsm8k_lora.evaluation.generation import build_prompt, generate
+from gsm8k_lora.model.loading import load
+from tests.conftest import compose
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    cfg = compose("experiment=smoke")
+    model, tokenizer = load(cfg.model)
+    return cfg, model, tokenizer
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # zero-shot: stops at EOS, a new turn's marker, or a complete `#### N` line
+    ["eval.stop_sequences=[pencils]"],  # a stop string of the user's
+    ["eval.prompt=lm_eval_gsm8k_plain", "eval.num_fewshot=2"],  # lm-eval's stops, limit and truncation
+])
+def test_greedy_answers_are_those_of_padded_generate(tiny, overrides):
+    cfg, model, tokenizer = tiny
+    ecfg = dataclasses.replace(compose("experiment=smoke", *overrides).eval, batch_size=6, max_new_tokens=48)
+    splits = build_splits(cfg.data)
+    rows = splits.test.select(range(20)).to_list()
+    shots = pick_shots(shot_pool(splits, ecfg), ecfg, len(rows))
+    prompts = [build_prompt(tokenizer, r["question"], ecfg, s, None) for r, s in zip(rows, shots, strict=True)]
+    ours = generate(model, tokenizer, prompts, ecfg)  # 20 questions through 6 slots: 14 join as others leave
+    padded = generate_padded(model, tokenizer, prompts, ecfg)
+    assert ours == padded
+    lengths = [o["generated_tokens"][0] for o in ours]
+    assert len(set(lengths)) > 1 and max(lengths) <= 48  # rows stopped at different steps
+
+
+def test_sampled_answers_are_the_same_for_the_same_seed(tiny):
+    _, model, tokenizer = tiny
+    ecfg = dataclasses.replace(compose("experiment=smoke", "eval.num_samples=3", "eval.temperature=1.0").eval,
+                               batch_size=4, max_new_tokens=24)
+    prompts = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in synthetic.generate(5, seed=9)]
+    first, again = generate(model, tokenizer, prompts, ecfg), generate(model, tokenizer, prompts, ecfg)
+    assert first == again and all(len(o["completions"]) == 3 for o in first)
+    assert any(len(set(o["completions"])) > 1 for o in first)  # sampled, not three copies of one answer
