@@ -7,7 +7,7 @@ DIR ?=
 SWEEP ?= lr_epochs
 EXP ?=
 
-.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean
+.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean gpu-wheels gpu-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,3 +52,9 @@ sweep: $(STAMP) ## a Hydra multirun of a sweep file: SWEEP=lr_epochs (default), 
 
 compare: $(STAMP) ## table and plots of a sweep: make compare DIR=outputs/multirun/<sweep>
 	$(PY) -m gsm8k_lora.compare $(DIR)
+
+gpu-wheels: $(STAMP) ## the wheels a lent GPU machine lacks (Python 3.12), into .gpu-wheels/ for make gpu-check there
+	bash scripts/gpu_check.sh --wheels
+
+gpu-check: ## on a lent GPU machine: install .gpu-wheels, pytest -m gpu, the GPU bench, a trainer=default run
+	bash scripts/gpu_check.sh

@@ -35,7 +35,6 @@ from gsm8k_lora.benchmarks.generation import NO_ANSWER, bench_eval
 from gsm8k_lora.benchmarks.real import bench_real
 from gsm8k_lora.benchmarks.training import bench_training, device_config
 from gsm8k_lora.data import synthetic
-from gsm8k_lora.errors import ConfigError
 from gsm8k_lora.model.loading import load
 from gsm8k_lora.model.sources import resolve
 
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", help="a run directory or adapter to benchmark instead of the base tiny model")
     parser.add_argument("--out", default="outputs/bench", help="where the JSON result goes")
     parser.add_argument("--skip-real", action="store_true", help="leave out the real-model section (SmolLM2-135M)")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="sized for the one-call GPU check (scripts/gpu_check.sh): 8 steps a variant, 256 prompts")
     parser.add_argument("--real-steps", type=int, default=3, help="optimizer steps per real-model training variant")
     parser.add_argument("--real-questions", type=int, default=64,
                         help="real test questions for generation speed (at least 32)")
@@ -112,10 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
                                   epoch_rows=400 if args.quick else 6726))
     if cuda or not args.quick:  # on a CPU, the weight memory only
-        try:
-            results.update(bench_falcon3(Path(tiny.path), steps=5 if args.quick else 30, quick=args.quick))
-        except ConfigError as err:  # no bitsandbytes for this device: the other figures still stand
-            results["falcon3_skipped"] = str(err)
+        steps = 8 if args.gpu_check else (5 if args.quick else 30)
+        results.update(bench_falcon3(Path(tiny.path), steps=steps, quick=args.quick,
+                                     prompts=256 if args.gpu_check else None))
     if not (args.quick or args.skip_real):
         if args.gsm8k is None:
             results["real_skipped"] = "no local GSM8K given (--gsm8k DIR)"

@@ -25,11 +25,18 @@ import os
 import sys
 from pathlib import Path
 
-import wandb
-
 from gsm8k_lora import records
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.naming import RunNaming
+
+
+def _wandb():
+    """wandb, imported where a run logs to it: with logger=none the package runs where wandb is not installed (a
+    lent GPU machine's image lacks it, and its 20 MB wheel would take a third of what one call there may carry)."""
+    import wandb
+
+    return wandb
+
 
 RESULTS = "results"  # the section of the headline figures on the dashboard
 VIEW_SPEC = "wandb_view.json"  # a sweep's dashboard view, written where it cannot be saved
@@ -82,11 +89,11 @@ class Tracker:
     def predictions(self, predictions: dict[str, list[dict]]) -> None:
         if self.run is not None:
             rows = [[r[c] for c in PREDICTION_COLUMNS] for records in predictions.values() for r in records]
-            self.run.log({"eval/predictions": wandb.Table(columns=list(PREDICTION_COLUMNS), data=rows)})
+            self.run.log({"eval/predictions": _wandb().Table(columns=list(PREDICTION_COLUMNS), data=rows)})
 
     def images(self, paths: list[Path]) -> None:
         if self.run is not None:
-            self.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in paths})
+            self.run.log({f"plots/{p.stem}": _wandb().Image(str(p)) for p in paths})
 
     def finish(self, exit_code: int = 0) -> None:
         # Hydra runs multirun jobs in one process: an unfinished run would swallow the next job's logs.
@@ -124,14 +131,14 @@ def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> 
                   tags=naming.tags, name=naming.name, config=config, dir=str(run_dir), reinit="finish_previous",
                   **({"id": earlier, "resume": "allow"} if earlier else {}))
     try:
-        run = wandb.init(mode=mode, settings=_settings(cfg), **kwargs)
+        run = _wandb().init(mode=mode, settings=_settings(cfg), **kwargs)
     except Exception as err:  # bad key, no network, server error: the training result must not depend on W&B
         if mode != "online":
             raise
         print(f"W&B online start failed ({type(err).__name__}); logging offline instead", file=sys.stderr)
         mode = "offline"
         quiet_offline()
-        run = wandb.init(mode=mode, settings=_settings(cfg), **kwargs)
+        run = _wandb().init(mode=mode, settings=_settings(cfg), **kwargs)
     sync = f"wandb sync {Path(run.dir).parent}"
     if mode == "offline":
         print(f"W&B is logging offline to {run.dir}; upload later with: {sync}")
@@ -144,10 +151,10 @@ def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> 
     return Tracker(run)
 
 
-def _settings(cfg: LoggerConfig) -> wandb.Settings:
+def _settings(cfg: LoggerConfig):
     # silent: W&B's own banner (syncing mode, local directory, `wandb leet`) would stand beside the package's one
     # line that says where the run logs and how to sync it
-    return wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True)
+    return _wandb().Settings(init_timeout=cfg.init_timeout_s, silent=True)
 
 
 def quiet_offline() -> None:
@@ -155,7 +162,7 @@ def quiet_offline() -> None:
     model card does, at every checkpoint), a line a user can do nothing about; the package already said the
     run is offline and how to sync it. W&B's terminal warnings are a process setting (`wandb.setup`): off
     for an offline run, so they are not shown."""
-    wandb.setup(wandb.Settings(show_warnings=False, quiet=True))
+    _wandb().setup(_wandb().Settings(show_warnings=False, quiet=True))
 
 
 def safe_wandb_callback():
@@ -211,13 +218,13 @@ def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, compariso
                 tags=list(cfg.tags), dir=str(sweep_dir), reinit="finish_previous",
                 config={"sweep": sweep.get("name"), "swept": comparison.swept, "jobs": len(comparison.rows)})
     try:
-        run = wandb.init(mode=mode, settings=_settings(cfg), **init)
+        run = _wandb().init(mode=mode, settings=_settings(cfg), **init)
     except Exception as err:  # the comparison is on disk either way
         print(f"W&B summary run not started ({type(err).__name__}); the comparison is in {sweep_dir}", file=sys.stderr)
         return
     columns = comparison.columns
-    table = wandb.Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.rows])
-    run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    table = _wandb().Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.rows])
+    run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": _wandb().Image(str(p)) for p in figures}})
     run.summary.update({"sweep/jobs_done": sum(r["status"] == "done" for r in comparison.rows),
                         "sweep/jobs_failed": sum(r["status"] != "done" for r in comparison.rows)})
     online = mode == "online"

@@ -17,17 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from gsm8k_lora.benchmarks.generation import generate_padded, timed
 from gsm8k_lora.benchmarks.real import matmul_params
-from gsm8k_lora.benchmarks.training import device_config, gsm8k_like_rows, run_variant, synchronize, variants
+from gsm8k_lora.benchmarks.training import (
+    bench_settings,
+    device_config,
+    gsm8k_like_rows,
+    run_variant,
+    synchronize,
+    variants,
+)
 from gsm8k_lora.config import Config, compose
 from gsm8k_lora.evaluation.generation import build_prompt, generate
 from gsm8k_lora.model.loading import load_model, weight_memory
+from gsm8k_lora.preflight import four_bit_problem
+from gsm8k_lora.training.sft import build_sft_config
 
 # tiiuae/Falcon3-1B-Instruct's config.json (see shared FACTS): LlamaForCausalLM.
 FALCON3_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=18, num_attention_heads=8,
@@ -90,26 +99,32 @@ def weight_memory_4bit(model_dir: Path, cfg: Config) -> dict:
 
 
 def bench_generation(model_dir: Path, cfg: Config, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict:
+    """Answers to GSM8K-length prompts: the evaluation's continuous batching against `model.generate`'s padded
+    batches. Random weights rarely stop early, so nearly every row runs to the limit: the worst case for
+    continuous batching, whose gain is rows that stop early."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device())
     cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, max_new_tokens=max_new_tokens)
     prompts = [build_prompt(tokenizer, r["question"], cfg, [], None) for r in gsm8k_like_rows(n_prompts, seed=3)]
     generate(model, tokenizer, prompts[:batch_size], dataclasses.replace(cfg, max_new_tokens=8))  # warm-up
-    synchronize()
-    start = time.perf_counter()
-    out = generate(model, tokenizer, prompts, cfg, desc="Falcon3-shaped generation")
-    synchronize()
-    seconds = time.perf_counter() - start
-    tokens = sum(o["generated_tokens"][0] for o in out)
-    return {"gen_prompts": n_prompts, "gen_seconds": seconds, "gen_tokens": tokens,
-            "gen_tokens_per_s": tokens / seconds,
-            "gen_note": "random weights rarely stop early: close to max_new_tokens per prompt (worst case)"}
+    out = {"gen_prompts": n_prompts, "gen_max_new_tokens": max_new_tokens, "gen_batch_size": batch_size,
+           "gen_note": "random weights rarely stop early: close to max_new_tokens per prompt (worst case)"}
+    for name, path in (("", generate), ("_padded", generate_padded)):
+        synchronize()
+        result = timed(path, model, tokenizer, prompts, cfg)
+        synchronize()
+        out.update({f"gen_seconds{name}": result["seconds"], f"gen_tokens{name}": result["kept_tokens"],
+                    f"gen_tokens_per_s{name}": result["tokens_per_s"]})
+    out["gen_speedup_over_padded_x"] = out["gen_tokens_per_s"] / out["gen_tokens_per_s_padded"]
+    return out
 
 
 def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_1B,
-                  cfg: Config | None = None, training: bool | None = None) -> dict:
+                  cfg: Config | None = None, training: bool | None = None, prompts: int | None = None) -> dict:
     """Weight memory everywhere; training and generation figures where `training` (default: on CUDA).
-    `cfg`: the run config to train with (default: this device's, `training.device_config`)."""
+    `cfg`: the run config to train with (default: this device's, `training.device_config`). Training variants:
+    TRL's defaults, the package's preset (padding-free, fused AdamW), the same padded, the same with the unfused
+    optimizer, and QLoRA where bitsandbytes can load 4-bit weights here."""
     cuda = torch.cuda.is_available()
     training = cuda if training is None else training
     n_matmul = matmul_param_count(arch)
@@ -117,14 +132,23 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
     peak = peak_tflops(name) if cuda else None
     out: dict = {"falcon3_device": name, "falcon3_params": param_count(arch), "falcon3_matmul_params": n_matmul,
                  "peak_bf16_tflops": peak}
+    no_4bit = four_bit_problem(use_cpu=not cuda)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_shaped(Path(tmp) / "falcon3-shaped", tiny_dir, arch)
         cfg = cfg or device_config(cuda)
-        out.update(weight_memory_4bit(model_dir, compose_qlora()))
+        if no_4bit is None:
+            out.update(weight_memory_4bit(model_dir, compose_qlora()))
+        else:
+            out["qlora_skipped"] = f"model.load_in_4bit {no_4bit}"
         if not training:
             return out
+        settings = bench_settings(steps)
         runs = {variant: (make_args, False) for variant, make_args in variants(cfg, steps).items()}
-        runs["qlora"] = (runs["package_default"][0], True)
+        runs["padded"] = (lambda o: build_sft_config(cfg.trainer, Path(o), **settings, padding_free=False), False)
+        runs["unfused_optimizer"] = (lambda o: build_sft_config(cfg.trainer, Path(o), **settings, optim="adamw_torch"),
+                                     False)
+        if no_4bit is None:
+            runs["qlora"] = (runs["package_default"][0], True)
         rows = gsm8k_like_rows(64 * steps)
         for variant, (make_args, four_bit) in runs.items():
             result = run_variant(variant, make_args, cfg, str(model_dir), rows, steps, load_in_4bit=four_bit)
@@ -133,5 +157,6 @@ def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_
             out[f"falcon3_{variant}"] = result
             if cuda:
                 torch.cuda.empty_cache()
-        out.update(bench_generation(model_dir, cfg, 64 if quick else 1319, 64 if quick else 256, 128))
+        n = prompts or (64 if quick else 1319)
+        out.update(bench_generation(model_dir, cfg, n, 64 if quick else 256, 128))
     return out
