@@ -11,8 +11,11 @@ something goes wrong.
 The entry points check the composed configs (`config.validate`, `preflight`) before they hand over to the
 `@hydra.main` function, so a sweep that cannot run starts no job and writes nothing.
 
-Hydra's public compose API knows no `--config-dir` nor multirun, so this makes the calls `@hydra.main` makes
-itself (`hydra._internal`; hydra-core is pinned below 1.4, where those calls are what they are here).
+Why Hydra's private API: its public compose API (`hydra.compose`) knows no `--config-dir` and refuses sweep
+overrides (`lr=1e-4,2e-4`), so checking every job of a sweep before it starts needs the calls `@hydra.main` makes
+itself (`hydra._internal`: `Hydra.create_main_hydra2`, `compose_config`, `load_sweep_config`, the basic sweeper's
+expansion). hydra-core is pinned below 1.4, where those calls are what they are here; `test_cli_errors.py`
+holds the pin to that bound.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gsm8k_lora.errors import ConfigError
-from gsm8k_lora.naming import swept_values
+from gsm8k_lora.naming import override_key, swept_values
 
 # Both entry points decorate `main` with @hydra.main(config_path="../conf", config_name="config");
 # this module sits beside them, so the relative path resolves to the same directory.
@@ -57,6 +60,11 @@ class Composed:
     multirun: bool
     jobs: list[DictConfig]  # with their `hydra` node; `task_config` strips it, as Hydra does for the task
     overrides: list[str]  # the command line's overrides
+
+
+def typed_keys(overrides: list[str]) -> list[str]:
+    """The keys a command line sets (`+key=`, `~key` and `key=a,b` included), in its order."""
+    return [override_key(o) for o in overrides]
 
 
 def task_config(cfg: DictConfig) -> DictConfig:

@@ -20,7 +20,9 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from gsm8k_lora import figures as F
 from gsm8k_lora.errors import ConfigError
+from gsm8k_lora.evaluation import protocols
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -236,9 +238,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_choice("eval.split", self.split, ("test", "validation"))
         _check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be a positive integer or null")
-        _check_choice("eval.prompt", self.prompt, ("zero_shot_cot", "fewshot", "lm_eval_gsm8k", "lm_eval_gsm8k_plain"))
-        _check(self.num_samples == 1 or not self.prompt.startswith("lm_eval"), "eval.num_samples", self.num_samples,
-               "must be 1 with an lm-eval prompt (lm-eval's gsm8k task decodes greedily)")
+        _check_choice("eval.prompt", self.prompt, tuple(protocols.PROTOCOLS))
+        _check(self.num_samples == 1 or not protocols.get(self.prompt).lm_eval, "eval.num_samples",
+               self.num_samples, "must be 1 with an lm-eval prompt (lm-eval's gsm8k task decodes greedily)")
         _check(0 <= self.num_fewshot <= 16, "eval.num_fewshot", self.num_fewshot, "must be in [0, 16]")
         for key in ("batch_size", "max_new_tokens", "num_samples"):
             _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be a positive integer")
@@ -266,7 +268,11 @@ class GridConfig:
     learning_rates: str = MISSING
 
 
-OBJECTIVES = ("eval_loss_best", "eval_gsm8k_by_value_best", "finetuned_gsm8k_by_value")
+DURING_TRAINING_ACCURACY = F.figure(F.DURING_TRAINING, F.HEADLINE.figure)  # eval_gsm8k_by_value
+BEST_MODEL_METRICS = ("eval_loss", DURING_TRAINING_ACCURACY)
+# What a sweeper optimises: the best validation loss, the best accuracy during training, or the final accuracy.
+OBJECTIVES = (F.curve("eval_loss", "best"), F.curve(DURING_TRAINING_ACCURACY, "best"),
+              F.figure("finetuned", F.HEADLINE.figure))
 
 
 @dataclass
@@ -285,19 +291,18 @@ class Config:
     cache_dir: str | None = MISSING
 
     def __post_init__(self) -> None:
-        generated = "gsm8k" in self.trainer.metric_for_best_model
+        generated = self.trainer.metric_for_best_model == DURING_TRAINING_ACCURACY
         _check(not generated or self.eval.during_training, "trainer.metric_for_best_model",
                self.trainer.metric_for_best_model, "a generated-accuracy metric needs eval.during_training=true")
-        _check(self.trainer.metric_for_best_model in ("eval_loss", "eval_gsm8k_by_value"),
-               "trainer.metric_for_best_model", self.trainer.metric_for_best_model,
-               "allowed: eval_loss, eval_gsm8k_by_value")
+        _check(self.trainer.metric_for_best_model in BEST_MODEL_METRICS, "trainer.metric_for_best_model",
+               self.trainer.metric_for_best_model, f"allowed: {', '.join(BEST_MODEL_METRICS)}")
         _check(not (self.trainer.save_merged and self.model.load_in_4bit), "trainer.save_merged",
                self.trainer.save_merged, "must be false with model.load_in_4bit=true: merging re-quantises the "
                "weights and rounds most of the adapter away; merge the saved adapter into the bf16 base instead")
         _check_choice("objective", self.objective, OBJECTIVES)
-        _check(self.eval.enabled or not self.objective.startswith("finetuned"), "objective", self.objective,
+        _check(self.eval.enabled or self.objective != OBJECTIVES[2], "objective", self.objective,
                "needs eval.enabled=true")
-        _check(self.eval.during_training or not self.objective.startswith("eval_gsm8k"), "objective",
+        _check(self.eval.during_training or self.objective != OBJECTIVES[1], "objective",
                self.objective, "needs eval.during_training=true")
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gsm8k_lora import cli, hub, naming, preflight
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
 from gsm8k_lora.errors import EXPECTED, ConfigError
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.records import resolve_adapter, run_directory
 from gsm8k_lora.stopping import STOP, Interrupted, StopNow
 
@@ -34,7 +35,7 @@ def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
     if run_dir is None:
         return raw
     run = OmegaConf.load(run_dir / "config.yaml")
-    given = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    given = cli.typed_keys(overrides)
     merged = raw.copy()
     for key in RUN_KEYS:
         if any(g == key or key.startswith(g + ".") for g in given):  # replaced as a whole (model=tiny)
@@ -55,6 +56,9 @@ def checked_config(raw: DictConfig, overrides: list[str]) -> tuple[Config, DictC
     cannot do for it said at once (ConfigError)."""
     merged = inherit_run_config(raw, overrides)
     cfg = validate(merged)
+    ignored = protocols.get(cfg.eval.prompt).fixed_problem(cli.typed_keys(overrides))
+    if ignored:
+        raise ConfigError(ignored)
     if cfg.adapter:
         resolve_adapter(cfg.adapter)
     found = preflight.problems(cfg, training=False)

@@ -1,10 +1,11 @@
 """Grade existing completions: `python -m gsm8k_lora.grade FILE.jsonl > graded.jsonl`.
 
 Each input row needs `completion` and `answer` (GSM8K's answer field with `#### N`, or a bare
-number). Rows come back on stdout graded by the package's by-value rule (`pred`, the extracted number or
-null, and `correct`; `pred_strict` and `correct_strict` for the number after `####` only) and by lm-eval's
-own `gsm8k` filters (`lm_eval_strict_extracted` / `_correct` for strict-match, `lm_eval_flexible_*` for
-flexible-extract); a one-line summary goes to stderr.
+number). Rows come back on stdout with the graded answer's fields (`figures.GRADED`): the package's by-value
+rule (`pred`, the extracted number or null, and `correct`; `by_value_strict_pred` and `by_value_strict_correct`
+for the number after `####` only; `explicit_answer`) and lm-eval's own `gsm8k` filters
+(`lm_eval_strict_extracted` / `_correct` for strict-match, `lm_eval_flexible_*` for flexible-extract); a one-line
+summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -19,20 +20,12 @@ from gsm8k_lora.data.gsm8k import gold_number
 from gsm8k_lora.data.loading import read_jsonl
 from gsm8k_lora.errors import DataError
 from gsm8k_lora.evaluation.grading import grade
-from gsm8k_lora.evaluation.scoring import LABELS, tally
+from gsm8k_lora.evaluation.scoring import tally
 
 
 def grade_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for row in rows:
-        g = grade(str(row.get("completion") or ""), gold_number(str(row["answer"])) or "")
-        out.append({**row, "pred": g.pred, "correct": g.correct, "pred_strict": g.pred_strict,
-                    "correct_strict": g.correct_strict,
-                    "lm_eval_strict_extracted": g.lm_eval_strict.extracted,
-                    "lm_eval_strict_correct": g.lm_eval_strict.exact_match,
-                    "lm_eval_flexible_extracted": g.lm_eval_flexible.extracted,
-                    "lm_eval_flexible_correct": g.lm_eval_flexible.exact_match})
-    return out
+    return [{**row, **grade(str(row.get("completion") or ""), gold_number(str(row["answer"])) or "").fields()}
+            for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not n:
         print("graded 0 rows", file=sys.stderr)
         return 0
-    parts = [f"{LABELS[name]} {k}/{n} ({k / n:.1%})" for name, k in tally(graded).items()]
+    parts = [f"{rule.label} {k}/{n} ({k / n:.1%})" for rule, k in tally(graded).items()]
     print(f"graded {n} rows: " + ", ".join(parts), file=sys.stderr)
     return 0
 

@@ -50,18 +50,18 @@ def _value(text: str) -> str:
     return f"{number:.3g}" if len(text) > 8 and not text.isdigit() else text
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
     return override.lstrip("+~").partition("=")[0]
 
 
 def run_name(overrides: list[str], swept: list[str] | None, fallback: str) -> str:
     """The W&B run name of a job with these (`hydra.overrides.task`) overrides; `swept`: the sweep's swept keys."""
     if swept:
-        values = {_key(o): o.partition("=")[2] for o in overrides}
+        values = {override_key(o): o.partition("=")[2] for o in overrides}
         shown = [f"{short(k)}={_value(values[k])}" for k in swept if k in values]
         if shown:
             return " ".join(shown)
-    own = [o for o in overrides if not _key(o).startswith(CONSTANTS)]
+    own = [o for o in overrides if not override_key(o).startswith(CONSTANTS)]
     return " ".join(own) if own else fallback
 
 

@@ -21,14 +21,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 from peft import PeftModel
 
+from gsm8k_lora import figures as F
 from gsm8k_lora import naming, records, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
-from gsm8k_lora.data.loading import Splits, build_splits
+from gsm8k_lora.data.loading import Splits, build_splits, first, questions
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.answers import evaluate, model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
+from gsm8k_lora.figures import read
 from gsm8k_lora.model import sources
 from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
 from gsm8k_lora.naming import RunNaming
@@ -36,6 +38,8 @@ from gsm8k_lora.reporting import plots
 from gsm8k_lora.reporting.report import build as build_report
 from gsm8k_lora.stopping import STOP, Interrupted
 from gsm8k_lora.training import sft
+from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback
+from gsm8k_lora.training.resilience import oom_message
 
 
 def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
@@ -44,34 +48,43 @@ def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
     stats = splits.stats
     print(f"data: {stats['rows_train']} train / {stats['rows_validation']} validation / {stats['rows_test']} test "
           f"rows ({stats['rows_dropped_train'] + stats['rows_dropped_test']} malformed rows dropped)")
-    return splits, (eval_rows(splits, cfg.eval) if cfg.eval.enabled else [])
+    return splits, (questions(splits, cfg.eval.split, cfg.eval.limit) if cfg.eval.enabled else [])
 
 
-def prepare_model(cfg: Config, splits: Splits, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
+def prepare_model(cfg: Config, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
     """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
-    facts `metrics.json` keeps about them."""
+    facts `metrics.json` keeps about them, and their identity (the baseline cache's key)."""
     weights = sources.resolve(cfg.model, cfg.cache_dir)
     resolved = records.write_run_record(run_dir, raw_cfg, weights.as_dict()) if main_process else {}
     model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
     facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
-    facts.update(model_weights=weights.description,
-                 rows_validation_loss=len(sft.validation_for_loss(cfg, splits)),
-                 system_prompt=describe_system_prompt(tokenizer, cfg.data.system_prompt))
-    print(f"model: {weights.description}; system prompt: {facts['system_prompt']}")
-    facts["weights_identity"] = baseline_cache.weights_identity(weights.path, cfg.model.revision)
-    return model, tokenizer, facts, resolved
+    facts["model_weights"] = weights.description
+    return model, tokenizer, facts, resolved, baseline_cache.weights_identity(weights.path, cfg.model.revision)
+
+
+def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: Path, name: str, main_process: bool,
+                  wandb_callback):
+    """Step 5: the trainer, with GSM8K accuracy during training on the first validation questions if asked."""
+    extra = [wandb_callback] if wandb_callback is not None else []
+    if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
+        sample = first(splits.validation, cfg.eval.during_training_limit).to_list()
+        extra.append(GSM8KAccuracyCallback(tokenizer, sample, cfg.eval, cfg.data.system_prompt))
+    return sft.build_trainer(cfg.trainer, cfg.lora, model, tokenizer, splits, cfg.data.system_prompt,
+                             run_dir / "checkpoints", name, main_process, extra)
 
 
 def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) -> dict:
     """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together)."""
     main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
-    splits, questions = load_data(cfg)
-    model, tokenizer, facts, resolved = prepare_model(cfg, splits, run_dir, raw_cfg, main_process)
+    splits, asked = load_data(cfg)
+    model, tokenizer, facts, resolved, identity = prepare_model(cfg, run_dir, raw_cfg, main_process)
+    facts["system_prompt"] = describe_system_prompt(tokenizer, cfg.data.system_prompt)
+    print(f"model: {facts['model_weights']}; system prompt: {facts['system_prompt']}")
     # A run whose training ended and was written (stopped later, while answering) is not trained again.
     finished = records.finished_training(run_dir) if cfg.trainer.resume == "auto" else None
     name = run_naming.name
-    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(questions) or None)}
+    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None)}
     tracker = tracking.start(cfg.logger, run_dir, run_naming, logged) if main_process else tracking.Tracker()
     exit_code = 1
     try:
@@ -80,25 +93,24 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) 
             model = to_device(PeftModel.from_pretrained(model, str(run_dir / "adapter")), cfg.trainer.use_cpu)
             metrics = finished
         else:
-            trainer = sft.build_trainer(cfg, model, tokenizer, splits, run_dir / "checkpoints", name, main_process,
-                                        tracker.callback())
-            sft.train(trainer, cfg, run_dir)
+            trainer = build_trainer(cfg, model, tokenizer, splits, run_dir, name, main_process, tracker.callback())
+            sft.train(trainer, cfg.trainer, run_dir, oom_message(cfg.trainer, cfg.model))
             trainer.save_model(str(run_dir / "adapter"))
             if not main_process:
                 exit_code = 0
                 return {}
             tokenizer.save_pretrained(run_dir / "adapter")
-            figures = {k: v for k, v in facts.items() if k != "weights_identity"}  # the cache's, not a figure
-            model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg), **figures}
+            model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg.trainer), **facts}
             history = trainer.state.log_history
             records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
         tracker.summary(metrics)
         eval_figures = {}
-        if questions:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
+        if asked:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             try:
                 with STOP.safe_section():
-                    predictions, eval_figures = evaluate(cfg, model, tokenizer, splits, questions, adapters=True,
-                                                         weights=facts["weights_identity"])
+                    predictions, eval_figures = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits,
+                                                         asked, adapters=True, weights=identity,
+                                                         note=model_note(cfg.model.name_or_path))
             except Interrupted as stop:
                 raise RunStopped(f"by {stop.signal_name} while answering the test questions; the training "
                                  f"results are kept (metrics.json, adapter/). Resume with: "
@@ -127,13 +139,13 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) 
 
 def print_summary(metrics: dict, eval_figures: dict, cfg: Config) -> None:
     """The run's last lines: what training did to the loss, then what it did to the answers."""
-    def fmt(key: str) -> str:
-        value = metrics.get(key)
+    def fmt(curve: str, stat: str) -> str:
+        value = read(metrics, F.curve(curve, stat))
         return "n/a" if value is None else f"{value:.4f}"
 
-    print(f"train loss: first {fmt('train_loss_first')} -> last {fmt('train_loss_last')}; "
-          f"validation loss: first {fmt('eval_loss_first')} -> last {fmt('eval_loss_last')} "
-          f"(best {fmt('eval_loss_best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
+    print(f"train loss: first {fmt('train_loss', 'first')} -> last {fmt('train_loss', 'last')}; "
+          f"validation loss: first {fmt('eval_loss', 'first')} -> last {fmt('eval_loss', 'last')} "
+          f"(best {fmt('eval_loss', 'best')}); stop: {metrics['stop_reason']} at step {metrics['steps']}")
     protocol = protocols.describe(dataclasses.asdict(cfg.eval), short=True)
     for line in summary_lines(eval_figures, protocol, cfg.eval.split):
         print(line)

@@ -1,10 +1,5 @@
-"""The run directory, the unit of truth: every file a run writes, written here.
-
-    config.yaml        resolved config          environment.json   versions, commit, command, device, weights
-    metrics.json       figures of training      log_history.json   every logged step
-    eval_metrics.json  GSM8K accuracy           predictions.jsonl  graded answers, baseline and fine-tuned
-    report.md, *.png   report and its plots     done.json / failed.json   job status (a sweep re-runs the rest)
-    adapter/, checkpoints/, wandb_run.json: written by the Trainer and by `tracking.py`
+"""The run directory, the unit of truth: every file a run writes, written here (README's "Outputs" lists them;
+the Trainer writes `adapter/` and `checkpoints/`, `tracking.py` `wandb_run.json` through `write_json`).
 
 `done.json` is written last, after every result file; a job directory without it is incomplete, so a sweep
 started again re-runs only what is missing or failed. Each file is written whole or not at all (written

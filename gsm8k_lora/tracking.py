@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from gsm8k_lora import figures as F
 from gsm8k_lora import records
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.naming import RunNaming
@@ -42,9 +43,6 @@ RESULTS = "results"  # the section of the headline figures on the dashboard
 VIEW_SPEC = "wandb_view.json"  # a sweep's dashboard view, written where it cannot be saved
 # The figures transformers' W&B callback already puts in the summary (train_runtime, ...): not added twice.
 LIBRARY_SUMMARY = ("train_runtime_s", "train_samples_per_s")
-PREDICTION_COLUMNS = ("id", "model", "question", "gold", "completion", "pred", "correct", "lm_eval_strict_correct",
-                      "lm_eval_flexible_correct", "hit_token_limit", "repetition_loop", "num_steps", "error_category",
-                      "problem_type")
 
 
 def has_wandb_key() -> bool:
@@ -79,7 +77,7 @@ class Tracker:
         headline figures go to `results/` instead (`results`), so each figure has one key."""
         if self.run is not None:
             self.run.summary.update({k: v for k, v in figures.items() if isinstance(v, (int, float))
-                                     and not isinstance(v, bool) and k not in LIBRARY_SUMMARY and not is_headline(k)})
+                                     and not isinstance(v, bool) and k not in LIBRARY_SUMMARY and not F.is_result(k)})
 
     def results(self, metrics: dict, eval_figures: dict) -> None:
         """The headline figures, logged once as metrics in their own section (and so in the summary)."""
@@ -88,8 +86,8 @@ class Tracker:
 
     def predictions(self, predictions: dict[str, list[dict]]) -> None:
         if self.run is not None:
-            rows = [[r[c] for c in PREDICTION_COLUMNS] for records in predictions.values() for r in records]
-            self.run.log({"eval/predictions": _wandb().Table(columns=list(PREDICTION_COLUMNS), data=rows)})
+            rows = [[r[c] for c in F.PREDICTION_TABLE] for answers in predictions.values() for r in answers]
+            self.run.log({"eval/predictions": _wandb().Table(columns=list(F.PREDICTION_TABLE), data=rows)})
 
     def images(self, paths: list[Path]) -> None:
         if self.run is not None:
@@ -102,20 +100,9 @@ class Tracker:
             self.run = None
 
 
-HEADLINE_PREFIXES = ("baseline_gsm8k_", "finetuned_gsm8k_", "baseline_answer_format_rate",
-                     "finetuned_answer_format_rate")
-
-
-def is_headline(key: str) -> bool:
-    """Accuracy under every rule (maj@k and pass@k when sampled) with its 95% bounds, the answer-format rates, the
-    paired tests' p and difference, and the best validation loss: what default panels should draw."""
-    return key.startswith(HEADLINE_PREFIXES) or key == "eval_loss_best" or (
-        key.startswith("paired_") and key.endswith(("_mcnemar_p", "_difference")))
-
-
 def headline_figures(metrics: dict, eval_figures: dict) -> dict:
     return {k: v for k, v in {**metrics, **eval_figures}.items()
-            if is_headline(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if F.is_result(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> Tracker:
@@ -246,7 +233,7 @@ def sweep_view(entity: str, project: str, group: str, swept: list[str]):
     import wandb_workspaces.reports.v2 as wr  # an optional extra (.[dashboard]), imported for sweeps only
     import wandb_workspaces.workspaces as ws
 
-    accuracy = wr.SummaryMetric(f"{RESULTS}/finetuned_gsm8k_by_value")
+    accuracy = wr.SummaryMetric(f"{RESULTS}/{F.figure('finetuned', F.HEADLINE.figure)}")
     flat = {"lr": "lr", "epochs": "epochs", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
     axes = list(dict.fromkeys([*(flat[k] for k in swept if k in flat), "lr", "epochs", "lora_r"]))
     panels = [

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from gsm8k_lora import cli, hub, naming, preflight, records
 from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
 from gsm8k_lora.errors import EXPECTED, ConfigError, DiskFull, RunDirBusy, stops_a_sweep
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.stopping import STOP, StopNow
 
 HELP_OVERRIDES = (
@@ -94,6 +95,10 @@ def check_configs(composed: cli.Composed) -> list[Config]:
     if problem:
         raise ConfigError(problem)
     configs = [validate(cli.task_config(job)) for job in composed.jobs]
+    ignored = next(filter(None, (protocols.get(c.eval.prompt).fixed_problem(cli.typed_keys(composed.overrides))
+                                 for c in configs)), None)
+    if ignored:
+        raise ConfigError(ignored)
     found = list(dict.fromkeys(p for cfg in configs for p in preflight.problems(cfg)))  # once each, in order
     if found:
         raise ConfigError(preflight.message(found, sweep=composed.multirun))

@@ -237,3 +237,51 @@ def test_no_experiment_restates_a_value_it_would_get_anyway(experiment):
     restated = {k: v for k, v in leaves(data).items()
                 if OmegaConf.select(OmegaConf.create(without), k) == v}
     assert restated == {}
+
+
+# --- every figure one definition (gsm8k_lora/figures.py) ------------------------------------------------------
+FIGURE_LIKE = re.compile(r"^(baseline|finetuned|paired|eval|train)_[a-z0-9_@]+$")
+NOT_FIGURES = {  # strings that look like a figure's name and are something else
+    "eval_steps": "a trainer setting, named in its config error",
+    "eval_n": "a W&B config key (naming.identifying)", "eval_samples": "a W&B config key",
+    "eval_prompt": "a W&B config key",
+}
+# Built names: an f-string holding one of these outside figures.py builds a figure's name by hand.
+NAME_PARTS = ("paired_", "_ci95", "gsm8k_maj@", "gsm8k_pass@", "_gsm8k_")
+
+
+def run_directory_modules() -> list[Path]:
+    """Every module but figures.py itself and the benchmarks (whose results are their own file's names)."""
+    return [p for p in PACKAGE.rglob("*.py") if p.name not in ("figures.py", "bench.py")
+            and "benchmarks" not in p.parts]
+
+
+def test_every_figure_a_module_names_is_defined_once_in_figures():
+    from gsm8k_lora import figures as F
+
+    names = [*F.eval_names(), *F.training_names(), *F.HISTORY, *F.during_training_names()]
+    assert len(names) == len(set(names)), "a figure defined twice"
+    sampled = F.eval_names(8)
+    assert len(sampled) == len(set(sampled))
+    undefined, built = [], []
+    for path in run_directory_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and FIGURE_LIKE.match(node.value):
+                name = node.value
+                if not (F.defined(name) or name in F.CURVES or name in F.COMPARISON or name in NOT_FIGURES):
+                    undefined.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}")
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+                if any(part in text for part in NAME_PARTS):
+                    built.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: f{text!r}")
+    assert not undefined, "names no figure has:\n" + "\n".join(undefined)
+    assert not built, "figure names built outside figures.py:\n" + "\n".join(built)
+
+
+def test_a_reader_asking_for_an_undefined_figure_fails():
+    from gsm8k_lora import figures as F
+
+    assert F.read({"finetuned_gsm8k_by_value": 0.5}, "finetuned_gsm8k_by_value") == 0.5
+    assert F.read({}, "finetuned_gsm8k_maj@4") is None  # defined, absent from a greedy run
+    with pytest.raises(KeyError, match="finetuned_gsm8k_by_valu"):
+        F.read({"finetuned_gsm8k_by_value": 0.5}, "finetuned_gsm8k_by_valu")

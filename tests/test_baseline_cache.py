@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.data.loading import build_splits, questions
 from gsm8k_lora.evaluation import baseline_cache
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.answers import evaluate
 from gsm8k_lora.model.loading import load
 from tests.conftest import compose
 
@@ -25,7 +25,8 @@ def tiny(tiny_model_dir):
 def answered(tiny, cache, *overrides, weights=None):
     model, tokenizer, splits, identity = tiny
     cfg = compose(*SMALL, f"eval.baseline_cache={cache}", *overrides)
-    predictions, metrics = evaluate(cfg, model, tokenizer, splits, eval_rows(splits, cfg.eval), adapters=False,
+    rows = questions(splits, cfg.eval.split, cfg.eval.limit)
+    predictions, metrics = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, rows, adapters=False,
                                     weights=weights or identity)
     return json.dumps(predictions), metrics
 

@@ -33,6 +33,8 @@ def test_unknown_key_or_option_is_one_line_with_what_is_allowed(tmp_path, entry,
     (["lora.r=["], "lora.r=[ is invalid: "),
     (["lora.r=4,8"], "Ambiguous value for argument 'lora.r=4,8'"),
     (["--config-name", "nope"], "--config-name nope is invalid: no such config; allowed: config"),
+    (["eval.prompt=lm_eval_gsm8k", "eval.max_new_tokens=300"],  # a value the protocol would replace by 256
+     "eval.max_new_tokens is invalid with eval.prompt=lm_eval_gsm8k: lm-eval's gsm8k task generates at most 256"),
 ])
 def test_other_composition_mistakes_are_one_line(tmp_path, args, says):
     proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", *args, timeout=120)
@@ -44,3 +46,16 @@ def test_a_mistake_in_one_value_of_a_sweep_stops_it_before_any_job(tmp_path):
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
     assert "lora=nonexistent is invalid: no such option" in one_line_error(proc)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_hydra_is_held_below_the_version_whose_private_api_cli_uses():
+    # cli.py composes every job of a sweep through hydra._internal (its docstring says why); a hydra-core that
+    # changes those calls must be a deliberate upgrade, not what a fresh install happens to pick
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pin = next(Requirement(r) for r in requires("gsm8k_lora") if Requirement(r).name == "hydra-core")
+    assert not pin.specifier.contains("1.4.0") and pin.specifier.contains("1.3.2"), pin
+    assert Version(version("hydra-core")) in pin.specifier

@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gsm8k_lora.config import ConfigError, register_configs, validate
-from gsm8k_lora.evaluation.scoring import HEADLINE  # the generated-accuracy metric's name
+from gsm8k_lora.figures import HEADLINE
 from tests.conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
@@ -66,7 +66,7 @@ DISTINCT = {
     "packing": True, "padding_free": True, "train_sampling_strategy": "group_by_length",
     "gradient_checkpointing": False, "bf16": False, "fp16": True, "tf32": False, "optim": "sgd", "use_cpu": True,
     "logging_steps": 2, "eval_steps": 3, "save_steps": 6, "save_total_limit": 4, "eval_on_start": True,
-    "early_stopping_patience": 2, "metric_for_best_model": f"eval_{HEADLINE}", "dataloader_num_workers": 1,
+    "early_stopping_patience": 2, "metric_for_best_model": f"eval_{HEADLINE.figure}", "dataloader_num_workers": 1,
     "seed": 7, "save_merged": True, "resume": "never",
 }
 

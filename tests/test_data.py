@@ -7,7 +7,7 @@ from gsm8k_lora.data import loading as data
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.gsm8k import parse_answer
 from gsm8k_lora.data.synthetic import generate
-from tests.conftest import compose, write_jsonl
+from tests.conftest import compose, run_cli, write_jsonl
 
 GOOD = {"question": "Tom has 2 apples and gets 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}
 
@@ -39,12 +39,6 @@ def test_unreachable_hub_dataset_suggests_offline_options():
     with pytest.raises(data.DataError, match="data=synthetic or data=local"):
         data.load_hub("no-such-org/no-such-dataset-xyz", "main")
 
-
-def test_malformed_json_line_names_file_and_line(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops}\n')
-    with pytest.raises(data.DataError, match=r"train.jsonl:2: malformed JSON"):
-        data.load_local(str(tmp_path))
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -110,3 +104,14 @@ def test_completion_only_labels_mask_the_prompt_and_train_the_eos(tiny_model_dir
     assert labels[len(prompt_ids):] == ids[len(prompt_ids):]
     assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
     assert tok.decode(ids[len(prompt_ids):-1]) == GOOD["answer"]
+
+
+def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
+    data_dir = tmp_path / "data"
+    write_jsonl(data_dir / "train.jsonl", [{"question": "q", "answer": "a\n#### 1"}] * 20)
+    with (data_dir / "train.jsonl").open("a") as handle:
+        handle.write("{not json\n")
+    proc = run_cli("train", "experiment=smoke", "logger=none", "data=local", f"data.path={data_dir}",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
+    assert proc.returncode == 1 and "train.jsonl:21: malformed JSON" in proc.stderr
+    assert not (tmp_path / "run").exists()  # the run never began: it leaves no directory behind

@@ -1,90 +1,10 @@
-"""Evaluation pieces: statistics, prompts, self-consistency, the grade CLI."""
+"""`evaluate` and its prompts: few-shot examples from the right split, and a run evaluated with its own model
+and data."""
 
-import json
-import math
 
 import pytest
 
-from gsm8k_lora.evaluation.scoring import (
-    eval_metrics,
-    majority_vote,
-    mcnemar_exact,
-    paired_comparison,
-    score,
-    summarize,
-    wilson_interval,
-)
-from tests.conftest import ROOT, compose, run_cli, write_jsonl
-
-ROWS = [{"id": f"test-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "num_steps": 1, "problem_type": "x"}
-        for i in range(4)]
-
-
-def test_wilson_interval_known_values():
-    low, high = wilson_interval(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("a, b, p", [(0, 0, 1.0), (5, 5, 1.0), (10, 0, 2 / 1024), (6, 1, 0.125)])
-def test_mcnemar_exact(a, b, p):
-    assert mcnemar_exact(a, b) == pytest.approx(p)
-
-
-def closed_form_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval written out, as the package computed it before it used scipy."""
-    p, denom = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def closed_form_mcnemar(a: int, b: int) -> float:
-    n = a + b
-    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2**n)
-
-
-@pytest.mark.parametrize("n", [1, 7, 60, 100, 1319])
-def test_scipy_statistics_give_the_figures_the_closed_forms_gave(n):
-    """scipy's Wilson interval uses z = 1.95996... where the closed form used 1.96: the same figures to 1e-4 (a
-    report shows 0.1 points); the exact McNemar p-values are the same binomial sums."""
-    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-        assert wilson_interval(k, n) == pytest.approx(closed_form_wilson(k, n), abs=1e-4)
-    for a in range(0, min(n, 12)):
-        for b in range(0, min(n, 12)):
-            assert mcnemar_exact(a, b) == pytest.approx(closed_form_mcnemar(a, b), rel=1e-9)
-
-
-def test_paired_comparison_counts_discordant_pairs():
-    pair = paired_comparison([True, False, False, True], [True, True, True, False])
-    assert (pair["only_finetuned_correct"], pair["only_baseline_correct"], pair["difference"]) == (2, 1, 0.25)
-
-
-@pytest.mark.parametrize("preds, vote", [(["3", "4", "4"], "4"), (["3", None, "4"], "3"), ([None, None], None)])
-def test_majority_vote(preds, vote):
-    assert majority_vote(preds) == vote
-
-
-def test_self_consistency_on_fixed_completions():
-    # golds are 1, 2, 3, 4
-    gens = [{"completions": ["#### 2", "#### 1", "#### 1"], "generated_tokens": [3, 3, 3]},   # first wrong, vote right
-            {"completions": ["#### 9", "#### 9", "#### 2"], "generated_tokens": [3, 3, 3]},   # vote wrong, pass right
-            {"completions": ["#### 3", "#### 3", "#### 3"], "generated_tokens": [3, 3, 3]},   # all right
-            {"completions": ["none", "none", "none"], "generated_tokens": [1, 1, 1]}]         # no answer
-    records = score(ROWS, gens, "finetuned")
-    m = summarize(records, "finetuned")
-    assert m["finetuned_gsm8k_by_value"] == 0.25
-    assert m["finetuned_gsm8k_maj@3"] == 0.5
-    assert m["finetuned_gsm8k_pass@3"] == 0.75
-    assert m["finetuned_answer_format_rate"] == 0.75
-
-
-def test_metrics_compare_baseline_and_finetuned_on_the_same_questions():
-    base = score(ROWS, [{"completions": ["4"], "generated_tokens": [1]}] * 4, "baseline")
-    tuned = score(ROWS, [{"completions": [f"#### {i + 1}"], "generated_tokens": [4]} for i in range(4)], "finetuned")
-    m = eval_metrics({"baseline": base, "finetuned": tuned})
-    assert m["baseline_gsm8k_by_value"] == 0.25 and m["finetuned_gsm8k_by_value"] == 1.0
-    assert m["baseline_gsm8k_by_value_strict"] == 0.0 and m["paired_by_value_only_finetuned_correct"] == 3
-    assert m["paired_by_value_difference"] == 0.75 and m["paired_by_value_strict_mcnemar_p"] == pytest.approx(0.125)
+from tests.conftest import ROOT, compose
 
 
 @pytest.mark.parametrize("style", ["fewshot", "lm_eval_gsm8k"])
@@ -128,41 +48,20 @@ def test_fewshot_examples_reach_the_prompts_from_the_train_split(tiny_model_dir,
             assert prompt.count("Question: ") == 4 and prompt.rstrip().endswith("Answer:\n<|assistant|>")
 
 
-def test_grade_cli_on_a_file(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"completion": "so 5\n#### 5", "answer": "2+3=5\n#### 5"},
-        {"completion": "The answer is 7.", "answer": "8"},
-        {"completion": "nothing", "answer": "#### 1,000"},
-        {"completion": "She pays\n#### $18", "answer": "9*2=18\n#### 18"},  # lm-eval's strict-match: no `$`
-    ])
-    proc = run_cli("grade", str(path), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [(r["pred"], r["correct"]) for r in rows] == [("5", True), ("7", False), (None, False), ("18", True)]
-    assert [r["lm_eval_strict_correct"] for r in rows] == [True, False, False, False]
-    assert [r["lm_eval_flexible_correct"] for r in rows] == [True, False, False, True]
-    assert ("by-value 2/4" in proc.stderr and "lm-eval strict-match 1/4" in proc.stderr
-            and "lm-eval flexible-extract 2/4" in proc.stderr), proc.stderr
 
-
-def test_grade_cli_rejects_rows_without_answer(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"completion": "5"}])
-    proc = run_cli("grade", str(path), timeout=120)
-    assert proc.returncode == 1 and "needs both 'completion' and 'answer'" in proc.stderr
 
 
 def test_few_shot_examples_never_include_the_questions_under_test():
     """Answering the test split, shots come from GSM8K's whole train split (what lm-eval draws from);
     answering the validation split, only from the training part, never from the validation rows."""
-    from gsm8k_lora.data.loading import build_splits
-    from gsm8k_lora.evaluation.answers import shot_pool
+    from gsm8k_lora.data.loading import build_splits, shot_pool
 
     cfg = compose("data=synthetic", "data.num_train=200", "data.num_test=20", "eval.split=validation")
     splits = build_splits(cfg.data)
     validation = {row["question"] for row in splits.validation}
-    on_validation = {row["question"] for row in shot_pool(splits, cfg.eval)}
+    on_validation = {row["question"] for row in shot_pool(splits, cfg.eval.split)}
     assert validation and not validation & on_validation
-    on_test = {row["question"] for row in shot_pool(splits, compose("eval.split=test").eval)}
+    on_test = {row["question"] for row in shot_pool(splits, "test")}
     assert validation <= on_test and not on_test & {row["question"] for row in splits.test}
 
 

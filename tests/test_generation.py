@@ -7,8 +7,8 @@ import pytest
 
 from gsm8k_lora.benchmarks.generation import generate_padded
 from gsm8k_lora.data import synthetic
-from gsm8k_lora.data.loading import build_splits
-from gsm8k_lora.evaluation.answers import pick_shots, shot_pool
+from gsm8k_lora.data.loading import build_splits, shot_pool
+from gsm8k_lora.evaluation.answers import pick_shots
 from gsm8k_lora.evaluation.generation import build_prompt, generate
 from gsm8k_lora.model.loading import load
 from tests.conftest import compose
@@ -31,7 +31,7 @@ def test_greedy_answers_are_those_of_padded_generate(tiny, overrides):
     ecfg = dataclasses.replace(compose("experiment=smoke", *overrides).eval, batch_size=6, max_new_tokens=48)
     splits = build_splits(cfg.data)
     rows = splits.test.select(range(20)).to_list()
-    shots = pick_shots(shot_pool(splits, ecfg), ecfg, len(rows))
+    shots = pick_shots(shot_pool(splits, ecfg.split), ecfg, len(rows))
     prompts = [build_prompt(tokenizer, r["question"], ecfg, s, None) for r, s in zip(rows, shots, strict=True)]
     ours = generate(model, tokenizer, prompts, ecfg)  # 20 questions through 6 slots: 14 join as others leave
     padded = generate_padded(model, tokenizer, prompts, ecfg)

@@ -3,7 +3,7 @@
 import pytest
 
 from gsm8k_lora.data.gsm8k import gold_number, same_number
-from gsm8k_lora.evaluation.grading import extract_flexible, extract_strict, grade
+from gsm8k_lora.evaluation.grading import extract_by_value, extract_by_value_strict, grade
 
 
 @pytest.mark.parametrize("completion, strict", [
@@ -18,7 +18,7 @@ from gsm8k_lora.evaluation.grading import extract_flexible, extract_strict, grad
     ("", None),
 ])
 def test_strict(completion, strict):
-    assert extract_strict(completion) == strict
+    assert extract_by_value_strict(completion) == strict
 
 
 @pytest.mark.parametrize("completion, pred", [
@@ -38,7 +38,7 @@ def test_strict(completion, strict):
     ("It is -0", "0"),
 ])
 def test_flexible(completion, pred):
-    assert extract_flexible(completion) == pred
+    assert extract_by_value(completion) == pred
 
 
 @pytest.mark.parametrize("a, b, same", [
@@ -52,12 +52,13 @@ def test_same_number_compares_by_value(a, b, same):
 
 def test_grade_reports_both_extractions_and_never_raises():
     g = grade("I think 6. The answer is 7.", "7")
-    assert (g.pred, g.correct, g.pred_strict, g.correct_strict, g.explicit) == ("7", True, None, False, True)
+    assert (g.pred, g.correct, g.explicit) == ("7", True, True)
+    assert (g.by_value_strict_pred, g.by_value_strict_correct) == (None, False)
     assert (g.lm_eval_strict, g.lm_eval_flexible) == (("[invalid]", False), ("7.", True))
     g = grade("blah 3 blah", "4")
     assert (g.pred, g.correct, g.explicit) == ("3", False, False)
     g = grade("", "4")
-    assert (g.pred, g.correct, g.pred_strict) == (None, False, None)
+    assert (g.pred, g.correct, g.by_value_strict_pred) == (None, False, None)
 
 
 @pytest.mark.parametrize("answer, gold", [("a\n#### 1,000", "1000"), ("72", "72"), (" 3.50 ", "3.5")])

@@ -65,7 +65,7 @@ def test_hand_checked_verdicts(completion, answer, strict, strict_ok, flexible, 
 
 def test_grade_carries_lm_eval_verdicts_beside_by_value_ones():
     g = grade("She makes $18.00.", "18")  # by value right; a string match in lm-eval's eyes: wrong
-    assert (g.correct, g.correct_strict) == (True, False)
+    assert (g.correct, g.by_value_strict_correct) == (True, False)
     assert (g.lm_eval_strict.exact_match, g.lm_eval_flexible) == (False, ("$18.00.", False))
 
 

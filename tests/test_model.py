@@ -49,10 +49,6 @@ def test_unreachable_hub_id_suggests_offline_options():
         load_tokenizer("no-such-org/no-such-model-xyz", model_config(name_or_path="x"))
 
 
-def test_directory_that_is_not_a_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a Hugging Face model"):
-        load_tokenizer(str(tmp_path), model_config(name_or_path=str(tmp_path)))
-
 
 def test_tokenizer_without_chat_template_is_refused_unless_one_is_supplied(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer

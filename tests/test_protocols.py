@@ -13,7 +13,9 @@ import pytest
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.evaluation.protocols import (
     LM_EVAL_GSM8K,
-    LM_EVAL_GSM8K_CHAT,
+    LM_EVAL_GSM8K_PLAIN,
+    LM_EVAL_STOPS,
+    PROTOCOLS,
     lm_eval_chat_messages,
     lm_eval_chat_prompt,
     lm_eval_plain_prompt,
@@ -95,20 +97,36 @@ def test_single_turn_chat_puts_the_plain_prompt_in_one_user_turn():
                         {"role": "user", "content": lm_eval_plain_prompt("Q?", POOL[:1])}]
 
 
+def test_each_eval_prompt_name_is_its_protocol():
+    assert {name: (p.name, p.lm_eval, p.chat) for name, p in PROTOCOLS.items()} == {
+        "zero_shot_cot": ("zero_shot_cot", False, True), "fewshot": ("fewshot", False, True),
+        "lm_eval_gsm8k": ("lm_eval_gsm8k", True, True),  # TII's setting: --apply_chat_template
+        "lm_eval_gsm8k_plain": ("lm_eval_gsm8k_plain", True, False)}
+    assert (LM_EVAL_GSM8K, LM_EVAL_GSM8K_PLAIN) == (PROTOCOLS["lm_eval_gsm8k"], PROTOCOLS["lm_eval_gsm8k_plain"])
+
+
 def test_generation_settings_and_stop_sequences():
-    for protocol in (LM_EVAL_GSM8K, LM_EVAL_GSM8K_CHAT):
-        assert protocol.stop_sequences == ("Question:", "</s>", "<|im_end|>")
-        assert (protocol.max_new_tokens, protocol.greedy, protocol.num_fewshot) == (256, True, 5)
-    assert (LM_EVAL_GSM8K.chat, LM_EVAL_GSM8K_CHAT.chat) == (False, True)
-    assert lm_eval_stop_sequences(LM_EVAL_GSM8K, "<|endoftext|>")[-1] == "<|endoftext|>"
-    assert lm_eval_stop_sequences(LM_EVAL_GSM8K, "<|im_end|>") == list(LM_EVAL_GSM8K.stop_sequences)
-    assert lm_eval_truncate("So 18.\n#### 18\n\nQuestion: next<|im_end|>", LM_EVAL_GSM8K.stop_sequences) == (
-        "So 18.\n#### 18\n\n")
+    for protocol in (LM_EVAL_GSM8K, LM_EVAL_GSM8K_PLAIN):
+        assert protocol.token_limit(512) == 256 and not protocol.stops_at_answer_line
+        assert protocol.stops("<|im_end|>", ["ignored"]) == list(LM_EVAL_STOPS) == ["Question:", "</s>", "<|im_end|>"]
+    assert PROTOCOLS["fewshot"].token_limit(512) == 512 and PROTOCOLS["fewshot"].stops("</s>", ["x"]) == ["x"]
+    assert lm_eval_stop_sequences("<|endoftext|>")[-1] == "<|endoftext|>"
+    assert lm_eval_stop_sequences("<|im_end|>") == list(LM_EVAL_STOPS)
+    assert lm_eval_truncate("So 18.\n#### 18\n\nQuestion: next<|im_end|>", LM_EVAL_STOPS) == "So 18.\n#### 18\n\n"
     assert lm_eval_truncate("no stop here", ["", "</s>"]) == "no stop here"
+
+
+def test_a_setting_an_lm_eval_protocol_would_ignore_is_refused_once_typed():
+    problem = LM_EVAL_GSM8K.fixed_problem(["eval.limit", "eval.max_new_tokens"])
+    assert problem.startswith("eval.max_new_tokens is invalid with eval.prompt=lm_eval_gsm8k") and "256" in problem
+    assert LM_EVAL_GSM8K_PLAIN.fixed_problem(["eval.stop_sequences"]).startswith("eval.stop_sequences is invalid")
+    assert LM_EVAL_GSM8K.fixed_problem(["eval.limit"]) is None
+    assert PROTOCOLS["zero_shot_cot"].fixed_problem(["eval.max_new_tokens"]) is None
 
 
 # --- Against lm-eval's own code -------------------------------------------------------------------------------
 
+LM_EVAL_FEWSHOT = 5  # the gsm8k task's num_fewshot
 TRAIN = [{"question": r["question"], "answer": r["answer"]} for r in synthetic.generate(7473, seed=0)]
 TEST = [{"question": r["question"], "answer": r["answer"]} for r in synthetic.generate(3, seed=1)]
 
@@ -133,11 +151,11 @@ def lm_eval_contexts(tokenizer=None, fewshot_as_multiturn=False, system_instruct
 @pytest.mark.parametrize("system_instruction", [None, "Solve it."])
 def test_plain_prompt_is_lm_eval_s(system_instruction):
     theirs = lm_eval_contexts(system_instruction=system_instruction)
-    shots = lm_eval_shots(TRAIN, len(TEST), LM_EVAL_GSM8K.num_fewshot)
+    shots = lm_eval_shots(TRAIN, len(TEST), LM_EVAL_FEWSHOT)
     for (prompt, gen_kwargs), row, row_shots in zip(theirs, TEST, shots, strict=True):
         assert prompt == lm_eval_plain_prompt(row["question"], row_shots, system_instruction)
-        assert gen_kwargs["until"] == list(LM_EVAL_GSM8K.stop_sequences)
-        assert gen_kwargs["do_sample"] is not LM_EVAL_GSM8K.greedy
+        assert gen_kwargs["until"] == list(LM_EVAL_STOPS)
+        assert gen_kwargs["do_sample"] is False  # greedy
 
 
 @pytest.mark.parametrize("template, multiturn, system_instruction", [
@@ -147,7 +165,7 @@ def test_plain_prompt_is_lm_eval_s(system_instruction):
 def test_chat_prompt_is_lm_eval_s(tokenizers, template, multiturn, system_instruction):
     tokenizer = tokenizers[template]
     theirs = lm_eval_contexts(tokenizer, multiturn, system_instruction)
-    shots = lm_eval_shots(TRAIN, len(TEST), LM_EVAL_GSM8K_CHAT.num_fewshot)
+    shots = lm_eval_shots(TRAIN, len(TEST), LM_EVAL_FEWSHOT)
     for (prompt, _), row, row_shots in zip(theirs, TEST, shots, strict=True):
         assert prompt == lm_eval_chat_prompt(tokenizer, row["question"], row_shots, system_instruction, multiturn)
 
@@ -157,9 +175,9 @@ def test_generation_defaults_and_stop_handling_are_lm_eval_s():
     from lm_eval.defaults import DEFAULT_MAX_GEN_TOKS
     from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
-    assert DEFAULT_MAX_GEN_TOKS == LM_EVAL_GSM8K.max_new_tokens  # the task's YAML sets no max_gen_toks
+    assert DEFAULT_MAX_GEN_TOKS == LM_EVAL_GSM8K.token_limit(512)  # the task's YAML sets no max_gen_toks
     for eos in ("<|endoftext|>", "<|im_end|>", None):
-        stops = lm_eval_stop_sequences(LM_EVAL_GSM8K, eos)
-        assert stops == handle_stop_sequences(list(LM_EVAL_GSM8K.stop_sequences), eos=eos)
+        stops = lm_eval_stop_sequences(eos)
+        assert stops == handle_stop_sequences(list(LM_EVAL_STOPS), eos=eos)
         for text in ("a</s>b Question: c", "#### 5<|endoftext|>x", "plain", "Question:Question:"):
             assert lm_eval_truncate(text, stops) == postprocess_generated_text(text, stops, think_end_token=None)

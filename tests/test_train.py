@@ -130,7 +130,7 @@ def test_evaluation_answers_the_same_questions_with_baseline_and_finetuned(smoke
     assert len(by_model["finetuned"]) == 30 and all(r["id"].startswith("test-") for r in records)
     for name, recs in by_model.items():
         assert metrics[f"{name}_gsm8k_by_value"] == sum(r["correct"] for r in recs) / 30
-        assert metrics[f"{name}_gsm8k_by_value_strict"] == sum(r["correct_strict"] for r in recs) / 30
+        assert metrics[f"{name}_gsm8k_by_value_strict"] == sum(r["by_value_strict_correct"] for r in recs) / 30
         key = f"{name}_gsm8k_by_value"
         assert metrics[f"{key}_ci95_low"] <= metrics[key] <= metrics[f"{key}_ci95_high"]
     # what the demo shows: fine-tuning taught the answer format the base model lacks

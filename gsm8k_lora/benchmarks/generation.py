@@ -52,7 +52,7 @@ def generate_padded(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc:
     sampling = cfg.num_samples > 1
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
-    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
+    protocol = protocols.get(cfg.prompt)
     stops, max_new = stops_and_limit(tokenizer, cfg)
     for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + cfg.batch_size]
@@ -60,7 +60,7 @@ def generate_padded(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc:
         batch = tokenizer(texts_in, return_tensors="pt", padding=True,
                           add_special_tokens=adds_special_tokens(tokenizer, texts_in[0], protocol)).to(device)
         prompt_len = batch.input_ids.shape[1]
-        criteria = [] if protocol is not None else [AnswerComplete(tokenizer, prompt_len)]
+        criteria = [AnswerComplete(tokenizer, prompt_len)] if protocol.stops_at_answer_line else []
         out = model.generate(
             **batch, max_new_tokens=max_new, do_sample=sampling,
             temperature=cfg.temperature if sampling else None, top_p=None, top_k=None,
@@ -77,7 +77,7 @@ def generate_padded(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc:
                 keep = keep[: ends[0] + 1] if ends else keep
                 counts.append(len(keep))
                 text = tokenizer.decode(keep, skip_special_tokens=True)
-                texts.append(protocols.lm_eval_truncate(text, stops) if protocol is not None else text)
+                texts.append(protocol.graded_text(text, stops))
             results[i] = {"completions": texts, "generated_tokens": counts}
     tokenizer.padding_side = side
     return results

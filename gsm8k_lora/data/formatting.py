@@ -3,7 +3,10 @@ the model got, and TRL's prompt-completion pairs."""
 
 from __future__ import annotations
 
-from datasets import Dataset
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # datasets is heavy; the protocols the door validates build prompts with this module
+    from datasets import Dataset
 
 
 def build_messages(question: str, system_prompt: str | None) -> list[dict]:

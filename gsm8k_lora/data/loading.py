@@ -2,6 +2,8 @@
 
 `build_splits`: `load_splits` -> `clean` (drop and count malformed rows) -> `split_train_val` (GSM8K's
 test split is never touched). `formatting.py` then puts rows in the model's own chat template.
+Every row limit is applied here: `data.train_limit` and `data.val_limit` in `build_splits`, `eval.limit` and
+`eval.during_training_limit` in `questions` and `first`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,27 @@ class Splits:
     test: Dataset
     stats: dict = field(default_factory=dict)  # rows per split and rows dropped, for metrics.json
     pool: Dataset | None = None  # every usable train row, in the published order: lm-eval's shot pool
+    validation_loss: Dataset | None = None  # the validation rows the loss is computed on (`data.val_limit`)
+
+
+def first(ds: Dataset, limit: int | None) -> Dataset:
+    """The first `limit` rows (all with None); a limit is an upper bound."""
+    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+
+def questions(splits: Splits, split: str, limit: int | None) -> list[dict]:
+    """The questions evaluation answers: the first `eval.limit` of the split; an upper bound, as lm-eval's --limit."""
+    rows = (splits.test if split == "test" else splits.validation).to_list()
+    if limit is not None and limit > len(rows):
+        print(f"eval: eval.limit={limit} but the {split} split has {len(rows)} rows: answering all {len(rows)}")
+    return rows[:limit] if limit else rows
+
+
+def shot_pool(splits: Splits, split: str) -> list[dict]:
+    """Where few-shot examples come from: GSM8K's whole train split in its published order when the test
+    split is answered (what lm-eval draws from); when the validation split is answered, the training part
+    only, so no question under test is its own example."""
+    return (splits.pool if split == "test" else splits.train).to_list()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -134,11 +157,14 @@ def build_splits(cfg: DataConfig) -> Splits:
         raise DataError(f"train split has {len(train_all)} usable rows; need at least 2 to split off validation")
     test, dropped_test = clean(raw.get("test", []), "test", cfg.max_bad_fraction)
     train, validation = split_train_val(train_all, cfg.val_fraction, cfg.split_seed)
-    if cfg.train_limit is not None:
-        train = train.select(range(min(cfg.train_limit, len(train))))
+    train = first(train, cfg.train_limit)
+    # the validation loss during training on the first `data.val_limit` rows of the (shuffled) split, so its
+    # cost is bounded on a CPU; all of them by default
+    validation_loss = first(validation, cfg.val_limit)
     stats = {
         "rows_train": len(train), "rows_validation": len(validation), "rows_test": len(test),
         "rows_dropped_train": sum(dropped_train.values()), "rows_dropped_test": sum(dropped_test.values()),
-        "dropped_reasons": dict(dropped_train + dropped_test),
+        "dropped_reasons": dict(dropped_train + dropped_test), "rows_validation_loss": len(validation_loss),
     }
-    return Splits(train=train, validation=validation, test=test, stats=stats, pool=train_all)
+    return Splits(train=train, validation=validation, test=test, stats=stats, pool=train_all,
+                  validation_loss=validation_loss)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from gsm8k_lora.config import Config, EvalConfig
-from gsm8k_lora.data.loading import Splits
+from gsm8k_lora.config import EvalConfig
+from gsm8k_lora.data.loading import Splits, shot_pool
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.generation import build_prompt, generate, settings, token_limit
 from gsm8k_lora.evaluation.scoring import eval_metrics, score
@@ -17,29 +17,9 @@ TINY_NOTE = ("The built-in tiny model's accuracy says nothing about Falcon3 or a
              "it only shows the pipeline measures what fine-tuning changed.")
 
 
-def eval_rows(splits: Splits, cfg: EvalConfig) -> list[dict]:
-    """The first `eval.limit` questions of the split; a limit is an upper bound, as lm-eval's --limit is."""
-    rows = (splits.test if cfg.split == "test" else splits.validation).to_list()
-    if cfg.limit is not None and cfg.limit > len(rows):
-        print(f"eval: eval.limit={cfg.limit} but the {cfg.split} split has {len(rows)} rows: answering all {len(rows)}")
-    return rows[: cfg.limit] if cfg.limit else rows
-
-
-def shot_pool(splits: Splits, cfg: EvalConfig) -> list[dict]:
-    """Where few-shot examples come from: GSM8K's whole train split in its published order when the test
-    split is answered (what lm-eval draws from); when the validation split is answered, the training part
-    only, so no question under test is its own example."""
-    return (splits.pool if cfg.split == "test" else splits.train).to_list()
-
-
 def pick_shots(train_rows: list[dict], cfg: EvalConfig, num_questions: int) -> list[list[dict]]:
-    """Each question's few-shot examples, from the train split only, never from the questions under test:
-    lm-eval's own draw for its protocols (`train_rows` must then be the whole train split in its published
-    order), else the first k rows for every question."""
-    if cfg.prompt.startswith("lm_eval_gsm8k"):
-        return protocols.lm_eval_shots(train_rows, num_questions, cfg.num_fewshot)
-    shots = [] if cfg.prompt == "zero_shot_cot" else train_rows[: cfg.num_fewshot]
-    return [shots] * num_questions
+    """Each question's few-shot examples, as `eval.prompt`'s protocol draws them (`protocols.Protocol.shots`)."""
+    return protocols.get(cfg.prompt).shots(train_rows, num_questions, cfg.num_fewshot)
 
 
 def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: EvalConfig,
@@ -69,14 +49,20 @@ def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: Eva
     return out, source
 
 
-def evaluate(cfg: Config, model, tokenizer, splits: Splits, rows: list[dict], adapters: bool,
-             weights: dict | None = None) -> tuple[dict[str, list[dict]], dict]:
-    """The questions answered and graded, and the figures of `eval_metrics.json`."""
-    shots = pick_shots(shot_pool(splits, cfg.eval), cfg.eval, len(rows))
-    predictions, source = answer(model, tokenizer, rows, shots, cfg.eval, cfg.data.system_prompt, adapters, weights)
+def evaluate(cfg: EvalConfig, system_prompt: str | None, model, tokenizer, splits: Splits, rows: list[dict],
+             adapters: bool, weights: dict | None = None,
+             note: str | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """The questions answered and graded, and the figures of `eval_metrics.json` (`note`: a caveat kept with them)."""
+    shots = pick_shots(shot_pool(splits, cfg.split), cfg, len(rows))
+    predictions, source = answer(model, tokenizer, rows, shots, cfg, system_prompt, adapters, weights)
     metrics = eval_metrics(predictions)
     if "baseline" in predictions:
         metrics["baseline_source"] = source
-    if cfg.model.name_or_path.startswith("builtin:"):
-        metrics["note"] = TINY_NOTE
+    if note:
+        metrics["note"] = note
     return predictions, metrics
+
+
+def model_note(name_or_path: str) -> str | None:
+    """The caveat of a run's figures that its model calls for: the built-in tiny model's."""
+    return TINY_NOTE if name_or_path.startswith("builtin:") else None

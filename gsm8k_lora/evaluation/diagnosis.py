@@ -1,4 +1,4 @@
-"""Why a graded answer is wrong: pure functions over one prediction record, written into each record of
+"""Why a graded answer is wrong: pure functions over one graded answer, written into each answer of
 `predictions.jsonl` (`error_category`) and counted by the report.
 
 - `truncated`: it ran to the token limit before stating an answer;
@@ -64,18 +64,18 @@ ERROR_CATEGORIES = {
 }
 
 
-def error_category(record: dict, max_new_tokens: int | None = None) -> str | None:
-    """Why a graded prediction is wrong; None if it is right. A record says whether it ran to the token
-    limit (`hit_token_limit`); `max_new_tokens` only serves records written before it did."""
-    if record["correct"]:
+def error_category(answer: dict, max_new_tokens: int | None = None) -> str | None:
+    """Why a graded answer is wrong; None if it is right. An answer says whether it ran to the token
+    limit (`hit_token_limit`); `max_new_tokens` only serves answers written before it did."""
+    if answer["correct"]:
         return None
-    hit = record.get("hit_token_limit")
+    hit = answer.get("hit_token_limit")
     if hit is None:
-        hit = max_new_tokens is not None and record["generated_tokens"] >= max_new_tokens
-    if hit and not record.get("explicit_answer"):
+        hit = max_new_tokens is not None and answer["generated_tokens"] >= max_new_tokens
+    if hit and not answer.get("explicit_answer"):
         return "truncated"
-    if record["pred"] is None or not record.get("explicit_answer"):
+    if answer["pred"] is None or not answer.get("explicit_answer"):
         return "no_final_answer"
-    if arithmetic_slips(record["completion"]):
+    if arithmetic_slips(answer["completion"]):
         return "arithmetic_slip"
     return "wrong_plan"

@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gsm8k_lora.config import EvalConfig
-from gsm8k_lora.data.formatting import build_messages, render_prompt
 from gsm8k_lora.data.gsm8k import NEW_TURN_TEXT, answer_line_complete
 from gsm8k_lora.evaluation import batching, protocols
 from gsm8k_lora.preflight import cpu_has_bf16
@@ -27,28 +26,13 @@ ANSWER_LOOKBACK = 24  # generated tokens read for a complete `#### N` line: the 
 
 
 def build_prompt(tokenizer, question: str, cfg: EvalConfig, shots: list[dict], system_prompt: str | None) -> str:
-    """The prompt of one question under `eval.prompt`:
-    - zero_shot_cot: the training prompt (the question in the model's chat template);
-    - fewshot: the same, after k worked examples as earlier chat turns;
-    - lm_eval_gsm8k: lm-eval's `gsm8k` task with --apply_chat_template --fewshot_as_multiturn (TII's setting
-      for Falcon3's published 43.9%); lm_eval_gsm8k_plain: the same task as plain text (`protocols.py`)."""
-    if cfg.prompt == "lm_eval_gsm8k":
-        return protocols.lm_eval_chat_prompt(tokenizer, question, shots, system_prompt)
-    if cfg.prompt == "lm_eval_gsm8k_plain":
-        return protocols.lm_eval_plain_prompt(question, shots, system_prompt)
-    if cfg.prompt == "zero_shot_cot" or not shots:
-        return render_prompt(tokenizer, question, system_prompt)
-    head = build_messages("", system_prompt)[:-1]
-    for ex in shots:
-        head += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["answer"]}]
-    return tokenizer.apply_chat_template(head + [{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The prompt of one question under `eval.prompt` (`protocols.py`)."""
+    return protocols.get(cfg.prompt).prompt(tokenizer, question, shots, system_prompt)
 
 
 def token_limit(cfg: EvalConfig) -> int:
     """The most tokens a completion may have under `eval.prompt`: lm-eval's 256 for its protocols."""
-    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
-    return protocol.max_new_tokens if protocol is not None else cfg.max_new_tokens
+    return protocols.get(cfg.prompt).token_limit(cfg.max_new_tokens)
 
 
 def end_of_turn(tokenizer) -> str | None:
@@ -69,11 +53,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def adds_special_tokens(tokenizer, first_prompt: str, protocol) -> bool:
+def adds_special_tokens(tokenizer, first_prompt: str, protocol: protocols.Protocol) -> bool:
     """Our own prompts are tokenised as training tokenises them: the chat template already holds every
     special token. lm-eval's protocols follow lm-eval's `tok_batch_encode`: the tokenizer's own special
     tokens (a BOS where it adds one) unless the batch's first prompt already starts with BOS."""
-    if protocol is None:
+    if not protocol.adds_special_tokens:
         return False
     bos = tokenizer.bos_token
     return not (bos and first_prompt.startswith(bos))
@@ -82,10 +66,8 @@ def adds_special_tokens(tokenizer, first_prompt: str, protocol) -> bool:
 def stops_and_limit(tokenizer, cfg: EvalConfig) -> tuple[list[str], int]:
     """The stop strings and token limit of `eval.prompt`: lm-eval's own for its protocols (and no early stop at
     the `#### N` line there), else the new-turn markers, `eval.stop_sequences` and `eval.max_new_tokens`."""
-    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
-    if protocol is not None:
-        return protocols.lm_eval_stop_sequences(protocol, tokenizer.eos_token), protocol.max_new_tokens
-    return [*NEW_TURN_TEXT, *cfg.stop_sequences], cfg.max_new_tokens
+    protocol = protocols.get(cfg.prompt)
+    return protocol.stops(tokenizer.eos_token, [*NEW_TURN_TEXT, *cfg.stop_sequences]), token_limit(cfg)
 
 
 def settings(model, tokenizer, cfg: EvalConfig) -> dict:
@@ -93,7 +75,7 @@ def settings(model, tokenizer, cfg: EvalConfig) -> dict:
     stops, max_new = stops_and_limit(tokenizer, cfg)
     return {"dtype": str(generation_dtype(model, cfg)).removeprefix("torch."), "stop_sequences": stops,
             "stop_token_ids": stop_token_ids(tokenizer), "max_new_tokens": max_new,
-            "answer_line_stop": cfg.prompt not in protocols.BY_EVAL_PROMPT, "num_samples": cfg.num_samples,
+            "answer_line_stop": protocols.get(cfg.prompt).stops_at_answer_line, "num_samples": cfg.num_samples,
             "temperature": cfg.temperature if cfg.num_samples > 1 else None, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "pad_token_id": tokenizer.pad_token_id}
 
@@ -105,7 +87,7 @@ def stop_window(tokenizer, stops: list[str]) -> int:
 
 def requests(tokenizer, prompts: list[str], cfg: EvalConfig) -> list[batching.Request]:
     """One request a prompt and sample, tokenised as `generate` tokenises it, each with the stops of `eval.prompt`."""
-    protocol = protocols.BY_EVAL_PROMPT.get(cfg.prompt)
+    protocol = protocols.get(cfg.prompt)
     stops, _ = stops_and_limit(tokenizer, cfg)
     window = stop_window(tokenizer, stops)
 
@@ -119,7 +101,7 @@ def requests(tokenizer, prompts: list[str], cfg: EvalConfig) -> list[batching.Re
         if any(c in newest for c in endings) and any(
                 stop in tokenizer.decode((prompt + tokens)[-window:]) for stop in stops if stop):
             return True
-        return protocol is None and "\n" in newest and answer_line_complete(
+        return protocol.stops_at_answer_line and "\n" in newest and answer_line_complete(
             tokenizer.decode(tokens[-ANSWER_LOOKBACK:]))
 
     out = []
@@ -132,9 +114,7 @@ def requests(tokenizer, prompts: list[str], cfg: EvalConfig) -> list[batching.Re
 def completion(tokenizer, tokens: list[int], cfg: EvalConfig) -> str:
     """The text of generated tokens, as graded: special tokens dropped; under lm-eval's protocols, cut at its stops."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if cfg.prompt in protocols.BY_EVAL_PROMPT:
-        return protocols.lm_eval_truncate(text, stops_and_limit(tokenizer, cfg)[0])
-    return text
+    return protocols.get(cfg.prompt).graded_text(text, stops_and_limit(tokenizer, cfg)[0])
 
 
 def generation_dtype(model, cfg: EvalConfig) -> torch.dtype:

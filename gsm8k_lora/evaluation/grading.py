@@ -10,7 +10,7 @@ field after both pass lm-eval's ignore-regexes.
   forgiven. No match gives lm-eval's "[invalid]", which never matches. Text after a stop sequence is not cut
   here: lm-eval cut it while generating (`protocols.lm_eval_truncate`).
 
-The package's by-value rule (`grade`, `extract_strict`, `extract_flexible`; numbers compared by
+The package's by-value rule (`grade`, `extract_by_value_strict`, `extract_by_value`; numbers compared by
 `gsm8k.same_number`): a fairer reading of answers such as `18.00` or `$18`. Not lm-eval's rule, so not lm-eval's
 names.
 - by-value strict: the number after the first `####` (any spacing, `$` allowed).
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from gsm8k_lora.data.gsm8k import FINAL_ANSWER, NUMBER, NUMBER_RE, cut_at_new_turn, normalize_number, same_number
+from gsm8k_lora.figures import GRADED
 
 # Explicit final statements, for answers without a `#### N` line.
 EXPLICIT_RES = (
@@ -53,13 +54,18 @@ class LmEvalVerdict(NamedTuple):
 
 @dataclass(frozen=True)
 class Grade:
-    pred: str | None  # by-value flexible: the extracted answer, normalised, or None
-    correct: bool  # by-value flexible: the headline
-    pred_strict: str | None  # by-value strict
-    correct_strict: bool
+    pred: str | None  # by-value: the extracted answer, normalised, or None
+    correct: bool  # by-value: the headline
+    by_value_strict_pred: str | None  # by-value strict: the number after `####`
+    by_value_strict_correct: bool
     explicit: bool  # the answer came from `####` or a final statement, not the last-number fallback
     lm_eval_strict: LmEvalVerdict  # lm-eval's strict-match
     lm_eval_flexible: LmEvalVerdict  # lm-eval's flexible-extract
+
+    def fields(self) -> dict:
+        """The graded answer's fields (`figures.GRADED`), as predictions.jsonl and the grade CLI hold them."""
+        return dict(zip(GRADED, (self.pred, self.correct, self.by_value_strict_pred, self.by_value_strict_correct,
+                                 self.explicit, *self.lm_eval_strict, *self.lm_eval_flexible), strict=True))
 
 
 def lm_eval_regex_filter(completion: str, pattern: re.Pattern, group_select: int) -> str:
@@ -99,7 +105,7 @@ def lm_eval_flexible_extract(completion: str, answer: str) -> LmEvalVerdict:
     return LmEvalVerdict(extracted, lm_eval_exact_match(extracted, answer))
 
 
-def extract_strict(completion: str) -> str | None:
+def extract_by_value_strict(completion: str) -> str | None:
     match = FINAL_ANSWER.search(cut_at_new_turn(completion))
     return normalize_number(match.group(1)) if match else None
 
@@ -107,7 +113,7 @@ def extract_strict(completion: str) -> str | None:
 def extract_explicit(completion: str) -> str | None:
     """`#### N`, else the last explicit final statement; None if the completion states no answer."""
     text = cut_at_new_turn(completion)
-    strict = extract_strict(text)
+    strict = extract_by_value_strict(text)
     if strict is not None:
         return strict
     plain = text.replace("**", "").replace("__", "")
@@ -115,7 +121,7 @@ def extract_explicit(completion: str) -> str | None:
     return normalize_number(max(hits)[1]) if hits else None
 
 
-def extract_flexible(completion: str) -> str | None:
+def extract_by_value(completion: str) -> str | None:
     explicit = extract_explicit(completion)
     if explicit is not None:
         return explicit
@@ -125,9 +131,9 @@ def extract_flexible(completion: str) -> str | None:
 
 def grade(completion: str, gold: str) -> Grade:
     """Every rule on one completion. `gold` is the gold number (`gsm8k.gold_number` of GSM8K's answer field)."""
-    pred, strict = extract_flexible(completion), extract_strict(completion)
-    return Grade(pred=pred, correct=same_number(pred, gold), pred_strict=strict,
-                 correct_strict=same_number(strict, gold), explicit=extract_explicit(completion) is not None,
+    pred, strict = extract_by_value(completion), extract_by_value_strict(completion)
+    return Grade(pred=pred, correct=same_number(pred, gold), by_value_strict_pred=strict,
+                 by_value_strict_correct=same_number(strict, gold), explicit=extract_explicit(completion) is not None,
                  lm_eval_strict=lm_eval_strict_match(completion, gold),
                  lm_eval_flexible=lm_eval_flexible_extract(completion, gold))
 

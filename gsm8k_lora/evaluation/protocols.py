@@ -1,4 +1,13 @@
-"""lm-evaluation-harness's `gsm8k` protocol (lm-eval 0.4.13), rebuilt as pure functions.
+"""The prompt protocols: each `eval.prompt` name is one `Protocol`, which owns how a question is asked (its prompt
+and shots), where an answer stops (stop strings, token limit, the `#### N` line), what of it is graded, and how
+the protocol is described. The rest of the package asks `protocols.get(cfg.prompt)`.
+
+- zero_shot_cot: the training prompt (the question in the model's chat template);
+- fewshot: the same, after k worked examples (the first k training rows) as earlier chat turns;
+- lm_eval_gsm8k: lm-eval's `gsm8k` task with --apply_chat_template --fewshot_as_multiturn (TII's setting for
+  Falcon3's published 43.9%); lm_eval_gsm8k_plain: the same task as plain text.
+
+lm-evaluation-harness's `gsm8k` protocol (lm-eval 0.4.13), rebuilt as pure functions.
 
 What lm-eval does, and where (paths inside the `lm_eval` package):
 - Prompt (`api/task.py` `fewshot_context`, `build_qa_turn`; `api/utils.py` `Message`): each shot is
@@ -22,52 +31,122 @@ tokenizer's own special tokens, unless the prompt already starts with BOS.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from gsm8k_lora.data.formatting import build_messages, render_prompt
 
 LM_EVAL_FEWSHOT_SEED = 1234  # lm-eval's default `--seed` for the few-shot sampler
 TARGET_DELIMITER = " "  # between a shot's `Answer:` and its answer (TaskConfig default)
 FEWSHOT_DELIMITER = "\n\n"  # after each shot's answer (TaskConfig default)
 
 
+LM_EVAL_STOPS = ("Question:", "</s>", "<|im_end|>")  # the task's `until`; lm-eval adds the tokenizer's EOS
+LM_EVAL_MAX_NEW_TOKENS = 256  # lm-eval's DEFAULT_MAX_GEN_TOKS: the task's YAML sets no max_gen_toks
+# What lm-eval's protocols fix themselves: a value typed for these is refused, not silently replaced.
+LM_EVAL_FIXED = ("eval.max_new_tokens", "eval.stop_sequences")
+
+
 @dataclass(frozen=True)
 class Protocol:
-    name: str
-    stop_sequences: tuple[str, ...]  # lm-eval adds the tokenizer's EOS: `lm_eval_stop_sequences`
-    max_new_tokens: int
-    greedy: bool
-    num_fewshot: int
-    chat: bool  # --apply_chat_template --fewshot_as_multiturn
+    name: str  # its `eval.prompt`
+    lm_eval: bool  # lm-eval's `gsm8k` task: its shots, stops, token limit and truncation; greedy
+    chat: bool  # in the model's chat template (lm-eval: --apply_chat_template --fewshot_as_multiturn)
+    shots_as_turns: bool = True  # worked examples before the question (fewshot and lm-eval's)
+
+    def prompt(self, tokenizer, question: str, shots: Sequence[Mapping], system_prompt: str | None) -> str:
+        """The prompt of one question."""
+        if self.lm_eval:
+            return (lm_eval_chat_prompt(tokenizer, question, shots, system_prompt) if self.chat
+                    else lm_eval_plain_prompt(question, shots, system_prompt))
+        if not shots:
+            return render_prompt(tokenizer, question, system_prompt)
+        head = build_messages("", system_prompt)[:-1]
+        for ex in shots:
+            head += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["answer"]}]
+        return tokenizer.apply_chat_template(head + [{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    def shots(self, train_rows: Sequence[Mapping], num_questions: int, num_fewshot: int) -> list[list[Mapping]]:
+        """Each question's worked examples, from the train split only, never from the questions under test:
+        lm-eval's own draw for its protocols (`train_rows` must then be the whole train split in its published
+        order), else the first k rows for every question."""
+        if self.lm_eval:
+            return lm_eval_shots(train_rows, num_questions, num_fewshot)
+        shots = list(train_rows[:num_fewshot]) if self.shots_as_turns else []
+        return [shots] * num_questions
+
+    def stops(self, eos_token: str | None, own: Sequence[str]) -> list[str]:
+        """The stop strings: lm-eval's (and EOS) for its protocols, else `own` (the new-turn markers and
+        `eval.stop_sequences`)."""
+        if self.lm_eval:
+            return lm_eval_stop_sequences(eos_token)
+        return list(own)
+
+    def token_limit(self, max_new_tokens: int) -> int:
+        return LM_EVAL_MAX_NEW_TOKENS if self.lm_eval else max_new_tokens
+
+    @property
+    def stops_at_answer_line(self) -> bool:
+        """Whether a row stops once its `#### N` line is complete (lm-eval's generate until a stop string)."""
+        return not self.lm_eval
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """lm-eval tokenises with the tokenizer's own special tokens (`tok_batch_encode`); the package's own
+        prompts hold them already, from the chat template."""
+        return self.lm_eval
+
+    def graded_text(self, text: str, stops: Sequence[str]) -> str:
+        """What of a completion is graded: lm-eval's cut at its stops, else all of it."""
+        return lm_eval_truncate(text, stops) if self.lm_eval else text
+
+    def describe(self, ecfg: Mapping, short: bool = False) -> str:
+        """How the answers were asked for, from an `eval` config (a run's config.yaml, or `asdict(EvalConfig)`);
+        `short`: the terminal's form, without the stops."""
+        k = ecfg["num_fewshot"]
+        if self.lm_eval:
+            stops = ", ".join(f"`{s}`" for s in LM_EVAL_STOPS)
+            form = "--apply_chat_template --fewshot_as_multiturn" if self.chat else "plain text"
+            text = f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {LM_EVAL_MAX_NEW_TOKENS} new tokens"
+            return text if short else f"{text}, stop at {stops} or EOS"
+        samples = ecfg["num_samples"]
+        sampling = (f"{samples} samples at temperature {ecfg['temperature']} (maj@{samples}, pass@{samples})"
+                    if samples > 1 else "greedy")
+        head = (f"{k}-shot chat (worked examples as earlier turns)" if self.shots_as_turns
+                else "zero-shot (the training prompt)")
+        text = f"{head}, {sampling}, at most {ecfg.get('max_new_tokens')} new tokens"
+        return text if short else f"{text}, stop at EOS, end of turn or a complete `#### N` line"
+
+    def fixed_problem(self, typed: Iterable[str]) -> str | None:
+        """A setting typed on the command line that this protocol would replace: refused (ConfigError's text)."""
+        key = next((k for k in LM_EVAL_FIXED if k in typed), None) if self.lm_eval else None
+        if key is None:
+            return None
+        fixed = f"at most {LM_EVAL_MAX_NEW_TOKENS} new tokens" if key == "eval.max_new_tokens" else "its own stops"
+        return (f"{key} is invalid with eval.prompt={self.name}: lm-eval's gsm8k task generates {fixed}, so the "
+                f"value would be ignored; allowed: leave {key} unset, or eval.prompt=zero_shot_cot or fewshot")
 
 
-_STOPS = ("Question:", "</s>", "<|im_end|>")
-LM_EVAL_GSM8K = Protocol("lm_eval_gsm8k", _STOPS, max_new_tokens=256, greedy=True, num_fewshot=5, chat=False)
-LM_EVAL_GSM8K_CHAT = Protocol("lm_eval_gsm8k_chat", _STOPS, max_new_tokens=256, greedy=True, num_fewshot=5, chat=True)
-BY_EVAL_PROMPT = {"lm_eval_gsm8k": LM_EVAL_GSM8K_CHAT, "lm_eval_gsm8k_plain": LM_EVAL_GSM8K}  # eval.prompt names
+ZERO_SHOT_COT = Protocol("zero_shot_cot", lm_eval=False, chat=True, shots_as_turns=False)
+FEWSHOT = Protocol("fewshot", lm_eval=False, chat=True)
+LM_EVAL_GSM8K = Protocol("lm_eval_gsm8k", lm_eval=True, chat=True)
+LM_EVAL_GSM8K_PLAIN = Protocol("lm_eval_gsm8k_plain", lm_eval=True, chat=False)
+PROTOCOLS = {p.name: p for p in (ZERO_SHOT_COT, FEWSHOT, LM_EVAL_GSM8K, LM_EVAL_GSM8K_PLAIN)}
+
+
+def get(name: str) -> Protocol:
+    """The protocol `eval.prompt` names (validated with the config, so a bad name never gets here)."""
+    return PROTOCOLS[name]
 
 
 def describe(ecfg: Mapping, short: bool = False) -> str:
-    """How the answers were asked for, from an `eval` config (a run's config.yaml, or `asdict(EvalConfig)`);
-    `short`: the terminal's form, without the stops."""
-    prompt, k = ecfg["prompt"], ecfg["num_fewshot"]
-    protocol = BY_EVAL_PROMPT.get(prompt)
-    if protocol is not None:
-        stops = ", ".join(f"`{s}`" for s in protocol.stop_sequences)
-        form = "--apply_chat_template --fewshot_as_multiturn" if protocol.chat else "plain text"
-        text = f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {protocol.max_new_tokens} new tokens"
-        return text if short else f"{text}, stop at {stops} or EOS"
-    samples = ecfg["num_samples"]
-    sampling = (f"{samples} samples at temperature {ecfg['temperature']} (maj@{samples}, pass@{samples})"
-                if samples > 1 else "greedy")
-    head = ("zero-shot (the training prompt)" if prompt == "zero_shot_cot"
-            else f"{k}-shot chat (worked examples as earlier turns)")
-    text = f"{head}, {sampling}, at most {ecfg.get('max_new_tokens')} new tokens"
-    return text if short else f"{text}, stop at EOS, end of turn or a complete `#### N` line"
+    return get(ecfg["prompt"]).describe(ecfg, short)
 
 
-def lm_eval_stop_sequences(protocol: Protocol, eos_token: str | None) -> list[str]:
+def lm_eval_stop_sequences(eos_token: str | None) -> list[str]:
     """The stop list lm-eval generates with: the task's `until`, plus the EOS string if not already in it."""
-    stops = list(protocol.stop_sequences)
+    stops = list(LM_EVAL_STOPS)
     return stops + [eos_token] if eos_token is not None and eos_token not in stops else stops
 
 

@@ -1,4 +1,4 @@
-"""Scoring graded answers: one prediction record per question, the accuracy figures of a set of records,
+"""Scoring graded answers: one graded answer per question, the accuracy figures of a set of answers,
 and the paired comparison of two models on the same questions. Used alike by the evaluation CLI, the
 training callback (accuracy during training) and the recipe; the report reads what they wrote.
 
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from gsm8k_lora import figures as F
 from gsm8k_lora.data.gsm8k import same_number
 from gsm8k_lora.evaluation.diagnosis import error_category
-from gsm8k_lora.evaluation.grading import extract_flexible, grade, repetition_loop
+from gsm8k_lora.evaluation.grading import extract_by_value, grade, repetition_loop
 
-# Each accuracy figure: (record field, metric name). lm-eval's `strict-match` and `flexible-extract` are computed
-# as lm-eval computes them (grading.py); the package's own by-value rule reads `18.00` or `$18` as 18, so it is
-# the headline, and lm-eval's figures sit beside it for comparison with published numbers.
-RULES = (("correct", "gsm8k_by_value"), ("correct_strict", "gsm8k_by_value_strict"),
-         ("lm_eval_strict_correct", "gsm8k_strict_match"), ("lm_eval_flexible_correct", "gsm8k_flexible_extract"))
-HEADLINE = "gsm8k_by_value"
-LABELS = {"gsm8k_by_value": "by-value", "gsm8k_by_value_strict": "by-value strict",
-          "gsm8k_strict_match": "lm-eval strict-match", "gsm8k_flexible_extract": "lm-eval flexible-extract"}
+# The rules (`figures.RULES`): lm-eval's `strict-match` and `flexible-extract` are computed as lm-eval computes them
+# (grading.py); the package's own by-value rule reads `18.00` or `$18` as 18, so it is the headline, and lm-eval's
+# figures sit beside it for comparison with published numbers.
 
 
 def wilson_interval(correct: int, total: int) -> tuple[float, float]:
@@ -70,105 +66,98 @@ def majority_vote(preds: list[str | None]) -> str | None:
 
 
 def score(rows: list[dict], generations: list[dict], model_name: str, max_new_tokens: int | None = None) -> list[dict]:
-    """One prediction record per question: the first completion graded, plus self-consistency votes."""
-    records = []
+    """One graded answer per question (`figures.ANSWER`): the first completion graded, plus self-consistency votes."""
+    answers = []
     for row, gen in zip(rows, generations, strict=True):
         first, tokens = gen["completions"][0], gen["generated_tokens"][0]
-        g = grade(first, row["gold"])
-        record = {
-            "id": row["id"], "model": model_name, "question": row["question"], "gold": row["gold"],
-            "completion": first, "pred": g.pred, "correct": g.correct, "pred_strict": g.pred_strict,
-            "correct_strict": g.correct_strict, "explicit_answer": g.explicit,
-            "lm_eval_strict_extracted": g.lm_eval_strict.extracted,
-            "lm_eval_strict_correct": g.lm_eval_strict.exact_match,
-            "lm_eval_flexible_extracted": g.lm_eval_flexible.extracted,
-            "lm_eval_flexible_correct": g.lm_eval_flexible.exact_match,
-            "generated_tokens": tokens, "hit_token_limit": max_new_tokens is not None and tokens >= max_new_tokens,
-            "repetition_loop": repetition_loop(first), "num_steps": row["num_steps"],
-            "problem_type": row.get("problem_type") or None,  # the synthetic generator's kind of problem
-        }
-        record["error_category"] = error_category(record)  # None when right
+        answer = {"id": row["id"], "model": model_name, "question": row["question"], "gold": row["gold"],
+                  "completion": first, **grade(first, row["gold"]).fields(), "generated_tokens": tokens,
+                  "hit_token_limit": max_new_tokens is not None and tokens >= max_new_tokens,
+                  "repetition_loop": repetition_loop(first), "num_steps": row["num_steps"],
+                  "problem_type": row.get("problem_type") or None,  # the synthetic generator's kind of problem
+                  }
+        answer["error_category"] = error_category(answer)  # None when right
         if len(gen["completions"]) > 1:
-            preds = [extract_flexible(c) for c in gen["completions"]]
+            preds = [extract_by_value(c) for c in gen["completions"]]
             vote = majority_vote(preds)
-            record.update(samples=gen["completions"], sample_preds=preds, majority_pred=vote,
-                          majority_correct=same_number(vote, row["gold"]),
-                          any_correct=any(grade(c, row["gold"]).correct for c in gen["completions"]))
-        records.append(record)
-    return records
+            answer.update(zip(F.SAMPLED, (gen["completions"], preds, vote, same_number(vote, row["gold"]),
+                                          any(grade(c, row["gold"]).correct for c in gen["completions"])), strict=True))
+        answers.append(answer)
+    return answers
 
 
-def rate(records: list[dict], key: str) -> float:
-    return sum(bool(r.get(key)) for r in records) / len(records) if records else 0.0
+def rate(answers: list[dict], field: str) -> float:
+    return sum(bool(r.get(field)) for r in answers) / len(answers) if answers else 0.0
 
 
-def tally(records: list[dict]) -> dict[str, int]:
-    """How many records each rule grades correct."""
-    return {name: sum(bool(r[key]) for r in records) for key, name in RULES}
+def tally(answers: list[dict]) -> dict[F.Rule, int]:
+    """How many answers each rule grades correct."""
+    return {rule: sum(bool(r[rule.verdict]) for r in answers) for rule in F.RULES}
 
 
-def accuracy_by_steps(records: list[dict]) -> list[tuple[int, int, float, float, float]]:
+def accuracy_by_steps(answers: list[dict]) -> list[tuple[int, int, float, float, float]]:
     """(reasoning steps in the gold solution, questions, by-value accuracy, its 95% interval), by steps."""
     groups: dict[int, list[dict]] = defaultdict(list)
-    for record in records:
-        groups[int(record["num_steps"])].append(record)
-    return [(steps, len(group), rate(group, "correct"), *wilson_interval(sum(bool(r["correct"]) for r in group),
-                                                                      len(group)))
+    for answer in answers:
+        groups[int(answer["num_steps"])].append(answer)
+    right = F.HEADLINE.verdict
+    return [(steps, len(group), rate(group, right), *wilson_interval(sum(bool(r[right]) for r in group), len(group)))
             for steps, group in sorted(groups.items())]
 
 
-def accuracies(records: list[dict], prefix: str) -> dict:
-    """`{prefix}_{rule}` for every grading rule, and the answer-format rate: the figures of a set of records."""
-    out = {f"{prefix}_{name}": rate(records, key) for key, name in RULES}
-    out[f"{prefix}_answer_format_rate"] = rate(records, "explicit_answer")
+def accuracies(answers: list[dict], model: str) -> dict:
+    """Every rule's accuracy and the answer-format rate of a set of answers (`model`: whose, or during training)."""
+    out = {F.figure(model, rule.figure): rate(answers, rule.verdict) for rule in F.RULES}
+    out[F.figure(model, "answer_format_rate")] = rate(answers, F.EXPLICIT_ANSWER)
     return out
 
 
-def summarize(records: list[dict], prefix: str) -> dict:
-    """Every figure of one model's records: accuracies with 95% intervals, rates, mean tokens, maj@k/pass@k."""
-    n = len(records)
-    out = {f"{prefix}_n": n, **accuracies(records, prefix)}
-    for name, k in tally(records).items():
-        low, high = wilson_interval(k, n)
-        out.update({f"{prefix}_{name}_ci95_low": low, f"{prefix}_{name}_ci95_high": high})
-    out[f"{prefix}_hit_token_limit_rate"] = rate(records, "hit_token_limit")
-    out[f"{prefix}_repetition_loop_rate"] = rate(records, "repetition_loop")
-    out[f"{prefix}_generated_tokens_mean"] = sum(r["generated_tokens"] for r in records) / n if n else 0.0
-    if records and "majority_correct" in records[0]:
-        k = len(records[0]["samples"])
-        for key, name in (("majority_correct", f"gsm8k_maj@{k}"), ("any_correct", f"gsm8k_pass@{k}")):
-            low, high = wilson_interval(sum(bool(r[key]) for r in records), n)
-            out.update({f"{prefix}_{name}": rate(records, key), f"{prefix}_{name}_ci95_low": low,
-                        f"{prefix}_{name}_ci95_high": high})
-    return out
-
-
-def sampled_k(records: list[dict]) -> int | None:
+def sampled_k(answers: list[dict]) -> int | None:
     """k of self-consistency (maj@k, pass@k), or None for greedy answers."""
-    return len(records[0]["samples"]) if records and "samples" in records[0] else None
+    return len(answers[0]["samples"]) if answers and "samples" in answers[0] else None
+
+
+def verdicts(k: int | None) -> dict[str, str]:
+    """Each accuracy figure of a protocol, and the graded answer's field it counts."""
+    out = {rule.figure: rule.verdict for rule in F.RULES}
+    if k:
+        out.update({F.majority(k): "majority_correct", F.any_of(k): "any_correct"})
+    return out
+
+
+def summarize(answers: list[dict], model: str) -> dict:
+    """Every figure of one model's answers: accuracies with 95% intervals, rates, mean tokens, maj@k/pass@k."""
+    n, k = len(answers), sampled_k(answers)
+    out = {F.figure(model, "n"): n, **accuracies(answers, model)}
+    for name, field in verdicts(k).items():
+        out[F.figure(model, name)] = rate(answers, field)
+        bounds = wilson_interval(sum(bool(r[field]) for r in answers), n)
+        out.update(zip(F.interval(model, name), bounds, strict=True))
+    out.update({F.figure(model, name): rate(answers, field) for name, field in F.RATES.items()})
+    out[F.figure(model, F.GENERATED_TOKENS_MEAN)] = sum(r["generated_tokens"] for r in answers) / n if n else 0.0
+    return out
 
 
 def eval_metrics(predictions: dict[str, list[dict]]) -> dict:
     """The figures of `eval_metrics.json`: each model's summary, and the paired comparison of the two: every
     accuracy, the answer-format rate and, when sampled, maj@k."""
     metrics: dict = {}
-    for name, records in predictions.items():
-        metrics.update(summarize(records, name))
-    if {"baseline", "finetuned"} <= predictions.keys():
+    for model, answers in predictions.items():
+        metrics.update(summarize(answers, model))
+    if set(F.MODELS) <= predictions.keys():
         k = sampled_k(predictions["finetuned"])
-        paired = [*((key, name.removeprefix("gsm8k_")) for key, name in RULES), ("explicit_answer", "answer_format")]
-        if k is not None:
-            paired.append(("majority_correct", f"maj@{k}"))
-        for key, name in paired:
-            pair = paired_comparison([r[key] for r in predictions["baseline"]],
-                                     [r[key] for r in predictions["finetuned"]])
-            metrics.update({f"paired_{name}_{k}": v for k, v in pair.items()})
+        paired = {F.pair_name(name): field for name, field in verdicts(k).items() if name != F.any_of(k or 0)}
+        paired[F.ANSWER_FORMAT] = F.EXPLICIT_ANSWER
+        for name, field in paired.items():
+            pair = paired_comparison([r[field] for r in predictions["baseline"]],
+                                     [r[field] for r in predictions["finetuned"]])
+            metrics.update({F.paired(name, stat): value for stat, value in pair.items()})
     return metrics
 
 
 def significance(metrics: dict, name: str) -> str:
-    """The paired difference of `paired_{name}_*` in points, and whether it is more than noise."""
-    diff, p, n = (metrics[f"paired_{name}_{k}"] for k in ("difference", "mcnemar_p", "n"))
+    """The paired difference of `name` (`figures.paired`) in points, and whether it is more than noise."""
+    diff, p, n = (metrics[F.paired(name, stat)] for stat in ("difference", "mcnemar_p", "n"))
     if p < 0.05:
         return f"{100 * diff:+.1f} points, significant (McNemar p={p:.2g})"
     return f"{100 * diff:+.1f} points, not significant (McNemar p={p:.2g}): within the noise of {n} questions"
@@ -177,37 +166,36 @@ def significance(metrics: dict, name: str) -> str:
 def summary_lines(metrics: dict, protocol: str, split: str = "test") -> list[str]:
     """What the terminal shows of `eval_metrics.json`, what changed first: the answer format, then the accuracy
     (maj@k and pass@k when sampled), each with its 95% interval and whether the change is more than noise."""
-    models = [m for m in ("baseline", "finetuned") if f"{m}_n" in metrics]
+    models = [m for m in F.MODELS if F.figure(m, "n") in metrics]
     if not models:
         return []
     names = {"baseline": "baseline", "finetuned": "fine-tuned"}
     paired = len(models) == 2
 
-    def across(figure: str, interval: bool = True) -> str:
+    def across(name: str, interval: bool = True) -> str:
         cells = []
         for model in models:
-            key = f"{model}_{figure}"
-            ci = f" [{metrics[key + '_ci95_low']:.1%}, {metrics[key + '_ci95_high']:.1%}]" if interval else ""
-            cells.append(f"{names[model]} {metrics[key]:.1%}{ci}")
+            low, high = (metrics[bound] for bound in F.interval(model, name)) if interval else (None, None)
+            ci = f" [{low:.1%}, {high:.1%}]" if interval else ""
+            cells.append(f"{names[model]} {metrics[F.figure(model, name)]:.1%}{ci}")
         return " -> ".join(cells)
 
-    def line(label: str, figure: str, pair: str | None, interval: bool = True) -> str:
+    def line(label: str, name: str, pair: str | None, interval: bool = True) -> str:
         change = f"; {significance(metrics, pair)}" if paired and pair else ""
-        return f"  {label}: {across(figure, interval)}{change}"
+        return f"  {label}: {across(name, interval)}{change}"
 
-    k = next((int(key.rpartition("@")[2]) for key in metrics if key.startswith(f"{models[0]}_gsm8k_maj@")
-              and key[-1].isdigit()), None)
-    note = " (the built-in tiny model: its accuracy says nothing about real models)" if metrics.get("note") else ""
-    lines = [f"GSM8K, {metrics[models[0] + '_n']} {split} questions, {protocol}{note}",
-             line("answer format (states a final answer)", "answer_format_rate", "answer_format", interval=False)]
+    k = F.sampled_k(metrics)
+    note = " (the built-in tiny model: its accuracy says nothing about real models)" if F.read(metrics, "note") else ""
+    first = F.HEADLINE
+    lines = [f"GSM8K, {metrics[F.figure(models[0], 'n')]} {split} questions, {protocol}{note}",
+             line("answer format (states a final answer)", "answer_format_rate", F.ANSWER_FORMAT, interval=False)]
     if k is not None:
-        lines += [line(f"maj@{k}, by-value (the headline)", f"gsm8k_maj@{k}", f"maj@{k}"),
-                  line(f"pass@{k}, by-value", f"gsm8k_pass@{k}", None),
-                  line("the first sample alone, by-value", HEADLINE, "by_value")]
+        lines += [line(f"maj@{k}, by-value (the headline)", F.majority(k), F.pair_name(F.majority(k))),
+                  line(f"pass@{k}, by-value", F.any_of(k), None),
+                  line(f"the first sample alone, {first.label}", first.figure, first.pair)]
     else:
-        lines.append(line("accuracy, by-value (the headline)", HEADLINE, "by_value"))
-    rules = [f"lm-eval {LABELS[rule].removeprefix('lm-eval ')} {across(rule, interval=False)}"
-             for rule in ("gsm8k_strict_match", "gsm8k_flexible_extract")]
+        lines.append(line(f"accuracy, {first.label} (the headline)", first.figure, first.pair))
+    rules = [f"{rule.label} {across(rule.figure, interval=False)}" for rule in F.LM_EVAL_RULES]
     rates = [f"{what} {across(rate_name, interval=False)}" for what, rate_name in
              (("ran to the token limit", "hit_token_limit_rate"), ("repetition loops", "repetition_loop_rate"))]
     return lines + ["  " + "; ".join(rules), "  " + "; ".join(rates)]

@@ -11,9 +11,9 @@ from peft import PeftModel
 
 from gsm8k_lora import naming, records, tracking
 from gsm8k_lora.config import Config
-from gsm8k_lora.data.loading import build_splits
+from gsm8k_lora.data.loading import build_splits, questions
 from gsm8k_lora.evaluation import baseline_cache, protocols
-from gsm8k_lora.evaluation.answers import eval_rows, evaluate
+from gsm8k_lora.evaluation.answers import evaluate, model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model.loading import load, to_device
 from gsm8k_lora.model.sources import resolve as resolve_weights
@@ -26,7 +26,7 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -
     """Load, answer, write; `merged` is the config as evaluated (a run's own, with the command line's changes)."""
     adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
     splits = build_splits(cfg.data)
-    rows = eval_rows(splits, cfg.eval)
+    rows = questions(splits, cfg.eval.split, cfg.eval.limit)
     weights = resolve_weights(cfg.model, cfg.cache_dir)
     model, tokenizer = load(cfg.model, cfg.cache_dir, resolved=weights)
     if adapter:
@@ -37,8 +37,10 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -
     exit_code = 1
     try:
         with STOP.safe_section():  # a signal stops the answers within one decoding step
-            predictions, metrics = evaluate(cfg, model, tokenizer, splits, rows, adapters=adapter is not None,
-                                            weights=baseline_cache.weights_identity(weights.path, cfg.model.revision))
+            predictions, metrics = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, rows,
+                                            adapters=adapter is not None,
+                                            weights=baseline_cache.weights_identity(weights.path, cfg.model.revision),
+                                            note=model_note(cfg.model.name_or_path))
         records.write_eval(run_dir, predictions, metrics)
         tracker.summary(metrics)
         tracker.predictions(predictions)

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gsm8k_lora import hub
 from gsm8k_lora.config import ModelConfig
 from gsm8k_lora.errors import ConfigError, ModelLoadError
-from gsm8k_lora.model import tiny
+from gsm8k_lora.model import cache, tiny
 
 BUILTIN_TINY = "builtin:tiny"
 CONVERT_VERSION = 1  # bump when the conversion below changes, so old caches are not reused
@@ -42,10 +42,6 @@ class Resolved:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else tiny.default_cache_dir()
 
 
 def sha256(path: Path) -> str:
@@ -117,7 +113,7 @@ def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
 
-    return tiny.build_once(target, MARKER, convert)
+    return cache.build_once(target, MARKER, convert)
 
 
 def _local_gguf(cfg: ModelConfig) -> Path:
@@ -133,7 +129,7 @@ def _local_gguf(cfg: ModelConfig) -> Path:
 
 def resolve(cfg: ModelConfig, cache_dir: str | None = None) -> Resolved:
     """Which weights a run loads, fetched or converted first where needed."""
-    root = cache_root(cache_dir)
+    root = cache.root(cache_dir)
     if cfg.gguf_file:
         gguf = _local_gguf(cfg)
         return Resolved(str(convert_gguf(gguf, root)), "gguf",

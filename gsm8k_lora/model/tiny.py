@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.data.gsm8k import parse_answer
+from gsm8k_lora.model import cache
 
 BUILD_VERSION = 3  # bump when anything below changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -43,10 +41,6 @@ ARCH = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_att
             tie_word_embeddings=False)
 VOCAB_SIZE = 2048
 PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 120, 16, 3e-3
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GSM8K_LORA_CACHE", Path.home() / ".cache" / "gsm8k_lora"))
 
 
 def _train_tokenizer(seed: int) -> PreTrainedTokenizerFast:
@@ -102,26 +96,7 @@ def build(out_dir: Path, seed: int, pretrain: bool = True) -> Path:
 
 def ensure(seed: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached model directory for `seed`, built first if missing. Safe against concurrent builds."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-llama-v{BUILD_VERSION}-seed{seed}"
+    target = cache.root(cache_dir) / f"tiny-llama-v{BUILD_VERSION}-seed{seed}"
     if (target / "gsm8k_lora_build.json").exists():
         return target
-    return build_once(target, "gsm8k_lora_build.json", lambda staging: build(staging, seed))
-
-
-def build_once(target: Path, marker: str, make: Callable[[Path], None]) -> Path:
-    """`target`, made by `make(staging)` in a sibling folder that is then renamed (atomic: a half-built
-    directory is never seen under `target`). `make` writes `marker` last; a concurrent build that got
-    there first wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        make(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return cache.build_once(target, "gsm8k_lora_build.json", lambda staging: build(staging, seed))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from gsm8k_lora import figures as F
 from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, error_category
+from gsm8k_lora.figures import read
 
 FLAT_PCT = 0.5  # a relative change of validation loss within +-0.5% over the window is a plateau
 
@@ -63,16 +65,16 @@ def read_learning_curve(train: list[tuple[int, float]], val: list[tuple[int, flo
                         f"Validation loss changed {val_change:+.1f}% {span}: plateaued.")
 
 
-def error_breakdown(records: list[dict], max_new_tokens: int | None = None, examples: int = 3) -> dict:
+def error_breakdown(answers: list[dict], max_new_tokens: int | None = None, examples: int = 3) -> dict:
     counts: dict[str, int] = {key: 0 for key in ERROR_CATEGORIES}
     shown: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        category = record["error_category"] if "error_category" in record else error_category(record, max_new_tokens)
+    for answer in answers:
+        category = answer["error_category"] if "error_category" in answer else error_category(answer, max_new_tokens)
         if category is None:
             continue
         counts[category] += 1
         if len(shown[category]) < examples:
-            shown[category].append(record)
+            shown[category].append(answer)
     return {"counts": counts, "examples": dict(shown)}
 
 
@@ -91,18 +93,20 @@ def next_steps(curve: CurveReading, early_stopped: bool, evaluation: dict) -> li
         out.append("Train for fewer epochs or keep early stopping on: validation loss rose while training loss fell.")
     if curve.label == "rising":
         out.append("Lower the learning rate: validation loss rose without training loss falling.")
-    diff, p = evaluation.get("paired_by_value_difference"), evaluation.get("paired_by_value_mcnemar_p")
+    pair = F.HEADLINE.pair
+    diff, p = read(evaluation, F.paired(pair, "difference")), read(evaluation, F.paired(pair, "mcnemar_p"))
     if diff is not None and p is not None and p >= 0.05:
         out.append(f"Evaluate on more questions: the accuracy difference ({diff:+.1%}) is not significant (p={p:.2g}).")
     if diff is not None and diff < 0 and p is not None and p < 0.05:
         out.append("Fine-tuning lowered GSM8K accuracy: try a lower learning rate, fewer epochs or a smaller rank.")
-    loops = evaluation.get("finetuned_repetition_loop_rate")
-    base_loops = evaluation.get("baseline_repetition_loop_rate")
+    loops, base_loops = (read(evaluation, F.figure(model, "repetition_loop_rate")) for model in ("finetuned",
+                                                                                                 "baseline"))
     if loops is not None and base_loops is not None and loops - base_loops >= 0.05:
         out.append(f"Fine-tuned answers fall into repetition loops more often ({loops:.0%} against {base_loops:.0%} "
                    f"before): read them in predictions.jsonl; a lower learning rate or more varied rows may help.")
-    maj = next((v for k, v in evaluation.items() if k.startswith("finetuned_gsm8k_maj@")), None)
-    greedy = evaluation.get("finetuned_gsm8k_by_value")
+    k = F.sampled_k(evaluation)
+    maj = read(evaluation, F.figure("finetuned", F.majority(k))) if k else None
+    greedy = read(evaluation, F.figure("finetuned", F.HEADLINE.figure))
     if maj is not None and greedy is not None and maj - greedy >= 0.02:
         out.append(f"Use self-consistency: majority vote beats greedy by {maj - greedy:+.1%}.")
     if not out:

@@ -19,13 +19,11 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
+from gsm8k_lora import figures as F
 from gsm8k_lora import naming
+from gsm8k_lora.figures import read
 from gsm8k_lora.records import read_config, read_json
 from gsm8k_lora.reporting import plots
-
-FIGURES = ("baseline", "baseline_ci95_low", "baseline_ci95_high", "finetuned", "finetuned_ci95_low",
-           "finetuned_ci95_high", "difference", "mcnemar_p", "finetuned_strict_match", "finetuned_flexible_extract",
-           "finetuned_loop_rate", "eval_loss_best", "train_runtime_s")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -58,8 +56,7 @@ def swept(sweep_dir: Path, jobs: list[dict]) -> list[str]:
 
 def headline(ev: dict) -> str:
     """The figure a job's protocol is judged by: maj@k when it sampled, else by-value."""
-    return next((key.partition("_")[2] for key in ev if key.startswith("finetuned_gsm8k_maj@")
-                 and key[-1].isdigit()), "gsm8k_by_value")
+    return F.headline(F.sampled_k(ev))
 
 
 def protocol(job: dict) -> str:
@@ -73,21 +70,21 @@ def protocol(job: dict) -> str:
 
 def row_of(job: dict, keys: list[str]) -> dict:
     m, ev = job["metrics"], job["eval"]
-    values = {o.lstrip("+~").partition("=")[0]: o.partition("=")[2] for o in job["overrides"]}
+    values = {naming.override_key(o): o.partition("=")[2] for o in job["overrides"]}
     rule = headline(ev)
-    short = rule.removeprefix("gsm8k_")
+    pair = F.pair_name(rule)
     row = {"job": job["job"], "status": job["status"], **{naming.short(k): values.get(k) for k in keys},
            "protocol": protocol(job) if ev else None, "rule": rule if ev else None,
-           "n": ev.get("finetuned_n", ev.get("baseline_n"))}
-    for model in ("baseline", "finetuned"):
-        row[model] = ev.get(f"{model}_{rule}")
-        row[f"{model}_ci95_low"], row[f"{model}_ci95_high"] = (ev.get(f"{model}_{rule}_ci95_low"),
-                                                               ev.get(f"{model}_{rule}_ci95_high"))
-    row.update({"difference": ev.get(f"paired_{short}_difference"), "mcnemar_p": ev.get(f"paired_{short}_mcnemar_p"),
-                "finetuned_strict_match": ev.get("finetuned_gsm8k_strict_match"),
-                "finetuned_flexible_extract": ev.get("finetuned_gsm8k_flexible_extract"),
-                "finetuned_loop_rate": ev.get("finetuned_repetition_loop_rate"),
-                "eval_loss_best": m.get("eval_loss_best"), "train_runtime_s": m.get("train_runtime_s"),
+           "n": read(ev, F.figure("finetuned", "n")) or read(ev, F.figure("baseline", "n"))}
+    for model in F.MODELS:
+        row[model] = read(ev, F.figure(model, rule))
+        row.update(zip(F.column_interval(model), (read(ev, bound) for bound in F.interval(model, rule)), strict=True))
+    row.update({"difference": read(ev, F.paired(pair, "difference")),
+                "mcnemar_p": read(ev, F.paired(pair, "mcnemar_p")),
+                "finetuned_strict_match": read(ev, F.figure("finetuned", F.STRICT_MATCH.figure)),
+                "finetuned_flexible_extract": read(ev, F.figure("finetuned", F.FLEXIBLE_EXTRACT.figure)),
+                "finetuned_loop_rate": read(ev, F.figure("finetuned", "repetition_loop_rate")),
+                "eval_loss_best": read(m, F.curve("eval_loss", "best")), "train_runtime_s": read(m, "train_runtime_s"),
                 "wandb_run": job["wandb"].get("id"), "error": job["error"] or ""})
     return row
 
@@ -118,7 +115,7 @@ class Comparison:
 
     @property
     def columns(self) -> list[str]:
-        return ["job", "status", *self.swept, "protocol", "rule", "n", *FIGURES, "wandb_run", "error"]
+        return ["job", "status", *self.swept, "protocol", "rule", "n", *F.COMPARISON, "wandb_run", "error"]
 
 
 def _cell(column: str, value) -> str:
@@ -160,7 +157,7 @@ def to_markdown(comparison: Comparison) -> str:
 def _interval(row: dict, model: str) -> str:
     if row[model] is None:
         return ""
-    low, high = row[model + "_ci95_low"], row[model + "_ci95_high"]
+    low, high = (row[column] for column in F.column_interval(model))
     return f"{row[model]:.1%}" + ("" if low is None else f" [{low:.1%}, {high:.1%}]")
 
 

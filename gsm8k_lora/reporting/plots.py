@@ -8,6 +8,7 @@ import math
 
 from matplotlib.figure import Figure
 
+from gsm8k_lora import figures as F
 from gsm8k_lora.training.history import series
 
 
@@ -63,7 +64,7 @@ def accuracy_grid(rows: list[dict], swept: list[str]) -> Figure | None:
         for offset, model in ((-0.2, "baseline"), (0.2, "finetuned")):
             have = [(i, r) for i, r in zip(x, scored, strict=True) if r[model] is not None]
             if have:
-                bounds = [(r[f"{model}_ci95_low"], r[f"{model}_ci95_high"]) for _, r in have]
+                bounds = [tuple(r[c] for c in F.column_interval(model)) for _, r in have]
                 ax.bar([i + offset for i, _ in have], [r[model] for _, r in have], 0.4, label=model,
                        yerr=[[r[model] - (low if low is not None else r[model]) for (_, r), (low, _) in
                               zip(have, bounds, strict=True)],

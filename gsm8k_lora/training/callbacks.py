@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from gsm8k_lora.config import EvalConfig
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.generation import build_prompt, generate
 from gsm8k_lora.evaluation.scoring import accuracies, score
 
@@ -45,7 +46,7 @@ class GSM8KAccuracyCallback(TrainerCallback):
     def __init__(self, tokenizer, rows: list[dict], cfg: EvalConfig, system_prompt: str | None):
         self.tokenizer, self.rows = tokenizer, rows
         # the training prompt, greedy: comparable from step to step, and no shots to draw (lm-eval's need them)
-        self.cfg = dataclasses.replace(cfg, num_samples=1, prompt="zero_shot_cot")
+        self.cfg = dataclasses.replace(cfg, num_samples=1, prompt=protocols.ZERO_SHOT_COT.name)
         self.prompts = [build_prompt(tokenizer, r["question"], self.cfg, [], system_prompt) for r in rows]
         self.trainer = None  # set once the trainer exists; used to log
 

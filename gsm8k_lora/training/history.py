@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from gsm8k_lora import figures as F
+
 TOKEN_ACCURACY_NOTE = ("token_accuracy is next-token accuracy under teacher forcing on the reference solution, "
                        "not GSM8K accuracy")
 
@@ -26,29 +28,31 @@ def decrease_pct(first: float, last: float) -> float | None:
     return 100.0 * (first - last) / first
 
 
-def curve_summary(points: list[tuple[int, float]], prefix: str, lower_is_better: bool = True) -> dict:
+def curve_summary(points: list[tuple[int, float]], name: str, lower_is_better: bool = True) -> dict:
+    """A curve's figures (`figures.CURVES`): first, last, best and its step, and for a loss the decrease."""
     if not points:
         return {}
     values = [v for _, v in points]
     best = min(values) if lower_is_better else max(values)
-    out = {f"{prefix}_first": values[0], f"{prefix}_last": values[-1], f"{prefix}_best": best}
+    out = {F.curve(name, "first"): values[0], F.curve(name, "last"): values[-1], F.curve(name, "best"): best}
     if lower_is_better:
-        out[f"{prefix}_decrease_pct"] = decrease_pct(values[0], values[-1])
-    out[f"{prefix}_best_step"] = points[values.index(best)][0]
+        out[F.curve(name, "decrease_pct")] = decrease_pct(values[0], values[-1])
+    out[F.curve(name, "best_step")] = points[values.index(best)][0]
     return out
 
 
 def summarize_history(history: list[dict]) -> dict:
     """Loss and token-accuracy figures, first/last/best, from `trainer.state.log_history`."""
+    accuracy = F.figure(F.DURING_TRAINING, F.HEADLINE.figure)
     out: dict = {}
     out.update(curve_summary(series(history, "loss"), "train_loss"))
     out.update(curve_summary(series(history, "eval_loss"), "eval_loss"))
-    out.update(curve_summary(series(history, "eval_gsm8k_by_value"), "eval_gsm8k_by_value", lower_is_better=False))
-    for src, name in (("mean_token_accuracy", "train_token_accuracy"),
-                      ("eval_mean_token_accuracy", "eval_token_accuracy")):
-        points = series(history, src)
+    out.update(curve_summary(series(history, accuracy), accuracy, lower_is_better=False))
+    for logged, name in (("mean_token_accuracy", "train_token_accuracy"),
+                         ("eval_mean_token_accuracy", "eval_token_accuracy")):
+        points = series(history, logged)
         if points:
-            out[f"{name}_first"], out[f"{name}_last"] = points[0][1], points[-1][1]
+            out[F.curve(name, "first")], out[F.curve(name, "last")] = points[0][1], points[-1][1]
     final = next((row for row in reversed(history) if "train_runtime" in row), {})
     if final:
         out["train_runtime_s"] = final["train_runtime"]

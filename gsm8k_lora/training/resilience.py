@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gsm8k_lora.config import ModelConfig, TrainerConfig
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.records import CHECKPOINT_MARKER as MARKER
 from gsm8k_lora.records import complete_checkpoints, mib, size
@@ -91,8 +92,8 @@ def room_problem(run_dir: Path, checkpoint: int, adapter: int, saves: int) -> st
             f"trainer.save_total_limit, or give a hydra.run.dir on a larger disk")
 
 
-def oom_message(cfg) -> str:
-    t, m = cfg.trainer, cfg.model
+def oom_message(t: TrainerConfig, m: ModelConfig) -> str:
+    """What to say when CUDA runs out of memory during training: what would use less, for these settings."""
     hints = [f"trainer.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} "
              f"trainer.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same global batch)"]
     if not t.gradient_checkpointing:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
 from gsm8k_lora import records
-from gsm8k_lora.config import Config, LoraConfig, TrainerConfig
+from gsm8k_lora.config import LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.loading import Splits
 from gsm8k_lora.errors import DiskFull, RunStopped
@@ -30,7 +29,6 @@ from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summar
 from gsm8k_lora.training.resilience import (
     CheckpointGuard,
     checkpoint_bytes,
-    oom_message,
     resume_checkpoint,
     room_problem,
 )
@@ -85,36 +83,25 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, run_name: str = "", repo
     return SFTConfig(**{**fields, **changes})
 
 
-def validation_for_loss(cfg: Config, splits: Splits) -> Dataset:
-    """The validation rows the loss is computed on during training: the first `data.val_limit` of the
-    (shuffled) split, so evaluation cost is bounded on a CPU; the full split by default."""
-    limit = cfg.data.val_limit
-    return splits.validation if limit is None else splits.validation.select(range(min(limit, len(splits.validation))))
-
-
-def build_trainer(cfg: Config, model, tokenizer, splits: Splits, out_dir: Path, name: str, main_process: bool,
-                  wandb_callback: TrainerCallback | None = None) -> SFTTrainer:
-    """SFTTrainer on the training rows in the model's chat template, with this package's callbacks."""
+def build_trainer(cfg: TrainerConfig, lora: LoraConfig, model, tokenizer, splits: Splits, system_prompt: str | None,
+                  out_dir: Path, name: str, main_process: bool, extra: list[TrainerCallback]) -> SFTTrainer:
+    """SFTTrainer on the training rows in the model's chat template (loss on `splits.validation_loss`), with this
+    package's callbacks; `extra` (W&B's, GSM8K accuracy during training) go before early stopping, which reads
+    the metric accuracy adds."""
     from trl import SFTTrainer  # deferred: see the note at the top
 
-    system_prompt = cfg.data.system_prompt
     train_ds = to_prompt_completion(splits.train, tokenizer, system_prompt)
-    val_ds = to_prompt_completion(validation_for_loss(cfg, splits), tokenizer, system_prompt)
-    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process)]
-    if wandb_callback is not None:  # added here, not through report_to, so a W&B failure cannot end the run
-        callbacks.append(wandb_callback)
-    accuracy = None
-    if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
-        sample = splits.validation.select(range(min(cfg.eval.during_training_limit, len(splits.validation))))
-        accuracy = GSM8KAccuracyCallback(tokenizer, sample.to_list(), cfg.eval, system_prompt)
-        callbacks.append(accuracy)
-    if cfg.trainer.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.trainer.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=build_sft_config(cfg.trainer, out_dir, name),
-                         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                         peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
-    if accuracy is not None:
-        accuracy.trainer = trainer  # it logs through the trainer
+    val_ds = to_prompt_completion(splits.validation_loss, tokenizer, system_prompt)
+    # W&B's callback is added here, not through report_to, so a W&B failure cannot end the run
+    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process), *extra]
+    if cfg.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, out_dir, name), train_dataset=train_ds,
+                         eval_dataset=val_ds, processing_class=tokenizer, peft_config=build_lora_config(lora),
+                         callbacks=callbacks)
+    for callback in extra:
+        if isinstance(callback, GSM8KAccuracyCallback):
+            callback.trainer = trainer  # it logs through the trainer
     if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):  # not in a notebook
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TrainingProgress())
@@ -174,18 +161,18 @@ def check_room(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path) -> None:
         raise DiskFull(f"not enough disk for this run: {problem}")
 
 
-def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
+def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path, oom: str) -> None:
     """trainer.train(), resumed from the last complete checkpoint when there is one (or, where training had
     finished there, restored from it), after a check that its checkpoints fit on the disk. A signal stops it at
     the next safe point with a checkpoint saved; a NaN or an out-of-memory error ends it with a message that
-    says what to do."""
-    checkpoint = resume_checkpoint(cfg.trainer.resume, run_dir / "checkpoints")
-    if checkpoint and finished_at(Path(checkpoint), cfg.trainer):
+    says what to do (`oom`)."""
+    checkpoint = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    if checkpoint and finished_at(Path(checkpoint), cfg):
         print(f"training had finished at {checkpoint}: restored from it, not trained again")
         restore_finished(trainer, Path(checkpoint))
         return
     if records.is_main_process():
-        check_room(trainer, cfg.trainer, run_dir)
+        check_room(trainer, cfg, run_dir)
     if checkpoint:
         print(f"resuming from {checkpoint}")
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointGuard))
@@ -193,7 +180,7 @@ def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
         with STOP.safe_section():
             trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
-        raise RunStopped(oom_message(cfg)) from None
+        raise RunStopped(oom) from None
     except Interrupted as stop:  # between two batches of the validation loss: save what the steps did
         trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own save, as at a save step
         guard.mark(trainer.state.global_step)
@@ -205,12 +192,12 @@ def train(trainer: SFTTrainer, cfg: Config, run_dir: Path) -> None:
                          f"Resume with: {resume_command(run_dir)}", 130 if STOP.signal_name == "SIGINT" else 143)
 
 
-def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: Config) -> dict:
+def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: TrainerConfig) -> dict:
     """The figures of `metrics.json` that training produced."""
     state = trainer.state
     early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
-    early_stopped = bool(early and cfg.trainer.early_stopping_patience
-                         and early.early_stopping_patience_counter >= cfg.trainer.early_stopping_patience)
+    early_stopped = bool(early and cfg.early_stopping_patience
+                         and early.early_stopping_patience_counter >= cfg.early_stopping_patience)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     return {
         **splits.stats,

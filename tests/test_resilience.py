@@ -1,4 +1,5 @@
-"""Runs survive interruption, bad input and unreachable services, and lose nothing."""
+"""What keeps a paid run from being lost (training/resilience.py, stopping.py): resume after a kill, a stop
+by signal at any stage, half-written checkpoints, a loss that is no longer finite, out of memory, a full disk."""
 
 import contextlib
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gsm8k_lora.training.resilience import MARKER, CheckpointGuard, RunStopped, oom_message, resume_checkpoint
-from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli, write_jsonl
+from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli
 
 SHORT = ["experiment=smoke", "logger=none", "trainer.max_steps=12", "trainer.save_steps=4", "trainer.eval_steps=4",
          "trainer.logging_steps=2", "eval.enabled=false", "report.enabled=false", "data.num_train=300"]
@@ -147,57 +148,15 @@ def test_sft_config_lets_a_nan_reach_the_logs(tmp_path):
 
 def test_oom_message_names_the_settings_that_reduce_memory():
     cfg = compose("trainer=default", "trainer.per_device_train_batch_size=16", "trainer.gradient_accumulation_steps=1")
-    message = oom_message(cfg)
+    message = oom_message(cfg.trainer, cfg.model)
     assert "per_device_train_batch_size=8" in message and "gradient_accumulation_steps=2" in message
     assert "gradient_checkpointing=true" in message and "falcon3_1b_qlora" in message and "\n" not in message
 
 
-def test_unreachable_wandb_falls_back_to_offline(tmp_path, capsys, monkeypatch):
-    from gsm8k_lora import tracking
-    from gsm8k_lora.naming import RunNaming
-
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port on this machine
-    tracker = tracking.start(compose("logger=wandb", "logger.init_timeout_s=10").logger, tmp_path,
-                             RunNaming("x", None, "train"), {"a": 1})
-    try:
-        assert tracker.run.offline
-        tracker.run.log({"loss": 1.0})
-    finally:
-        tracker.finish()
-    out = capsys.readouterr()
-    assert "logging offline instead" in out.err and "wandb sync" in out.out
-    assert "0" * 40 not in (tmp_path / "wandb_run.json").read_text()
 
 
-def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
-    data_dir = tmp_path / "data"
-    write_jsonl(data_dir / "train.jsonl", [{"question": "q", "answer": "a\n#### 1"}] * 20)
-    with (data_dir / "train.jsonl").open("a") as handle:
-        handle.write("{not json\n")
-    proc = run_cli("train", "experiment=smoke", "logger=none", "data=local", f"data.path={data_dir}",
-                   f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
-    assert proc.returncode == 1 and "train.jsonl:21: malformed JSON" in proc.stderr
-    assert not (tmp_path / "run").exists()  # the run never began: it leaves no directory behind
 
 
-def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(capsys):
-    from gsm8k_lora.tracking import safe_wandb_callback
-
-    class Broken:
-        def log(self, *args, **kwargs):
-            raise ConnectionError("wandb service went away")
-
-    class State:
-        is_world_process_zero, global_step = True, 3
-
-    callback = safe_wandb_callback()
-    callback._initialized, callback._wandb = True, Broken()
-    callback.on_log(None, State(), None, logs={"loss": 1.0})  # must not raise
-    callback.on_log(None, State(), None, logs={"loss": 0.9})  # and stays quiet once off
-    assert callback.failed
-    assert capsys.readouterr().err.count("training goes on without W&B") == 1
 
 
 @pytest.mark.slow

@@ -1,25 +1,19 @@
-"""Behaviours users rely on, each run through the real entry point on the tiny model with tiny settings:
-early stopping, best-checkpoint choice by generated accuracy, self-consistency sampling, how `compare` ranks
-runs, the `grade` CLI's errors, and W&B's automatic offline mode when no key is configured."""
+"""The training callbacks at work in real (tiny) runs: early stopping on validation loss, the best checkpoint
+chosen by generated GSM8K accuracy during training, and the self-consistency figures that run ends with."""
 
-import csv
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import yaml
 
-from gsm8k_lora.evaluation.scoring import HEADLINE
-from tests.conftest import OFFLINE_ENV, ROOT, run_cli, write_jsonl
+from gsm8k_lora.figures import HEADLINE
+from tests.conftest import run_cli
 
 # Small enough for seconds per step on 2 CPU cores; every run writes no report and logs nowhere.
 TINY = ["experiment=smoke", "logger=none", "report.enabled=false", "data.num_train=200", "data.num_test=20"]
-GENERATED = f"eval_{HEADLINE}"  # GSM8K accuracy of generated answers on the validation sample, at each evaluation
+GENERATED = f"eval_{HEADLINE.figure}"  # GSM8K accuracy of generated answers on the validation sample, each evaluation
 
 
 def evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
@@ -99,7 +93,7 @@ def test_self_consistency_figures_agree_with_the_samples(accuracy_selected_run):
     passed = sum(any(right(p, r["gold"]) for p in r["sample_preds"]) for r in records) / 8
     first = sum(r["correct"] for r in records) / 8
     assert metrics["finetuned_gsm8k_maj@3"] == maj and metrics["finetuned_gsm8k_pass@3"] == passed
-    assert metrics[f"finetuned_{HEADLINE}"] == first
+    assert metrics[f"finetuned_{HEADLINE.figure}"] == first
     # by definition: one of the samples is right whenever the vote, or the first sample, is right
     assert passed >= maj >= 0 and passed >= first
     # shown where people look, with intervals, named as sampled: the terminal and the report's table
@@ -114,96 +108,15 @@ def test_self_consistency_figures_agree_with_the_samples(accuracy_selected_run):
     assert f"{maj:.1%} [{low:.1%}, {high:.1%}]" in report
 
 
-def fake_job(sweep: Path, job: int, lr: str, status: str, loss: float | None, accuracy: float | None) -> None:
-    job_dir = sweep / str(job)
-    (job_dir / ".hydra").mkdir(parents=True)
-    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"trainer.learning_rate={lr}"]))
-    (job_dir / f"{status}.json").write_text(json.dumps({"error": "RuntimeError: boom"} if status == "failed" else {}))
-    (job_dir / "metrics.json").write_text(json.dumps({"eval_loss_best": loss, "train_runtime_s": 10.0}))
-    if accuracy is not None:
-        (job_dir / "eval_metrics.json").write_text(json.dumps({f"finetuned_{HEADLINE}": accuracy,
-                                                               f"baseline_{HEADLINE}": 0.1}))
 
 
-@pytest.mark.parametrize("jobs, best", [
-    # highest fine-tuned accuracy wins (not the lowest loss, job 0); on a tie the lower loss; a failed job never
-    ([("1e-4", "done", 0.80, 0.30), ("2e-4", "done", 1.20, 0.50), ("5e-4", "done", 0.90, 0.50),
-      ("1e-3", "failed", 0.50, 0.90)], "2"),
-    # without evaluation, the lowest validation loss
-    ([("1e-4", "done", 1.10, None), ("2e-4", "done", 0.95, None), ("5e-4", "done", 1.30, None)], "1"),
-])
-def test_compare_ranks_runs_and_marks_the_best(tmp_path, jobs, best):
-    for number, job in enumerate(jobs):
-        fake_job(tmp_path, number, *job)
-    proc = run_cli("compare", str(tmp_path), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert f"best: {best} (" in proc.stdout
-    rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
-    assert [r["job"] for r in rows] == [str(n) for n in range(len(jobs))]
-    assert [r["job"] for r in rows if r["best"] == "True"] == [best]
-    table = (tmp_path / "comparison.md").read_text()
-    assert f"| **{best} (best)** |" in table and table.count("(best)") == 1
 
 
-@pytest.mark.parametrize("content, says", [
-    (None, "does not exist"),
-    ('{"completion": "#### 5", "answer": "5"}\n{"completion": oops}\n', "c.jsonl:2: malformed JSON"),
-    ('{"completion": "#### 5", "answer": "5"}\n{"answer": "5"}\n', "row 2 needs both 'completion' and 'answer'"),
-    ('["not", "an", "object"]\n', "c.jsonl:1: expected a JSON object"),
-])
-def test_grade_cli_errors_are_one_line(tmp_path, content, says):
-    path = tmp_path / "c.jsonl"
-    if content is not None:
-        path.write_text(content)
-    proc = run_cli("grade", str(path), timeout=120)
-    assert proc.returncode != 0 and proc.stdout == ""
-    (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: ") and says in line
 
 
-def test_grade_cli_reads_stdin(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"completion": "so\n#### 12", "answer": "#### 12"}])
-    proc = subprocess.run([sys.executable, "-m", "gsm8k_lora.grade", "-"], input=path.read_text(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
-    assert proc.returncode == 0 and json.loads(proc.stdout)["correct"] is True
 
 
-WANDB_START = """
-import sys
-from pathlib import Path
-from gsm8k_lora import tracking
-from gsm8k_lora.config import compose
-from gsm8k_lora.naming import RunNaming
-cfg = compose(["logger=wandb", "logger.project=offline-check"]).logger
-print("mode:", tracking.resolve_mode(cfg))
-if sys.argv[1:]:
-    tracking.start(cfg, Path(sys.argv[1]), RunNaming("offline-check", None, "train"), {"lora": {"r": 8}}).finish()
-"""
 
 
-def without_wandb_setup(home: Path) -> dict:
-    """The environment of a machine where W&B was never set up: no key, no netrc, no W&B variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "XDG_CONFIG_HOME")}
-    home.mkdir(parents=True, exist_ok=True)
-    return {**env, "HOME": str(home), "NETRC": str(home / ".netrc")}
 
 
-def test_wandb_logs_offline_and_prints_the_sync_command_when_no_key_is_configured(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = without_wandb_setup(tmp_path / "home")
-    proc = subprocess.run([sys.executable, "-c", WANDB_START, str(run_dir)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mode: offline" in proc.stdout and "online start failed" not in proc.stderr
-    (offline,) = run_dir.glob("wandb/offline-run-*")
-    assert f"upload later with: wandb sync {offline}" in proc.stdout
-    assert json.loads((run_dir / "wandb_run.json").read_text())["sync"] == f"wandb sync {offline}"
-    assert list(offline.glob("run-*.wandb"))
-    # the same machine with a key in its netrc logs online: the offline choice above was made for lack of one
-    netrc = tmp_path / "home" / ".netrc"
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
-    netrc.chmod(0o600)  # a netrc others can read is refused
-    proc = subprocess.run([sys.executable, "-c", WANDB_START], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0 and "mode: online" in proc.stdout, proc.stderr[-2000:]
