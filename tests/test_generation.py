@@ -48,3 +48,27 @@ def test_sampled_answers_are_the_same_for_the_same_seed(tiny):
     first, again = generate(model, tokenizer, prompts, ecfg), generate(model, tokenizer, prompts, ecfg)
     assert first == again and all(len(o["completions"]) == 3 for o in first)
     assert any(len(set(o["completions"])) > 1 for o in first)  # sampled, not three copies of one answer
+
+
+def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patched_the_model(tiny_model_dir):
+    """SFTTrainer sets TRL's fused LM head as the model's forward, closing over the model's own: a copy made for
+    bfloat16 answers must not call back into the float32 original (it did: bf16 answers equal to float32 ones)."""
+    import torch
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from gsm8k_lora.evaluation.generation import in_dtype
+    from gsm8k_lora.training.sft import build_lora_config
+
+    cfg = compose("experiment=smoke")
+    model, _ = load(cfg.model)
+    add_fused_lm_head(model)  # as SFTTrainer does, before PEFT wraps the model
+    model = get_peft_model(model, build_lora_config(cfg.lora))
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        with in_dtype(model, torch.bfloat16) as half:
+            assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+            logits = half(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16 and not torch.equal(logits.float(), own)
+        assert model(input_ids=ids, fused_lm_head=False).logits.dtype == torch.float32  # the original is untouched

@@ -137,6 +137,11 @@ def in_dtype(model, dtype: torch.dtype):
         yield model
         return
     copy = deepcopy(model).to(dtype)
+    # A forward set on an instance comes with the copy but still calls the original: TRL's fused LM head
+    # (`add_fused_lm_head`, applied by SFTTrainer) closes over the model's own bound forward, so the copy would
+    # answer with the original float32 weights. Generation needs the class's forward, so each module gets it back.
+    for module in copy.modules():
+        module.__dict__.pop("forward", None)
     try:
         yield copy
     finally:
