@@ -26,8 +26,9 @@ GSM8K_LOCAL := $(if $(wildcard ../shared/gsm8k/train.jsonl),data=local data.path
 real: $(STAMP) ## a real model (SmolLM2-135M-Instruct) on the real GSM8K, end to end on a CPU in < 30 min
 	$(PY) -m gsm8k_lora.train experiment=real_cpu $(GSM8K_LOCAL) $(ARGS)
 
+# One worker per core, each test file on one worker (its module fixtures, a training run each, are made once).
 test: $(STAMP) ## the test suite (tiny model, CPU, offline; CUDA tests skip without a GPU)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
 
 test-fast: $(STAMP) ## the tests that run no training job
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -25,6 +25,11 @@ OFFLINE_ENV = {
     "WANDB_SILENT": "true",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Under pytest-xdist (`make test`), the cores are shared out between the workers and the processes they start,
+# so two workers on two cores do not each run two threads and wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    OFFLINE_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(int(OFFLINE_ENV["OMP_NUM_THREADS"]))
 os.environ.update(OFFLINE_ENV)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
