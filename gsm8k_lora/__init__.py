@@ -11,7 +11,7 @@ def quiet_libraries() -> None:
       though it falls back to its own CPU code;
     - TRL reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning;
     - TRL warns that one example per micro-batch "annihilates" padding-free training, where `trainer=cpu_real`
-      chose exactly that because `make bench` measured it faster than packs of 4 on a CPU (README, "Speed").
+      chose exactly that because `make bench` measured it faster than packs of 4 on a CPU (docs/results.md).
     W&B's offline "URL not available" warnings are turned off where an offline run starts (`tracking.py`), and
     matplotlib's categorical-units notes are avoided where the plots are drawn (`reporting/plots.py`)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
