@@ -33,7 +33,7 @@ class Rule:
     @property
     def pair(self) -> str:
         """Its name in the paired figures (`paired_{pair}_*`)."""
-        return self.figure.removeprefix("gsm8k_")
+        return pair_name(self.figure)
 
     @property
     def fields(self) -> tuple[str, str]:

@@ -30,7 +30,6 @@ from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import evaluate, model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
-from gsm8k_lora.figures import read
 from gsm8k_lora.model import sources
 from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
 from gsm8k_lora.naming import RunNaming
@@ -140,7 +139,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) 
 def print_summary(metrics: dict, eval_figures: dict, cfg: Config) -> None:
     """The run's last lines: what training did to the loss, then what it did to the answers."""
     def fmt(curve: str, stat: str) -> str:
-        value = read(metrics, F.curve(curve, stat))
+        value = F.read(metrics, F.curve(curve, stat))
         return "n/a" if value is None else f"{value:.4f}"
 
     print(f"train loss: first {fmt('train_loss', 'first')} -> last {fmt('train_loss', 'last')}; "
