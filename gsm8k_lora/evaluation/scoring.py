@@ -128,7 +128,7 @@ def verdicts(k: int | None) -> dict[str, str]:
 def summarize(answers: list[dict], model: str) -> dict:
     """Every figure of one model's answers: accuracies with 95% intervals, rates, mean tokens, maj@k/pass@k."""
     n, k = len(answers), sampled_k(answers)
-    out = {F.figure(model, "n"): n, **accuracies(answers, model)}
+    out = {F.figure(model, "n"): n}
     for name, field in verdicts(k).items():
         out[F.figure(model, name)] = rate(answers, field)
         bounds = wilson_interval(sum(bool(r[field]) for r in answers), n)
