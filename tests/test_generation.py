@@ -72,3 +72,34 @@ def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patche
             logits = half(input_ids=ids).logits
         assert logits.dtype == torch.bfloat16 and not torch.equal(logits.float(), own)
         assert model(input_ids=ids, fused_lm_head=False).logits.dtype == torch.float32  # the original is untouched
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny):
+    """Every row stops at its first stop token, the first generated token included, whether it was in the first
+    fill of the slots or joined the batch later. The tiny model was pretrained on `question\\nsolution<EOS>`, so a
+    prompt that is already a whole worked solution has EOS as its first greedy token."""
+    import torch
+
+    from gsm8k_lora.data.gsm8k import parse_answer
+    from gsm8k_lora.evaluation import batching
+    from gsm8k_lora.evaluation.generation import requests, stop_token_ids
+
+    _, model, tokenizer = tiny
+    ecfg = dataclasses.replace(compose("experiment=smoke").eval, max_new_tokens=24)
+    rows = synthetic.generate(8, seed=5)
+    chat = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in rows[:4]]
+    worked = [r["question"] + "\n" + parse_answer(r["answer"]).solution for r in rows[4:]]
+    prompts = [p for pair in zip(chat, worked, strict=True) for p in pair]  # stop-first rows all through the queue
+    with torch.no_grad():
+        first = [model(torch.tensor([tokenizer(p).input_ids])).logits[0, -1].argmax().item() for p in worked]
+    assert set(first) == {tokenizer.eos_token_id}  # the rows this test is about exist
+
+    def answers(batch_size: int) -> list[list[int]]:
+        tokens, _ = batching.run(model, requests(tokenizer, prompts, ecfg), batch_size, ecfg.max_new_tokens,
+                                 set(stop_token_ids(tokenizer)))
+        return tokens
+
+    alone, between, all_at_once = answers(1), answers(3), answers(len(prompts) + 5)
+    assert alone == between == all_at_once
+    assert [alone[i] for i in range(1, len(prompts), 2)] == [[tokenizer.eos_token_id]] * 4
+    assert all(len(alone[i]) > 1 for i in range(0, len(prompts), 2))

@@ -132,6 +132,11 @@ def run(model, requests: list[Request], slots: int, max_new_tokens: int, stop_id
         return (row.tokens[-1] in stop_ids or len(row.tokens) >= max_new_tokens
                 or requests[row.request].stops(requests[row.request].ids, row.tokens))
 
+    def finish(row: Row) -> None:
+        results[row.request] = row.tokens
+        if progress is not None:
+            progress(1)
+
     def admit() -> None:  # prefill waiting prompts, one at a time, into the free slots
         while waiting and len(live) < cache.slots:
             index = waiting.pop(0)
@@ -140,24 +145,17 @@ def run(model, requests: list[Request], slots: int, max_new_tokens: int, stop_id
             cache.prefill_slot, cache.span = len(live), n  # its own tokens only: plain causal attention
             logits = model(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=True,
                            logits_to_keep=1, **{cache_argument: cache}).logits
-            live.append(Row(index, n, _pick(logits[:, -1], temperature)))
+            row = Row(index, n, _pick(logits[:, -1], temperature))
+            # Its first token is judged here, before any step: a row whose first token stops it never decodes
+            # another, wherever it entered the queue (its slot is the next prompt's).
+            if done(row):
+                finish(row)
+            else:
+                live.append(row)
 
     admit()
     while live:
-        for i in reversed(range(len(live))):  # rows that are done leave; the last live row takes the slot
-            if done(live[i]):
-                row = live[i]
-                results[row.request] = row.tokens
-                if progress is not None:
-                    progress(1)
-                last = live.pop()
-                if last is not row:
-                    cache.move(len(live), i, last.length)
-                    live[i] = last
         STOP.check()  # a stop asked for by a signal: within one decoding step
-        admit()
-        if not live:
-            break
         positions = torch.tensor([row.length for row in live], device=device)
         cache.prefill_slot, cache.rows, cache.positions = None, torch.arange(len(live), device=device), positions
         cache.span = int(positions.max()) + 1
@@ -169,4 +167,12 @@ def run(model, requests: list[Request], slots: int, max_new_tokens: int, stop_id
         for row, token in zip(live, _pick(logits[:, -1], temperature), strict=True):
             row.length += 1
             row.tokens.append(token)
+        for i in reversed(range(len(live))):  # rows that are done leave; the last live row takes the slot
+            if done(live[i]):
+                finish(live[i])
+                last = live.pop()
+                if i < len(live):
+                    cache.move(len(live), i, last.length)
+                    live[i] = last
+        admit()
     return results, computed
