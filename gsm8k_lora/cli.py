@@ -156,9 +156,10 @@ def describe(err: Exception, app=None) -> str:
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key:
         parent, _, key = full_key.rpartition(".")
-        keys = [f.name for f in dataclasses.fields(cause.object_type)] if _is_schema(cause.object_type) else []
-        allowed = f"; allowed: {_join(keys)}" if keys else ""
-        return f"{full_key} is invalid: {parent or 'the config'} has no key {key!r}{allowed}"
+        if not _is_schema(cause.object_type):  # a mapping of the user's (model.hub_kernels): keys are added with +
+            return f"{full_key} is invalid: {parent} has no key {key!r}; add one with +{full_key}=VALUE"
+        keys = [f.name for f in dataclasses.fields(cause.object_type)]
+        return f"{full_key} is invalid: {parent or 'the config'} has no key {key!r}; allowed: {_join(keys)}"
     if isinstance(cause, ValidationError) and full_key:
         kind = _field_type(cause.object_type, full_key.rpartition(".")[2])
         override = str(err).partition("Error merging override ")[2].strip() or full_key  # key=value as typed

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from gsm8k_lora import figures as F
 from gsm8k_lora.errors import ConfigError
 from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.model import kernels
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -55,6 +56,7 @@ class ModelConfig:
     pypi: PypiWeights | None = MISSING
     dtype: str = MISSING
     attn_implementation: str = MISSING
+    hub_kernels: dict[str, str] = MISSING
     load_in_4bit: bool = MISSING
     bnb_4bit_quant_type: str = MISSING
     bnb_4bit_use_double_quant: bool = MISSING
@@ -72,6 +74,10 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         _check_choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        try:
+            kernels.parse(self.hub_kernels)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

@@ -11,6 +11,7 @@ libraries are imported at the top: this runs in the entry points' door, before t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from gsm8k_lora import hub
 from gsm8k_lora.config import Config, DataConfig, ModelConfig
 from gsm8k_lora.data.files import LOCAL_SUFFIXES, split_files
+from gsm8k_lora.model import kernels
 
 BUILTIN = "builtin:"
 
@@ -29,7 +31,7 @@ class Problem:
     key: str
     value: object
     why: str  # what it needs that this machine lacks, e.g. "needs a CUDA GPU"
-    kind: str  # device | offline | path: chooses the advice
+    kind: str  # device | offline | kernels | path: chooses the advice
 
     def __str__(self) -> str:
         return f"{self.key}={self.value!r} {self.why}"
@@ -122,6 +124,22 @@ def model_problems(cfg: ModelConfig) -> list[Problem]:
                     "offline")]
 
 
+def kernel_problems(cfg: ModelConfig) -> list[Problem]:
+    """Pinned Hub kernels an offline run cannot load (`model/kernels.py`), and a request the environment forbids."""
+    if not cfg.hub_kernels:
+        return []
+    given = [(f"model.hub_kernels.{layer}", spec) for layer, spec in cfg.hub_kernels.items()]
+    switch = os.environ.get("USE_HUB_KERNELS", "YES")
+    if switch.lower() not in ("true", "1", "y", "yes", "on"):  # transformers' own reading of the variable
+        return [Problem(key, spec, f"is refused by USE_HUB_KERNELS={switch} in the environment, which transformers "
+                        "obeys silently", "path") for key, spec in given]
+    absent = {pin.layer for pin in kernels.missing(cfg.hub_kernels)}
+    if not absent or hub.probe():
+        return []
+    return [Problem(key, spec, "is not in the local kernel cache", "kernels") for key, spec in given
+            if key.rpartition(".")[2] in absent]
+
+
 def data_problems(cfg: DataConfig) -> list[Problem]:
     if cfg.source == "synthetic":
         return []
@@ -153,6 +171,7 @@ def resume_problems(setting: str) -> list[Problem]:
 def problems(cfg: Config, training: bool = True) -> list[Problem]:
     """Everything this machine cannot do for `cfg`, in the order a run would meet it."""
     found = device_problems(cfg, training) + data_problems(cfg.data) + model_problems(cfg.model)
+    found += kernel_problems(cfg.model)
     return found + (resume_problems(cfg.trainer.resume) if training else [])
 
 
@@ -163,6 +182,8 @@ CPU_SWEEP_ALTERNATIVES = ("make sweep EXP=smoke (the tiny model's 2 x 2 grid), o
 OFFLINE_ALTERNATIVES = ("model.name_or_path=<a model directory>, data=local data.path=<train/test .jsonl files>, or "
                         "model=smollm2_135m (a copy on PyPI); make demo needs nothing")
 
+KERNEL_ALTERNATIVES = ("fetch the pinned kernels first where the hub answers (`kernels download`, into the same "
+                       "cache), or run without Hub kernels: model.hub_kernels={}")
 
 PLURAL = {"needs": "need", "is": "are"}
 
@@ -186,10 +207,13 @@ def message(found: list[Problem], sweep: bool = False) -> str:
         advice = f"Runs here: {CPU_SWEEP_ALTERNATIVES if sweep else CPU_ALTERNATIVES}"
     elif "offline" in kinds:
         advice = f"Offline, use local copies: {OFFLINE_ALTERNATIVES}"
+    elif "kernels" in kinds:
+        advice = f"Offline, {KERNEL_ALTERNATIVES}"
     else:
         advice = ""
     where = ""
-    if kinds & {"device", "offline"}:
-        where = " on this machine" + (f" ({hub.endpoint()} does not answer)" if "offline" in kinds else "")
+    if kinds & {"device", "offline", "kernels"}:
+        unreachable = kinds & {"offline", "kernels"}
+        where = " on this machine" + (f" ({hub.endpoint()} does not answer)" if unreachable else "")
     line = f"this {'sweep' if sweep else 'config'} cannot run{where}: " + "; ".join(parts)
     return line + (f". {advice}" if advice else "")

@@ -30,7 +30,7 @@ from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import evaluate, model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
-from gsm8k_lora.model import sources
+from gsm8k_lora.model import kernels, sources
 from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.reporting import plots
@@ -54,11 +54,13 @@ def prepare_model(cfg: Config, run_dir: Path, raw_cfg: DictConfig, main_process:
     """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
     facts `metrics.json` keeps about them, and their identity (the baseline cache's key)."""
     weights = sources.resolve(cfg.model, cfg.cache_dir)
-    resolved = records.write_run_record(run_dir, raw_cfg, weights.as_dict()) if main_process else {}
     model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
+    loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
+    resolved = records.write_run_record(run_dir, raw_cfg, loaded) if main_process else {}
     facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
     facts["model_weights"] = weights.description
-    return model, tokenizer, facts, resolved, baseline_cache.weights_identity(weights.path, cfg.model.revision)
+    identity = baseline_cache.weights_identity(weights.path, cfg.model.revision, cfg.model.hub_kernels)
+    return model, tokenizer, facts, resolved, identity
 
 
 def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: Path, name: str, main_process: bool,

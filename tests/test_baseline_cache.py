@@ -49,6 +49,7 @@ def test_a_reused_baseline_gives_the_predictions_and_figures_of_a_generated_one(
     ["eval.max_new_tokens=9"],  # the generation settings
     ["data.system_prompt=Be brief."],  # the prompt itself
     "weights",  # the base weights
+    "hub_kernels",  # the kernels pinned to run them
 ])
 def test_a_change_in_anything_the_answers_depend_on_generates_anew(tiny, tmp_path, tiny_model_dir, change):
     _, base = answered(tiny, tmp_path)
@@ -58,6 +59,10 @@ def test_a_change_in_anything_the_answers_depend_on_generates_anew(tiny, tmp_pat
         copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
         (copy / "model.safetensors").touch()  # another file's identity: weights that may differ
         _, changed = answered(tiny, tmp_path, weights=baseline_cache.weights_identity(str(copy)))
+    elif change == "hub_kernels":
+        pinned = {"RMSNorm": "kernels-community/liger-kernels:LigerRMSNorm@" + "0" * 40}
+        identity = baseline_cache.weights_identity(str(tiny_model_dir), None, pinned)
+        _, changed = answered(tiny, tmp_path, weights=identity)
     else:
         _, changed = answered(tiny, tmp_path, *change)
     assert changed["baseline_source"] == "generated"

@@ -8,7 +8,7 @@ import torch
 
 from gsm8k_lora.errors import ModelLoadError
 from gsm8k_lora.model import tiny as tiny_model
-from gsm8k_lora.model.loading import load, load_tokenizer
+from gsm8k_lora.model.loading import load, load_model, load_tokenizer
 from tests.conftest import compose, model_config
 
 
@@ -47,6 +47,58 @@ def test_pretrained_tiny_model_writes_steps_but_no_final_answer_line(tiny_model_
 def test_unreachable_hub_id_suggests_offline_options():
     with pytest.raises(ModelLoadError, match="model=tiny"):
         load_tokenizer("no-such-org/no-such-model-xyz", model_config(name_or_path="x"))
+
+
+def test_a_good_model_directory_whose_load_fails_is_named_with_its_own_cause(tiny_model_dir):
+    """Only a directory without a config or weights is "not a Hugging Face model"; a good one whose load fails
+    for another reason (here an attention implementation this machine does not have) keeps its own error."""
+    cfg = model_config(name_or_path=str(tiny_model_dir), attn_implementation="flash_attention_2")
+    with pytest.raises(ModelLoadError) as failed:
+        load(cfg)
+    message = str(failed.value)
+    assert "not a Hugging Face model" not in message and "\n" not in message
+    assert message.startswith(f"cannot load the model of {str(tiny_model_dir)!r}: ")
+    assert "flash" in message.lower()  # transformers' own words about FlashAttention
+
+
+def test_a_directory_without_weights_is_named_as_such(tiny_model_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match=r"is a directory but not a Hugging Face model: it has no weights"):
+        load_model(str(tmp_path), model_config(name_or_path=str(tmp_path)))
+
+
+def test_a_model_the_package_loads_runs_no_hub_kernels(tiny_model_dir):
+    """transformers 5.25 turns Hub kernels on unless told (and on CUDA fetches one at the first `train()`):
+    the package tells it, whatever the environment says."""
+    assert "USE_HUB_KERNELS" not in os.environ
+    model, _ = load(compose("model=tiny").model, str(tiny_model_dir.parent))
+    model.train()
+    assert model.use_kernels is False
+
+
+def test_pinned_hub_kernels_are_exactly_those_asked_for(tiny_model_dir, tmp_path, monkeypatch):
+    """A pin reaches the model for training and inference at its commit, transformers' own unpinned mapping is not
+    inherited, and offline nothing is fetched (the tiny model runs on the CPU, where the CUDA kernel is not used)."""
+    from kernels import Mode
+
+    from gsm8k_lora.model import kernels
+    from gsm8k_lora.preflight import kernel_problems
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    pinned = {"RMSNorm": f"kernels-community/liger-kernels:LigerRMSNorm@{revision}"}
+    monkeypatch.setenv("KERNELS_CACHE", str(tmp_path))
+    cfg = model_config(name_or_path=str(tiny_model_dir), hub_kernels=pinned)
+    assert [p.key for p in kernel_problems(cfg)] == ["model.hub_kernels.RMSNorm"]  # offline, and not in the cache
+    (tmp_path / "kernels--kernels-community--liger-kernels" / "snapshots" / revision).mkdir(parents=True)
+    assert kernel_problems(cfg) == []
+    model, _ = load(cfg)
+    mapping = model.kernel_config.kernel_mapping
+    assert set(mapping) == {"RMSNorm"} and model.kernel_config.inherit_mapping is False
+    for mode in (Mode.TRAINING, Mode.INFERENCE):
+        repo = mapping["RMSNorm"]["cuda"][mode]
+        assert (repo._repo_id, repo.layer_name, repo._revision) == ("kernels-community/liger-kernels",
+                                                                     "LigerRMSNorm", revision)
+    assert kernels.describe(model, pinned) == {"use_kernels": True, "pinned": pinned}
 
 
 

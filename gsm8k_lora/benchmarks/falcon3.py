@@ -103,7 +103,7 @@ def bench_generation(model_dir: Path, cfg: Config, n_prompts: int, max_new_token
     batches. Random weights rarely stop early, so nearly every row runs to the limit: the worst case for
     continuous batching, whose gain is rows that stop early."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, use_kernels=False).to(device())
     cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, max_new_tokens=max_new_tokens)
     prompts = [build_prompt(tokenizer, r["question"], cfg, [], None) for r in gsm8k_like_rows(n_prompts, seed=3)]
     generate(model, tokenizer, prompts[:batch_size], dataclasses.replace(cfg, max_new_tokens=8))  # warm-up

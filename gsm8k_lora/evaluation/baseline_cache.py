@@ -28,7 +28,7 @@ import torch
 from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
 
-VERSION = 1  # bump when what an entry holds, or how answers are generated, changes
+VERSION = 2  # bump when what an entry holds, or how answers are generated, changes
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja", "*.gguf")
 
 
@@ -39,13 +39,15 @@ def _files(directory: Path) -> list[list]:
     return [[p.name, p.resolve().name, p.stat().st_size, p.stat().st_mtime_ns] for p in found]
 
 
-def weights_identity(path: str, revision: str | None = None) -> dict:
-    """The base weights `path` (a local directory or a hub id) names, as files."""
+def weights_identity(path: str, revision: str | None = None, hub_kernels: dict | None = None) -> dict:
+    """The base weights `path` (a local directory or a hub id) names, as files, and the Hub kernels pinned to run
+    them (`model.hub_kernels`: other kernels, other numbers)."""
     local = Path(path)
     if not local.is_dir():
         cached = try_to_load_from_cache(path, "config.json", revision=revision)
         local = Path(cached).parent if isinstance(cached, str) else local
-    return {"path": path, "revision": revision, "files": _files(local) if local.is_dir() else []}
+    return {"path": path, "revision": revision, "files": _files(local) if local.is_dir() else [],
+            "hub_kernels": dict(sorted((hub_kernels or {}).items()))}
 
 
 def loaded_identity(model) -> dict:
@@ -61,7 +63,8 @@ def loaded_identity(model) -> dict:
     return {"dtypes": dict(sorted(dtypes.items())), "attn_implementation": getattr(model.config, "_attn_implementation",
                                                                                    None),
             "quantization": quantization.to_dict() if hasattr(quantization, "to_dict") else quantization,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "use_kernels": bool(getattr(model, "use_kernels", False))}
 
 
 def key(weights: dict, model, prompts: list[str], rows: list[dict], generation: dict) -> dict:

@@ -15,6 +15,7 @@ from gsm8k_lora.data.loading import build_splits, questions
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import evaluate, model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
+from gsm8k_lora.model import kernels
 from gsm8k_lora.model.loading import load, to_device
 from gsm8k_lora.model.sources import resolve as resolve_weights
 from gsm8k_lora.naming import RunNaming
@@ -32,14 +33,16 @@ def run(cfg: Config, merged: DictConfig, run_dir: Path, run_naming: RunNaming) -
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     to_device(model)
-    resolved = records.write_run_record(run_dir, merged, weights.as_dict())  # the config as evaluated
+    loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
+    resolved = records.write_run_record(run_dir, merged, loaded)  # the config as evaluated
     tracker = tracking.start(cfg.logger, run_dir, run_naming, {**resolved, **naming.identifying(cfg, None, len(rows))})
     exit_code = 1
     try:
         with STOP.safe_section():  # a signal stops the answers within one decoding step
             predictions, metrics = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, rows,
                                             adapters=adapter is not None,
-                                            weights=baseline_cache.weights_identity(weights.path, cfg.model.revision),
+                                            weights=baseline_cache.weights_identity(weights.path, cfg.model.revision,
+                                                                                   cfg.model.hub_kernels),
                                             note=model_note(cfg.model.name_or_path))
         records.write_eval(run_dir, predictions, metrics)
         tracker.summary(metrics)

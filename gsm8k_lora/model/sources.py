@@ -98,7 +98,8 @@ def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
 
     def convert(staging: Path) -> None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         use_kernels=False)  # see model/kernels.py
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except (ValueError, NotImplementedError, KeyError, RuntimeError) as err:
             label = setting or f"model.gguf_file={str(gguf)!r}"
