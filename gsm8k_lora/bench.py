@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -53,6 +55,26 @@ REFERENCES = {
 }
 
 
+def unmeasured(results: dict) -> list[str]:
+    """The figures this run did not measure: a training variant that counted no token (its rates would print 0),
+    a rate that is not a number, an MFU on a GPU whose peak is unknown. Figures that are absent for a stated
+    reason (no `#### N` answer to measure against, no GPU) are printed as n/a with it, and are not listed."""
+    found = []
+    on_gpu = results.get("falcon3_device", "cpu") != "cpu"
+    for key, value in results.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{key}: {value}")
+        listed = isinstance(value, list)
+        variants = value if listed else [value] if isinstance(value, dict) and "real_tokens" in value else []
+        for variant in variants:
+            name = f"{key}[{variant['variant']}]" if listed else key
+            if not (variant.get("real_tokens") and variant.get("computed_tokens")):
+                found.append(f"{name}: counted no trained token")
+            elif on_gpu and "mfu" in variant and variant["mfu"] is None:
+                found.append(f"{name}: no MFU, no bf16 peak is known for {results['falcon3_device']}")
+    return found
+
+
 def print_table(results: dict) -> None:
     print(f"{'figure':42s} {'value':>12s}  target")
     for key, value in results.items():
@@ -79,7 +101,7 @@ def print_table(results: dict) -> None:
                 mark = f"{target[0]} {target[1]}  {'met' if ok else 'NOT met'}"
             ref = f"  [{REFERENCES[key]}]" if key in REFERENCES else ""
             print(f"{key:42s} {value:12.3f}  {mark}{ref}")
-        elif key not in ("environment",):
+        elif key not in ("environment", "unmeasured"):
             print(f"{key:42s} {value!s:>12s}")
 
 
@@ -125,9 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    missing = unmeasured(results)
+    results["unmeasured"] = missing
     records.write_json(path, results)
     print_table(results)
     print(f"written: {path}")
+    if missing:
+        print(f"bench: {len(missing)} figure(s) not measured: {'; '.join(missing)}", file=sys.stderr)
+        sys.exit(1)
     return results
 
 

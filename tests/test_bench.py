@@ -158,3 +158,41 @@ def test_real_bench_counts_matmul_parameters_once_and_leaves_the_embedding_looku
     assert matmul_params(tied) == n
     # 4N, plus attention 6 x layers x s x d for a mean sequence of s tokens
     assert flops_per_token(tied, 10.0) == 4 * n + 6 * 2 * 10.0 * 16
+
+
+def test_training_tokens_are_counted_where_the_loop_runs_whatever_the_loader_workers(tiny_model_dir):
+    """The GPU preset builds batches in 2 worker processes: a count kept by the collator stayed in them, and the
+    bench printed 0 tokens/s. Counted in the training step, 2 workers count what the main process counts."""
+    import dataclasses
+    from pathlib import Path
+
+    from gsm8k_lora.benchmarks.training import bench_settings, gsm8k_like_rows, run_variant
+    from gsm8k_lora.training.sft import build_sft_config
+
+    cfg = device_config(False)
+    rows = gsm8k_like_rows(2 * cfg.trainer.per_device_train_batch_size)  # two steps: every row once
+
+    def counted(workers: int) -> dict:
+        trainer = dataclasses.replace(cfg.trainer, dataloader_num_workers=workers)
+        return run_variant(f"workers={workers}", lambda out: build_sft_config(trainer, Path(out), **bench_settings(2)),
+                           cfg, str(tiny_model_dir), rows, steps=2)
+
+    main, workers = counted(0), counted(2)
+    assert workers["real_tokens"] == main["real_tokens"] > 0
+    assert workers["computed_tokens"] == main["computed_tokens"] >= main["real_tokens"]
+    assert workers["real_tokens_per_s"] > 0
+
+
+def test_a_figure_the_bench_did_not_measure_fails_it_by_name():
+    from gsm8k_lora.bench import unmeasured
+
+    variant = {"variant": "package_default", "real_tokens": 0, "computed_tokens": 0, "padding_efficiency": None,
+               "real_tokens_per_s": 0.0}
+    results = {"train_variants": [variant, {**variant, "variant": "trl_defaults", "real_tokens": 10,
+                                            "computed_tokens": 12, "padding_efficiency": 10 / 12,
+                                            "real_tokens_per_s": 5.0}],
+               "falcon3_package_default": {**variant, "mfu": None}, "train_speedup_x": float("nan"),
+               "eval_tokens_per_s": 12.5, "eval_generated_over_needed_x": None, "eval_needed_measured_rows": 0}
+    found = unmeasured(results)
+    assert found == ["train_variants[package_default]: counted no trained token",
+                     "falcon3_package_default: counted no trained token", "train_speedup_x: nan"]

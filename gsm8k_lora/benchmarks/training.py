@@ -4,9 +4,9 @@ Each variant trains the same freshly loaded model on the same rows for the same 
 in one process, so the ratio between variants holds on a noisy machine. The package's variant is built
 by the same `build_sft_config` as a run, from the trainer preset a run of this device composes; the
 other is TRL's plain `SFTConfig` defaults. Both differ from a run only in `bench_settings` (a fixed
-number of steps, no evaluation or checkpoints, the same seed). Tokens are counted at the collator
-(wrapped, not replaced): `real` are example tokens, `computed` are the positions the model ran,
-padding included.
+number of steps, no evaluation or checkpoints, the same seed). Tokens are counted where the training loop
+runs (`TokenCounter`), whatever process built the batch: `real` are example tokens, `computed` are the
+positions the model ran, padding included.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class AfterWarmup(TrainerCallback):
     """A TrainerCallback that notes the clock and the token count when the first optimizer step ends,
     so one-off costs (kernel selection, allocator growth, optimizer state) stay out of the rate."""
 
-    def __init__(self, counter: CountingCollator):
+    def __init__(self, counter: TokenCounter):
         self.counter, self.time, self.real = counter, None, 0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -73,16 +73,26 @@ class AfterWarmup(TrainerCallback):
             self.time, self.real = time.perf_counter(), self.counter.real
 
 
-class CountingCollator:
-    def __init__(self, inner, pad_id: int):
-        self.inner, self.pad_id = inner, pad_id
-        self.real = self.computed = 0
+class TokenCounter:
+    """The tokens of each micro-batch the Trainer trains on, counted in its training step: the collator runs in
+    the data loader's worker processes when `dataloader_num_workers` > 0, where a count is lost to this process.
+    Real tokens are the attention mask's ones (padded batches) or every position (padding-free batches, which
+    carry position ids and no pad); summed on the batch's device and read once, so counting adds no sync."""
 
-    def __call__(self, examples):
-        batch = self.inner(examples)
-        self.real += sum(len(e["input_ids"]) for e in examples)
-        self.computed += batch["input_ids"].numel()
-        return batch
+    def __init__(self, trainer):
+        self._step, self._real, self.computed = trainer.training_step, 0, 0
+        trainer.training_step = self
+
+    def __call__(self, model, inputs, *args, **kwargs):
+        ids = inputs["input_ids"]
+        self.computed += ids.numel()
+        mask = inputs.get("attention_mask")
+        self._real = self._real + (mask.sum() if mask is not None else ids.numel())
+        return self._step(model, inputs, *args, **kwargs)
+
+    @property
+    def real(self) -> int:
+        return int(self._real)
 
 
 def bench_settings(steps: int) -> dict:
@@ -130,8 +140,7 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SFTTrainer(model=model, args=make_args(tmp), train_dataset=ds, processing_class=tokenizer,
                              peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
-        counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
-        trainer.data_collator = counter
+        counter = TokenCounter(trainer)
         warmup = AfterWarmup(counter)
         trainer.add_callback(warmup)
         if cuda:
@@ -141,7 +150,8 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
         seconds = time.perf_counter() - warmup.time
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return {"variant": name, "steps": steps, "timed_steps": steps - 1, "seconds": seconds, "real_tokens": counter.real,
-            "computed_tokens": counter.computed, "padding_efficiency": counter.real / max(counter.computed, 1),
+            "computed_tokens": counter.computed,
+            "padding_efficiency": counter.real / counter.computed if counter.computed else None,
             "real_tokens_per_s": (counter.real - warmup.real) / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
