@@ -28,6 +28,7 @@ def answered(tiny, cache, *overrides, weights=None):
     rows = questions(splits, cfg.eval.split, cfg.eval.limit)
     predictions, metrics = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, rows, adapters=False,
                                     weights=weights or identity)
+    assert (metrics.pop("baseline_answer_s", None) is None) == (metrics["baseline_source"] != "generated")  # timed
     return json.dumps(predictions), metrics
 
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from gsm8k_lora.benchmarks.generation import generate_padded
+from gsm8k_lora.config import ENGINES
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.data.loading import build_splits, shot_pool
 from gsm8k_lora.evaluation.answers import pick_shots
@@ -21,22 +21,22 @@ def tiny(tiny_model_dir):
     return cfg, model, tokenizer
 
 
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "slots"])
 @pytest.mark.parametrize("overrides", [
     [],  # zero-shot: stops at EOS, a new turn's marker, or a complete `#### N` line
     ["eval.stop_sequences=[pencils]"],  # a stop string of the user's
     ["eval.prompt=lm_eval_gsm8k_plain", "eval.num_fewshot=2"],  # lm-eval's stops, limit and truncation
 ])
-def test_greedy_answers_are_those_of_padded_generate(tiny, overrides):
+def test_every_engine_gives_the_greedy_answers_of_the_slot_loop(tiny, overrides, engine):
     cfg, model, tokenizer = tiny
     ecfg = dataclasses.replace(compose("experiment=smoke", *overrides).eval, batch_size=6, max_new_tokens=48)
     splits = build_splits(cfg.data)
-    rows = splits.test.select(range(20)).to_list()
+    rows = splits.test.select(range(14)).to_list()
     shots = pick_shots(shot_pool(splits, ecfg.split), ecfg, len(rows))
     prompts = [build_prompt(tokenizer, r["question"], ecfg, s, None) for r, s in zip(rows, shots, strict=True)]
-    ours = generate(model, tokenizer, prompts, ecfg)  # 20 questions through 6 slots: 14 join as others leave
-    padded = generate_padded(model, tokenizer, prompts, ecfg)
-    assert ours == padded
-    lengths = [o["generated_tokens"][0] for o in ours]
+    slots = generate(model, tokenizer, prompts, ecfg)  # 14 questions through 6 slots: 8 join as others leave
+    assert generate(model, tokenizer, prompts, dataclasses.replace(ecfg, engine=engine)) == slots
+    lengths = [o["generated_tokens"][0] for o in slots]
     assert len(set(lengths)) > 1 and max(lengths) <= 48  # rows stopped at different steps
 
 
@@ -74,14 +74,15 @@ def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patche
         assert model(input_ids=ids, fused_lm_head=False).logits.dtype == torch.float32  # the original is untouched
 
 
-def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny, engine):
     """Every row stops at its first stop token, the first generated token included, whether it was in the first
     fill of the slots or joined the batch later. The tiny model was pretrained on `question\\nsolution<EOS>`, so a
     prompt that is already a whole worked solution has EOS as its first greedy token."""
     import torch
 
     from gsm8k_lora.data.gsm8k import parse_answer
-    from gsm8k_lora.evaluation import batching
+    from gsm8k_lora.evaluation import engines
     from gsm8k_lora.evaluation.generation import requests, stop_token_ids
 
     _, model, tokenizer = tiny
@@ -95,11 +96,37 @@ def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny):
     assert set(first) == {tokenizer.eos_token_id}  # the rows this test is about exist
 
     def answers(batch_size: int) -> list[list[int]]:
-        tokens, _ = batching.run(model, requests(tokenizer, prompts, ecfg), batch_size, ecfg.max_new_tokens,
-                                 set(stop_token_ids(tokenizer)))
-        return tokens
+        return engines.run(engine, model, requests(tokenizer, prompts, ecfg), batch_size, ecfg.max_new_tokens,
+                           set(stop_token_ids(tokenizer)), tokenizer.pad_token_id, None, lambda n: None)
 
     alone, between, all_at_once = answers(1), answers(3), answers(len(prompts) + 5)
     assert alone == between == all_at_once
     assert [alone[i] for i in range(1, len(prompts), 2)] == [[tokenizer.eos_token_id]] * 4
     assert all(len(alone[i]) > 1 for i in range(0, len(prompts), 2))
+
+
+def test_answers_of_the_merged_adapter_are_those_of_the_adapter(tiny):
+    """`eval.merge_adapter`: a copy with the LoRA folded into the weights answers as the adapter does (float32), and
+    the trained model keeps its adapter."""
+    import torch
+    from peft import get_peft_model
+
+    from gsm8k_lora.evaluation.generation import merged
+    from gsm8k_lora.training.sft import build_lora_config
+
+    cfg, _, tokenizer = tiny
+    model, _ = load(cfg.model)
+    model = get_peft_model(model, build_lora_config(cfg.lora))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero (the adapter a no-op): give it something to merge
+            param.data.normal_(std=0.05)
+    ecfg = dataclasses.replace(cfg.eval, max_new_tokens=32)
+    prompts = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in synthetic.generate(6, seed=3)]
+    adapter = generate(model, tokenizer, prompts, ecfg)
+    with model.disable_adapter():
+        base = generate(model, tokenizer, prompts, ecfg)
+    with merged(model) as folded:
+        assert not any("lora_" in name for name, _ in folded.named_parameters())
+        assert generate(folded, tokenizer, prompts, ecfg) == adapter != base
+    assert any("lora_" in name for name, _ in model.named_parameters())

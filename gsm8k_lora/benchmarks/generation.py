@@ -1,8 +1,8 @@
-"""Generation speed for `make bench`: the evaluation's own path (`evaluation/generation.generate`, continuous
-batching) against `model.generate`'s padded batches (`generate_padded`, what the package used before, kept as
-the baseline as TRL's defaults are for training) and against one question at a time; tokens computed over
-tokens kept, counted at the LM head; and tokens generated against those needed to reach the final answer. The
-eval preset of `conf/eval/default.yaml` is changed only in batch size and token limit."""
+"""Generation speed for `make bench`: the evaluation's own path (`evaluation/generation.generate` with the
+default engine, continuous batching) against `model.generate`'s padded batches (`eval.engine=padded`, the
+baseline as TRL's defaults are for training) and against one question at a time; tokens computed over tokens
+kept, counted at the LM head; and tokens generated against those needed to reach the final answer. The eval
+preset of `conf/eval/default.yaml` is changed only in batch size, token limit and engine."""
 
 from __future__ import annotations
 
@@ -10,77 +10,14 @@ import dataclasses
 import time
 from contextlib import contextmanager
 
-import torch
-from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from gsm8k_lora.config import EvalConfig
-from gsm8k_lora.data.gsm8k import answer_line_complete, final_answer
-from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.data.gsm8k import final_answer
 from gsm8k_lora.evaluation.generation import (
-    ANSWER_LOOKBACK,
-    adds_special_tokens,
     build_prompt,
     generate,
-    stop_token_ids,
-    stops_and_limit,
 )
 
 NO_ANSWER = "n/a: the model wrote no #### answer"
-
-
-class AnswerComplete(StoppingCriteria):
-    """Per row: the `#### N` line is complete (the padded path's form of the evaluation's own stop)."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        start = max(self.prompt_len, input_ids.shape[1] - ANSWER_LOOKBACK)
-        done = [answer_line_complete(t) for t in self.tokenizer.batch_decode(input_ids[:, start:])]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-@torch.inference_mode()
-def generate_padded(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = "padded batches") -> list[dict]:
-    """The evaluation's generation before continuous batching: `model.generate` on batches of `eval.batch_size`
-    prompts sorted by length and left-padded, each decoded until its last row stops, with the same stops."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[dict] = [{} for _ in prompts]
-    sampling = cfg.num_samples > 1
-    device = next(model.parameters()).device
-    stop_ids = stop_token_ids(tokenizer)
-    protocol = protocols.get(cfg.prompt)
-    stops, max_new = stops_and_limit(tokenizer, cfg)
-    for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + cfg.batch_size]
-        texts_in = [prompts[i] for i in idx]
-        batch = tokenizer(texts_in, return_tensors="pt", padding=True,
-                          add_special_tokens=adds_special_tokens(tokenizer, texts_in[0], protocol)).to(device)
-        prompt_len = batch.input_ids.shape[1]
-        criteria = [AnswerComplete(tokenizer, prompt_len)] if protocol.stops_at_answer_line else []
-        out = model.generate(
-            **batch, max_new_tokens=max_new, do_sample=sampling,
-            temperature=cfg.temperature if sampling else None, top_p=None, top_k=None,
-            num_return_sequences=cfg.num_samples, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_ids, stop_strings=stops or None, tokenizer=tokenizer,
-            stopping_criteria=StoppingCriteriaList(criteria),
-        )
-        new = out[:, prompt_len:].view(len(idx), cfg.num_samples, -1)
-        for row, i in enumerate(idx):
-            texts, counts = [], []
-            for seq in new[row]:
-                keep = seq[seq != tokenizer.pad_token_id].tolist()
-                ends = [k for k, token in enumerate(keep) if token in stop_ids]
-                keep = keep[: ends[0] + 1] if ends else keep
-                counts.append(len(keep))
-                text = tokenizer.decode(keep, skip_special_tokens=True)
-                texts.append(protocol.graded_text(text, stops))
-            results[i] = {"completions": texts, "generated_tokens": counts}
-    tokenizer.padding_side = side
-    return results
 
 
 @contextmanager
@@ -99,15 +36,20 @@ def counted_at_the_head(model):
         handle.remove()
 
 
-def timed(path, model, tokenizer, prompts: list[str], cfg: EvalConfig) -> dict:
-    """One path's answers: seconds, tokens kept, tokens computed (at the LM head), kept tokens/s."""
+def timed(model, tokenizer, prompts: list[str], cfg: EvalConfig, limits: list[int] | None = None) -> dict:
+    """The answers of `cfg.engine`: seconds, tokens kept, tokens computed (at the LM head), kept tokens/s."""
     with counted_at_the_head(model) as computed:
         start = time.perf_counter()
-        out = path(model, tokenizer, prompts, cfg, f"{path.__name__}, batch {cfg.batch_size}")
+        out = generate(model, tokenizer, prompts, cfg, f"{cfg.engine}, batch {cfg.batch_size}", limits)
         seconds = time.perf_counter() - start
     kept = sum(sum(o["generated_tokens"]) for o in out)
     return {"seconds": seconds, "kept_tokens": kept, "computed_tokens": computed[0], "tokens_per_s": kept / seconds,
             "computed_over_kept_x": computed[0] / kept, "outputs": out}
+
+
+def same_answers(a: dict, b: dict) -> int:
+    """How many questions two `timed` results answered alike (every completion and its token count)."""
+    return sum(x == y for x, y in zip(a["outputs"], b["outputs"], strict=True))
 
 
 def needed_tokens(tokenizer, completion: str, ended: bool) -> int | None:
@@ -141,10 +83,10 @@ def bench_eval(model, tokenizer, questions: list[str], eval_cfg: EvalConfig, bat
     cfg = dataclasses.replace(eval_cfg, batch_size=batch_size, max_new_tokens=max_new_tokens)
     prompts = [build_prompt(tokenizer, q, cfg, [], None) for q in questions]
     generate(model, tokenizer, prompts[:2], dataclasses.replace(cfg, max_new_tokens=4))  # warm-up
-    single = timed(generate, model, tokenizer, prompts, dataclasses.replace(cfg, batch_size=1))
-    padded = timed(generate_padded, model, tokenizer, prompts, cfg)
-    ours = timed(generate, model, tokenizer, prompts, cfg)
-    same = sum(a["completions"] == b["completions"] for a, b in zip(ours["outputs"], padded["outputs"], strict=True))
+    single = timed(model, tokenizer, prompts, dataclasses.replace(cfg, batch_size=1))
+    padded = timed(model, tokenizer, prompts, dataclasses.replace(cfg, engine="padded"))
+    ours = timed(model, tokenizer, prompts, cfg)
+    same = same_answers(ours, padded)
     return {
         "eval_questions": len(prompts),
         "eval_batch_size": batch_size,

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from gsm8k_lora.benchmarks.generation import answer_token_figures, generate_padded, timed
+from gsm8k_lora.benchmarks.generation import answer_token_figures, same_answers, timed
 from gsm8k_lora.benchmarks.training import bench_settings, run_variant, variants
-from gsm8k_lora.config import Config, compose
+from gsm8k_lora.config import ENGINES, Config, compose
 from gsm8k_lora.data.loading import build_splits
 from gsm8k_lora.errors import ModelLoadError
 from gsm8k_lora.evaluation.generation import build_prompt, generate
@@ -120,36 +120,38 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path, cache_dir: str | Non
 
 
 def bench_generation(model, tokenizer, splits, cfg: Config, questions: int, rate: float, bf16: bool) -> dict:
-    """The evaluation's answers to real test questions (zero-shot, 256 new tokens, `make real`'s batch size)
-    against `model.generate`'s padded batches of 32, as `make real` answered before; in float32, the reference,
-    and in bfloat16 where the CPU has the instructions."""
+    """The evaluation's answers to real test questions (zero-shot, 256 new tokens, `make real`'s batch size) by
+    each answer engine (`eval.engine`), in float32, the reference: their speed, and how many questions each answers
+    exactly as the default engine does; `padded` at batch 32, as `make real` answered before; and the default
+    engine in bfloat16 where the CPU has the instructions."""
     ecfg = dataclasses.replace(cfg.eval, max_new_tokens=256, dtype="float32")
     prompts = [build_prompt(tokenizer, row["question"], ecfg, [], None)
                for row in splits.test.select(range(questions)).to_list()]
     generate(model, tokenizer, prompts[:2], dataclasses.replace(ecfg, max_new_tokens=4))  # warm-up
-    padded = timed(generate_padded, model, tokenizer, prompts, dataclasses.replace(ecfg, batch_size=32))
-    ours = timed(generate, model, tokenizer, prompts, ecfg)
+    ours = timed(model, tokenizer, prompts, ecfg)
+    padded = timed(model, tokenizer, prompts, dataclasses.replace(ecfg, engine="padded", batch_size=32))
     per_token = 2 * matmul_params(model)
     out = {
         "real_generation_questions": questions, "real_generation_batch_size": ecfg.batch_size,
-        "real_generation_batch_size_padded": 32,
+        "real_generation_engine": ecfg.engine, "real_generation_batch_size_padded": 32,
         "real_generation_tokens_per_s": ours["tokens_per_s"],
         "real_generation_tokens_per_s_padded": padded["tokens_per_s"],
         "real_generation_speedup_x": ours["tokens_per_s"] / padded["tokens_per_s"],
         "real_generation_share_of_matmul_rate": ours["tokens_per_s"] * per_token / (rate * 1e9),
         "real_generation_computed_over_kept_x": ours["computed_over_kept_x"],
         "real_generation_computed_over_kept_x_padded": padded["computed_over_kept_x"],
-        "real_generation_same_answers_as_padded": sum(a["completions"] == b["completions"]
-                                                      for a, b in zip(ours["outputs"], padded["outputs"], strict=True)),
+        "real_generation_same_answers_as_padded": same_answers(ours, padded),
         **{f"real_{k}": v for k, v in answer_token_figures(tokenizer, ours["outputs"], 256).items()},
     }
+    for engine in (e for e in ENGINES if e not in (ecfg.engine, "padded")):  # each at the default engine's batch
+        other = timed(model, tokenizer, prompts, dataclasses.replace(ecfg, engine=engine))
+        out.update({f"real_generation_tokens_per_s_{engine}": other["tokens_per_s"],
+                    f"real_generation_same_answers_{engine}": same_answers(ours, other)})
     if bf16:
-        half = timed(generate, model, tokenizer, prompts, dataclasses.replace(ecfg, dtype="bfloat16"))
+        half = timed(model, tokenizer, prompts, dataclasses.replace(ecfg, dtype="bfloat16"))
         out.update({"real_generation_tokens_per_s_bf16": half["tokens_per_s"],
                     "real_generation_bf16_over_float32_x": half["tokens_per_s"] / ours["tokens_per_s"],
-                    "real_generation_bf16_same_answers_as_float32": sum(
-                        a["completions"] == b["completions"] for a, b in zip(half["outputs"], ours["outputs"],
-                                                                             strict=True))})
+                    "real_generation_bf16_same_answers_as_float32": same_answers(half, ours)})
     return out
 
 

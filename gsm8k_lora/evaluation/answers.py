@@ -1,16 +1,18 @@
 """The evaluation step: which questions, with which few-shot examples, answered by the baseline (adapter
 disabled) and the fine-tuned model, then graded and summed up (`scoring.py`). Used alike by the recipe
-(`train.py`) and `python -m gsm8k_lora.evaluate`; nothing here writes a file or talks to W&B."""
+(`recipe.py`) and `python -m gsm8k_lora.evaluate`; nothing here writes a file or talks to W&B."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
+from gsm8k_lora import figures as F
 from gsm8k_lora.config import EvalConfig
 from gsm8k_lora.data.loading import Splits, shot_pool
 from gsm8k_lora.evaluation import baseline_cache, protocols
-from gsm8k_lora.evaluation.generation import build_prompt, generate, settings, token_limit
+from gsm8k_lora.evaluation.generation import build_prompt, generate, merged, settings, token_limit
 from gsm8k_lora.evaluation.scoring import eval_metrics, score
 
 TINY_NOTE = ("The built-in tiny model's accuracy says nothing about Falcon3 or any real model: "
@@ -23,19 +25,29 @@ def pick_shots(train_rows: list[dict], cfg: EvalConfig, num_questions: int) -> l
 
 
 def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: EvalConfig,
-           system_prompt: str | None, adapters: bool, weights: dict | None = None) -> tuple[dict[str, list[dict]], str]:
-    """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions, and
-    where the baseline's answers came from: `generated`, or the cache entry that held them (`weights`: the
-    base weights' identity, `baseline_cache.weights_identity`; without it the baseline is not cached)."""
+           system_prompt: str | None, adapters: bool,
+           weights: dict | None = None) -> tuple[dict[str, list[dict]], str, dict[str, float]]:
+    """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions; where
+    the baseline's answers came from: `generated`, or the cache entry that held them (`weights`: the base weights'
+    identity, `baseline_cache.weights_identity`; without it the baseline is not cached); and the seconds each
+    model took to answer (a baseline read from the cache took none)."""
     prompts = [build_prompt(tokenizer, r["question"], cfg, s, system_prompt) for r, s in zip(rows, shots, strict=True)]
     model.config.use_cache = True
     out: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
     source = "generated"
+
+    def timed(name: str, answering, desc: str) -> list[dict]:
+        start = time.perf_counter()
+        generations = generate(answering, tokenizer, prompts, cfg, desc)
+        seconds[name] = time.perf_counter() - start
+        return generations
+
     if not adapters or cfg.compare_baseline:
         context = model.disable_adapter() if adapters else contextlib.nullcontext()
         with context:
             def run() -> list[dict]:
-                return generate(model, tokenizer, prompts, cfg, "Baseline answers")
+                return timed("baseline", model, "Baseline answers")
 
             if cfg.baseline_cache and weights is not None:
                 the_key = baseline_cache.key(weights, model, prompts, rows, settings(model, tokenizer, cfg))
@@ -44,9 +56,10 @@ def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: Eva
                 generations = run()
             out["baseline"] = score(rows, generations, "baseline", token_limit(cfg))
     if adapters:
-        out["finetuned"] = score(rows, generate(model, tokenizer, prompts, cfg, "Fine-tuned answers"), "finetuned",
-                                 token_limit(cfg))
-    return out, source
+        with merged(model) if cfg.merge_adapter else contextlib.nullcontext(model) as answering:
+            generations = timed("finetuned", answering, "Fine-tuned answers")
+        out["finetuned"] = score(rows, generations, "finetuned", token_limit(cfg))
+    return out, source, seconds
 
 
 def evaluate(cfg: EvalConfig, system_prompt: str | None, model, tokenizer, splits: Splits, rows: list[dict],
@@ -54,8 +67,9 @@ def evaluate(cfg: EvalConfig, system_prompt: str | None, model, tokenizer, split
              note: str | None = None) -> tuple[dict[str, list[dict]], dict]:
     """The questions answered and graded, and the figures of `eval_metrics.json` (`note`: a caveat kept with them)."""
     shots = pick_shots(shot_pool(splits, cfg.split), cfg, len(rows))
-    predictions, source = answer(model, tokenizer, rows, shots, cfg, system_prompt, adapters, weights)
+    predictions, source, seconds = answer(model, tokenizer, rows, shots, cfg, system_prompt, adapters, weights)
     metrics = eval_metrics(predictions)
+    metrics.update({F.figure(name, F.ANSWER_SECONDS): value for name, value in seconds.items()})
     if "baseline" in predictions:
         metrics["baseline_source"] = source
     if note:

@@ -102,6 +102,22 @@ class Row:
 class Request:
     ids: list[int]  # the prompt's token ids
     stops: Callable[[list[int], list[int]], bool]  # (prompt ids, generated ids) -> done (besides ids and limit)
+    limit: int | None = None  # its own token limit, under the engine's (the bench stops random weights here)
+
+
+def finished(request: Request, tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> bool:
+    """Whether a row is done with `tokens` generated: at a stop token, at its token limit, or once its stop
+    condition holds. The one rule every answer engine stops rows by (`engines.py` cuts their output with it)."""
+    limit = max_new_tokens if request.limit is None else min(max_new_tokens, request.limit)
+    return tokens[-1] in stop_ids or len(tokens) >= limit or request.stops(request.ids, tokens)
+
+
+def cut(request: Request, tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> list[int]:
+    """`tokens` up to and including the first at which the row is done (`finished`): what the slot loop keeps."""
+    for n in range(1, len(tokens) + 1):
+        if finished(request, tokens[:n], stop_ids, max_new_tokens):
+            return tokens[:n]
+    return tokens
 
 
 def cache_keyword(model) -> str:
@@ -129,8 +145,7 @@ def run(model, requests: list[Request], slots: int, max_new_tokens: int, stop_id
     waiting, live, results, computed = list(range(len(requests))), [], [None] * len(requests), 0
 
     def done(row: Row) -> bool:
-        return (row.tokens[-1] in stop_ids or len(row.tokens) >= max_new_tokens
-                or requests[row.request].stops(requests[row.request].ids, row.tokens))
+        return finished(requests[row.request], row.tokens, stop_ids, max_new_tokens)
 
     def finish(row: Row) -> None:
         results[row.request] = row.tokens
