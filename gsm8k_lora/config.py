@@ -37,6 +37,10 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, key, value, "allowed: " + ", ".join(map(str, choices)))
 
 
+# The models the package makes itself (`model/tiny.py`, `model/shaped.py`), named by `model.name_or_path`.
+BUILTIN_TINY, BUILTIN_FALCON3_SHAPE = "builtin:tiny", "builtin:falcon3_1b_shape"
+
+
 @dataclass
 class PypiWeights:
     """A GGUF copy of a model shipped inside a PyPI wheel: for machines that reach PyPI but not the hub."""
@@ -72,7 +76,8 @@ class ModelConfig:
         _check(not (self.gguf_file and self.load_in_4bit), "model.load_in_4bit", self.load_in_4bit,
                "must be false with model.gguf_file (a GGUF is dequantised to float32)")
         _check_choice("model.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
-        _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        _check_choice("model.attn_implementation", self.attn_implementation,
+                      ("sdpa", "eager", "flex_attention", "flash_attention_2"))
         _check_choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
         try:
             kernels.parse(self.hub_kernels)
@@ -163,6 +168,9 @@ class TrainerConfig:
     padding_free: bool = MISSING
     train_sampling_strategy: str = MISSING
     gradient_checkpointing: bool = MISSING
+    use_liger_kernel: bool = MISSING
+    torch_compile: bool = MISSING
+    step_metrics: bool = MISSING
     bf16: bool = MISSING
     fp16: bool = MISSING
     tf32: bool | None = MISSING
@@ -222,6 +230,9 @@ class LoggerConfig:
         _check_choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
 
 
+ENGINES = ("slots", "padded", "static", "paged")  # the answer engines of `evaluation/engines.py`
+
+
 @dataclass
 class EvalConfig:
     enabled: bool = MISSING
@@ -230,6 +241,8 @@ class EvalConfig:
     prompt: str = MISSING
     num_fewshot: int = MISSING
     batch_size: int = MISSING
+    engine: str = MISSING
+    merge_adapter: bool = MISSING
     max_new_tokens: int = MISSING
     num_samples: int = MISSING
     temperature: float = MISSING
@@ -255,6 +268,7 @@ class EvalConfig:
         _check(self.during_training_limit > 0, "eval.during_training_limit", self.during_training_limit,
                "must be a positive integer")
         _check_choice("eval.dtype", self.dtype, ("auto", "model", "float32", "bfloat16"))
+        _check_choice("eval.engine", self.engine, ENGINES)
 
 
 @dataclass
@@ -305,6 +319,8 @@ class Config:
         _check(not (self.trainer.save_merged and self.model.load_in_4bit), "trainer.save_merged",
                self.trainer.save_merged, "must be false with model.load_in_4bit=true: merging re-quantises the "
                "weights and rounds most of the adapter away; merge the saved adapter into the bf16 base instead")
+        _check(not (self.eval.merge_adapter and self.model.load_in_4bit), "eval.merge_adapter", self.eval.merge_adapter,
+               "must be false with model.load_in_4bit=true: merging into 4-bit weights rounds most of the adapter away")
         _check_choice("objective", self.objective, OBJECTIVES)
         _check(self.eval.enabled or self.objective != OBJECTIVES[2], "objective", self.objective,
                "needs eval.enabled=true")

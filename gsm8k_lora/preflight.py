@@ -11,6 +11,7 @@ libraries are imported at the top: this runs in the entry points' door, before t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from gsm8k_lora import hub
-from gsm8k_lora.config import Config, DataConfig, ModelConfig
+from gsm8k_lora.config import BUILTIN_FALCON3_SHAPE, BUILTIN_TINY, Config, DataConfig, ModelConfig
 from gsm8k_lora.data.files import LOCAL_SUFFIXES, split_files
 from gsm8k_lora.model import kernels
 
@@ -71,6 +72,12 @@ def device_problems(cfg: Config, training: bool) -> list[Problem]:
             problems.append(Problem("trainer.fp16", t.fp16, "needs a CUDA GPU", "device"))
         if t.tf32 and not (cuda and major >= 8):
             problems.append(Problem("trainer.tf32", t.tf32, "needs an Ampere or newer CUDA GPU", "device"))
+        if t.use_liger_kernel and not cuda:
+            problems.append(Problem("trainer.use_liger_kernel", True, "needs a CUDA GPU (Liger's kernels are Triton's)",
+                                    "device"))
+        elif t.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            problems.append(Problem("trainer.use_liger_kernel", True, "needs liger-kernel: pip install -e .[liger]",
+                                    "path"))
     if cfg.model.load_in_4bit:
         why = four_bit_problem(cfg.trainer.use_cpu)
         if why:
@@ -108,7 +115,11 @@ def model_problems(cfg: ModelConfig) -> list[Problem]:
                             "path")]
         return []
     name = cfg.name_or_path
-    if name.startswith(BUILTIN) or cfg.source == "pypi":
+    if name.startswith(BUILTIN):
+        known = (BUILTIN_TINY, BUILTIN_FALCON3_SHAPE)
+        return [] if name in known else [Problem("model.name_or_path", name, f"is no built-in model; allowed: "
+                                                 f"{', '.join(known)}", "path")]
+    if cfg.source == "pypi":
         return []
     local = Path(name).expanduser()
     if local.is_dir():

@@ -66,3 +66,18 @@ def test_no_example_attends_to_another_in_a_padding_free_batch(model_and_example
         alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
     assert torch.allclose(logits_a, logits_b, atol=1e-5)  # the second example never saw the first
     assert torch.allclose(logits_a, alone, atol=1e-4)  # and reads exactly as it does alone
+
+
+@pytest.mark.slow
+def test_flex_attention_keeps_padding_free_examples_apart(model_and_examples, tiny_model_dir):
+    """`model.attn_implementation=flex_attention` turns a padding-free batch's position ids into a block mask: the
+    loss is the padded batch's under sdpa (flex compiles its kernel on first use: tens of seconds on a CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa, tok, examples = model_and_examples
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention",
+                                                use_kernels=False).eval()
+    flex.config.use_cache = False
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
+    assert torch.allclose(loss_of(flex, flat), loss_of(sdpa, padded), atol=1e-5)

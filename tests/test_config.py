@@ -56,7 +56,8 @@ def test_overrides_reach_the_typed_config():
 SFT_NAMES = {"gradient_checkpointing": "activation_checkpointing"}
 # TrainerConfig fields that are not SFTConfig fields, and what reads them instead.
 NOT_SFT = {"early_stopping_patience": "EarlyStoppingCallback (and load_best_model_at_end)",
-           "save_merged": "train.run", "resume": "training.sft.train"}
+           "save_merged": "train.run", "resume": "training.sft.train",
+           "step_metrics": "training.sft.trainer_class (and include_num_input_tokens_seen)"}
 # A value for every TrainerConfig field, each unlike SFTConfig's own default and valid together (on a CPU):
 # a field the builder forgot to pass would show SFTConfig's default, not this value.
 DISTINCT = {
@@ -67,7 +68,8 @@ DISTINCT = {
     "gradient_checkpointing": False, "bf16": False, "fp16": True, "tf32": False, "optim": "sgd", "use_cpu": True,
     "logging_steps": 2, "eval_steps": 3, "save_steps": 6, "save_total_limit": 4, "eval_on_start": True,
     "early_stopping_patience": 2, "metric_for_best_model": f"eval_{HEADLINE.figure}", "dataloader_num_workers": 1,
-    "seed": 7, "save_merged": True, "resume": "never",
+    "seed": 7, "save_merged": True, "resume": "never", "use_liger_kernel": True, "torch_compile": True,
+    "step_metrics": False,
 }
 
 
@@ -126,7 +128,8 @@ def test_sft_config_takes_every_trainer_field(tmp_path):
     assert (sft.output_dir, sft.run_name, sft.report_to) == (str(tmp_path), "x", [])
     assert [sft_value(sft, k) for k in ("logging_strategy", "eval_strategy", "save_strategy")] == ["steps"] * 3
     assert sft.logging_first_step is True and sft.logging_nan_inf_filter is False
-    assert sft.assistant_only_loss is False and sft.include_num_input_tokens_seen == "non_padding"
+    # without step metrics the tokens seen are counted by QuietSFTTrainer, not read back at every step
+    assert sft.assistant_only_loss is False and sft.include_num_input_tokens_seen == "no"
 
 
 def test_sft_config_follows_early_stopping_and_checkpointing(tmp_path):

@@ -12,11 +12,14 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import peft
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback
+from trl import SFTConfig
 
 from gsm8k_lora import records
 from gsm8k_lora.config import LoraConfig, TrainerConfig
@@ -32,20 +35,10 @@ from gsm8k_lora.training.resilience import (
     resume_checkpoint,
     room_problem,
 )
-
-if TYPE_CHECKING:
-    import peft
-    from trl import SFTConfig, SFTTrainer
-
-# TRL and PEFT are imported where they are used, not at the top: together they take seconds to import
-# (PEFT brings bitsandbytes), which every command would pay before its config is even checked, and with
-# WANDB_MODE=offline TRL's trainer prints "[INFO] Running in WANDB offline mode" (transformers' W&B
-# integration) into the output of `--cfg`, `--help` and every config error.
+from gsm8k_lora.training.trainer import QuietSFTTrainer, SFTTrainer
 
 
 def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
-    import peft  # deferred: see the note at the top
-
     targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
     return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            bias=cfg.bias, target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
@@ -55,8 +48,6 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, run_name: str = "", repo
                      **changes) -> SFTConfig:
     """Every field set explicitly (SFTConfig's own defaults differ from the reference run); `changes` are
     SFTConfig fields set last, for callers that must differ from a run in a stated way (the benchmarks)."""
-    from trl import SFTConfig  # deferred: see the note at the top
-
     early_stopping = cfg.early_stopping_patience is not None
     fields = dict(
         output_dir=str(out_dir), run_name=run_name, report_to=report_to or [], seed=cfg.seed, data_seed=cfg.seed,
@@ -70,17 +61,25 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, run_name: str = "", repo
         # transformers 5 renamed gradient_checkpointing; the new name wins over TRL's default of True
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        use_liger_kernel=cfg.use_liger_kernel, torch_compile=cfg.torch_compile,
         bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32, optim=cfg.optim, use_cpu=cfg.use_cpu,
         logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
         eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=early_stopping, metric_for_best_model=cfg.metric_for_best_model,
         greater_is_better="loss" not in cfg.metric_for_best_model,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=cfg.dataloader_num_workers,
+        # without step metrics, QuietSFTTrainer counts the tokens seen itself, with no read in the step
+        include_num_input_tokens_seen="non_padding" if cfg.step_metrics else "no",
+        dataloader_num_workers=cfg.dataloader_num_workers,
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where CheckpointGuard stops the run
         disable_tqdm=False,
     )
     return SFTConfig(**{**fields, **changes})
+
+
+def trainer_class(cfg: TrainerConfig) -> type[SFTTrainer]:
+    """TRL's SFTTrainer, or without per-step figures the subclass that reads nothing back in a step."""
+    return SFTTrainer if cfg.step_metrics else QuietSFTTrainer
 
 
 def build_trainer(cfg: TrainerConfig, lora: LoraConfig, model, tokenizer, splits: Splits, system_prompt: str | None,
@@ -88,17 +87,15 @@ def build_trainer(cfg: TrainerConfig, lora: LoraConfig, model, tokenizer, splits
     """SFTTrainer on the training rows in the model's chat template (loss on `splits.validation_loss`), with this
     package's callbacks; `extra` (W&B's, GSM8K accuracy during training) go before early stopping, which reads
     the metric accuracy adds."""
-    from trl import SFTTrainer  # deferred: see the note at the top
-
     train_ds = to_prompt_completion(splits.train, tokenizer, system_prompt)
     val_ds = to_prompt_completion(splits.validation_loss, tokenizer, system_prompt)
     # W&B's callback is added here, not through report_to, so a W&B failure cannot end the run
     callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process), *extra]
     if cfg.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, out_dir, name), train_dataset=train_ds,
-                         eval_dataset=val_ds, processing_class=tokenizer, peft_config=build_lora_config(lora),
-                         callbacks=callbacks)
+    trainer = trainer_class(cfg)(model=model, args=build_sft_config(cfg, out_dir, name), train_dataset=train_ds,
+                                 eval_dataset=val_ds, processing_class=tokenizer, peft_config=build_lora_config(lora),
+                                 callbacks=callbacks)
     for callback in extra:
         if isinstance(callback, GSM8KAccuracyCallback):
             callback.trainer = trainer  # it logs through the trainer
@@ -121,9 +118,6 @@ def restore_finished(trainer: SFTTrainer, checkpoint: Path) -> None:
     """The end of a training that had finished, from its checkpoint, instead of training on: the Trainer
     resumed from its last checkpoint trains one step past `max_steps`. The state, early stopping's count, and
     the adapter weights the end of training keeps (the best checkpoint's when early stopping is on)."""
-    from peft import set_peft_model_state_dict  # deferred: see the note at the top
-    from safetensors.torch import load_file
-
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     best = trainer.state.best_model_checkpoint
     weights = Path(best) if trainer.args.load_best_model_at_end and best and Path(best).is_dir() else checkpoint
