@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from datetime import datetime
@@ -32,10 +33,11 @@ import torch
 from peft import PeftModel
 
 from gsm8k_lora import records
-from gsm8k_lora.benchmarks.falcon3 import bench_falcon3
+from gsm8k_lora.benchmarks.falcon3 import LEVERS, bench_falcon3
 from gsm8k_lora.benchmarks.generation import NO_ANSWER, bench_eval
 from gsm8k_lora.benchmarks.real import bench_real
 from gsm8k_lora.benchmarks.training import bench_training, device_config
+from gsm8k_lora.config import BUILTIN_TINY, ENGINES
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.model.loading import load
 from gsm8k_lora.model.sources import resolve
@@ -56,29 +58,59 @@ REFERENCES = {
 
 
 def unmeasured(results: dict) -> list[str]:
-    """The figures this run did not measure: a training variant that counted no token (its rates would print 0),
-    a rate that is not a number, an MFU on a GPU whose peak is unknown. Figures that are absent for a stated
-    reason (no `#### N` answer to measure against, no GPU) are printed as n/a with it, and are not listed."""
+    """The figures this run did not measure: a training variant that failed, was left out, or counted no token (its
+    rates would print 0), an engine that failed or was left out, a rate that is not a number, an MFU on a GPU whose
+    peak is unknown. Figures absent for a stated reason of the machine (no `#### N` answer to measure against, no
+    GPU, on a CPU no 4-bit kernels) are printed as n/a with it, and are not listed."""
     found = []
     on_gpu = results.get("falcon3_device", "cpu") != "cpu"
     for key, value in results.items():
         if isinstance(value, float) and not math.isfinite(value):
             found.append(f"{key}: {value}")
+        if key.endswith("_error") or (on_gpu and key.endswith("_skipped") and key != "real_skipped"):
+            found.append(f"{key.rpartition('_')[0]}: {value}")
         listed = isinstance(value, list)
-        variants = value if listed else [value] if isinstance(value, dict) and "real_tokens" in value else []
+        variants = value if listed else [value] if isinstance(value, dict) and "variant" in value else []
         for variant in variants:
             name = f"{key}[{variant['variant']}]" if listed else key
-            if not (variant.get("real_tokens") and variant.get("computed_tokens")):
+            if "error" in variant or "skipped" in variant:
+                found.append(f"{name}: {variant.get('error') or 'not run: ' + variant['skipped']}")
+            elif not (variant.get("real_tokens") and variant.get("computed_tokens")):
                 found.append(f"{name}: counted no trained token")
             elif on_gpu and "mfu" in variant and variant["mfu"] is None:
                 found.append(f"{name}: no MFU, no bf16 peak is known for {results['falcon3_device']}")
     return found
 
 
+def choose(results: dict) -> list[str]:
+    """The overrides of the training variant with the most tokens/s among those that keep the reference run's 16
+    rows a step, and of the answer engine with the most tokens/s (the merged adapter where the slot loop is chosen
+    and merging made it faster): from what a GPU bench measured, never from what it did not."""
+    def rate(key: str) -> float:
+        value = results.get(key)
+        return value.get("real_tokens_per_s", 0.0) if isinstance(value, dict) and "error" not in value else 0.0
+
+    reference_batch = [lever for lever in LEVERS if not any("per_device_train_batch_size" in o for o in LEVERS[lever])]
+    training = max(reference_batch, key=lambda lever: rate(f"falcon3_{lever}"))
+    chosen = list(LEVERS[training]) if rate(f"falcon3_{training}") > 0 else []
+    engines = {e: results.get(f"gen_{e}_tokens_per_s") or 0.0 for e in ENGINES}
+    engine = max(engines, key=engines.get)
+    if engines[engine] > 0:
+        chosen.append(f"eval.engine={engine}")
+        if engine == "slots" and (results.get("gen_slots_merged_tokens_per_s") or 0.0) > engines["slots"]:
+            chosen.append("eval.merge_adapter=true")
+    return chosen
+
+
 def print_table(results: dict) -> None:
     print(f"{'figure':42s} {'value':>12s}  target")
     for key, value in results.items():
-        if key.startswith("falcon3_") and isinstance(value, dict):  # one Falcon3-shaped training variant
+        if isinstance(value, dict) and ("error" in value or "skipped" in value):
+            print(f"{key:42s} {value.get('error') or 'not run: ' + value['skipped']}")
+        elif isinstance(value, dict) and "gpu_busy" in value:  # a profile of CUDA kernels
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in value.items() if k not in ("wall_s", "gpu_busy"))
+            print(f"{key:42s} {value['wall_s']:.3f} s, GPU busy {value['gpu_busy']:.0%}: {parts}")
+        elif key.startswith("falcon3_") and isinstance(value, dict):  # one Falcon3-shaped training variant
             mfu = "n/a" if value["mfu"] is None else f"{value['mfu']:.1%}"
             peak = "n/a" if value["peak_memory_gib"] is None else f"{value['peak_memory_gib']:.1f} GiB"
             print(f"{key:42s} {value['real_tokens_per_s']:10.0f} tok/s, MFU {mfu}, peak {peak}  "
@@ -112,32 +144,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/bench", help="where the JSON result goes")
     parser.add_argument("--skip-real", action="store_true", help="leave out the real-model section (SmolLM2-135M)")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="sized for the one-call GPU check (scripts/gpu_check.sh): 8 steps a variant, 256 prompts")
+                        help="sized for the one-call GPU check (scripts/gpu_check.sh): 6 steps a variant, 256 prompts")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="seconds the Falcon3-shaped section may take: what does not fit is named as not measured")
     parser.add_argument("--real-steps", type=int, default=3, help="optimizer steps per real-model training variant")
     parser.add_argument("--real-questions", type=int, default=64,
                         help="real test questions for generation speed (at least 32)")
+    parser.add_argument("--choose", type=Path, default=None, metavar="BENCH_JSON",
+                        help="print the overrides of the fastest training levers and answer engine a GPU bench "
+                             "measured (what the GPU check's runs then use), and stop")
     parser.add_argument("--gsm8k", type=Path, default=None,
                         help="a local GSM8K (train.jsonl, test.jsonl) for the real-model section (make bench gives it)")
     args = parser.parse_args(argv)
 
+    if args.choose:
+        print(" ".join(choose(json.loads(args.choose.read_text(encoding="utf-8")))))
+        return {}
     cuda = torch.cuda.is_available()
     cfg = device_config(cuda)  # the tiny model, with the trainer and eval presets a run on this device uses
     torch.manual_seed(0)
-    tiny = resolve(dataclasses.replace(cfg.model, name_or_path="builtin:tiny"))
-    model, tokenizer = load(dataclasses.replace(cfg.model, name_or_path="builtin:tiny"), resolved=tiny)
-    if args.adapter:
-        model = PeftModel.from_pretrained(model, records.resolve_adapter(args.adapter))
-    model.to("cuda" if cuda else "cpu")
-    n = 8 if args.quick else 64
-    questions = [row["question"] for row in synthetic.generate(n, seed=123)]
-    results = {"mode": "quick" if args.quick else "full", "model": "tiny" + ("+adapter" if args.adapter else ""),
-               **bench_eval(model, tokenizer, questions, cfg.eval, batch_size=min(32, n), max_new_tokens=128)}
-    results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
-                                  epoch_rows=400 if args.quick else 6726))
+    tiny = resolve(dataclasses.replace(cfg.model, name_or_path=BUILTIN_TINY))
+    results = {"mode": "gpu-check" if args.gpu_check else "quick" if args.quick else "full",
+               "model": "tiny" + ("+adapter" if args.adapter else "")}
+    if not args.gpu_check:  # the GPU check's minutes go to the Falcon3-shaped levers
+        model, tokenizer = load(dataclasses.replace(cfg.model, name_or_path=BUILTIN_TINY), resolved=tiny)
+        if args.adapter:
+            model = PeftModel.from_pretrained(model, records.resolve_adapter(args.adapter))
+        model.to("cuda" if cuda else "cpu")
+        n = 8 if args.quick else 64
+        questions = [row["question"] for row in synthetic.generate(n, seed=123)]
+        results.update(bench_eval(model, tokenizer, questions, cfg.eval, batch_size=min(32, n), max_new_tokens=128))
+        results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
+                                      epoch_rows=400 if args.quick else 6726))
     if cuda or not args.quick:  # on a CPU, the weight memory only
-        steps = 8 if args.gpu_check else (5 if args.quick else 30)
+        steps = 6 if args.gpu_check else (5 if args.quick else 30)
         results.update(bench_falcon3(Path(tiny.path), steps=steps, quick=args.quick,
-                                     prompts=256 if args.gpu_check else None))
+                                     prompts=256 if args.gpu_check else None, gsm8k_dir=args.gsm8k,
+                                     deadline_s=args.deadline_s))
     if not (args.quick or args.skip_real):
         if args.gsm8k is None:
             results["real_skipped"] = "no local GSM8K given (--gsm8k DIR)"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gsm8k_lora.bench import unmeasured
 from gsm8k_lora.benchmarks.falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
 from gsm8k_lora.benchmarks.training import device_config
 from tests.conftest import run_cli
@@ -128,19 +129,28 @@ def test_bench_quick_mode_writes_its_figures(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
+    """The GPU bench's code at a small shape on the CPU preset: two levers, TRL's defaults and QLoRA trained, and
+    every answer engine, each of which must answer as padded `generate` does (float32 here)."""
     pytest.importorskip("bitsandbytes")
-    out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, cfg=device_config(False),
-                        training=True)
+    levers = {"package_default": [], "quiet_steps": ["trainer.step_metrics=false"]}
+    out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, preset=("trainer=cpu_smoke",),
+                        training=True, prompts=12, levers=levers)
     assert out["falcon3_params"] == param_count(SMALL) and out["falcon3_matmul_params"] == matmul_param_count(SMALL)
     assert 0 < out["qlora_weights_gib_4bit"] < out["qlora_weights_gib_bf16"]
-    for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_qlora"):
+    for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_quiet_steps", "falcon3_qlora"):
         figures = out[name]
-        assert figures["steps"] == 2 and figures["timed_steps"] == 1 and figures["model_tflops"] > 0
+        assert figures["steps"] == 2 and figures["timed_steps"] == 1 and figures["model_tflops"] > 0, figures
         tflops = 4 * matmul_param_count(SMALL) * figures["real_tokens_per_s"] / 1e12
         assert figures["model_tflops"] == pytest.approx(tflops)
         timed_tokens = figures["real_tokens_per_s"] * figures["seconds"]  # the warm-up step's tokens are left out
         assert 0 < timed_tokens < figures["real_tokens"]
-    assert out["gen_prompts"] == 64 and out["gen_tokens"] > 0
+    # the quiet trainer trains on the same tokens as TRL's own
+    assert out["falcon3_quiet_steps"]["real_tokens"] == out["falcon3_package_default"]["real_tokens"]
+    assert out["gen_questions"] == 12 and out["gen_padded_tokens"] > 0
+    for engine in ("slots", "static", "paged", "slots_merged"):
+        assert out[f"gen_{engine}_same_answers_as_padded"] == 12, engine
+        assert out[f"gen_{engine}_tokens"] == out["gen_padded_tokens"]  # each row stopped at its reference length
+    assert unmeasured(out) == []
 
 
 def test_real_bench_counts_matmul_parameters_once_and_leaves_the_embedding_lookup_out():
@@ -196,3 +206,25 @@ def test_a_figure_the_bench_did_not_measure_fails_it_by_name():
     found = unmeasured(results)
     assert found == ["train_variants[package_default]: counted no trained token",
                      "falcon3_package_default: counted no trained token", "train_speedup_x: nan"]
+
+
+def lever(tokens_per_s: float, **extra) -> dict:
+    return {"variant": "x", "real_tokens": 100, "computed_tokens": 100, "real_tokens_per_s": tokens_per_s, **extra}
+
+
+@pytest.mark.parametrize("measured, chosen", [
+    # the fastest lever that keeps 16 rows a step; a faster one with more rows a step, or one that failed, is not taken
+    ({"falcon3_package_default": lever(10), "falcon3_flex_attention": lever(14), "falcon3_rows_32": lever(30),
+      "falcon3_liger": {"variant": "liger", "error": "ImportError: no triton"}},
+     ["model.attn_implementation=flex_attention"]),
+    # the engine with the most tokens/s; the merged adapter where it made the slot loop faster
+    ({"falcon3_package_default": lever(10), "gen_slots_tokens_per_s": 900.0, "gen_padded_tokens_per_s": 800.0,
+      "gen_slots_merged_tokens_per_s": 1200.0}, ["eval.engine=slots", "eval.merge_adapter=true"]),
+    ({"gen_paged_tokens_per_s": 2000.0, "gen_slots_tokens_per_s": 900.0, "gen_slots_merged_tokens_per_s": 1200.0},
+     ["eval.engine=paged"]),
+    ({}, []),  # nothing measured: nothing chosen
+])
+def test_the_gpu_check_runs_with_what_its_bench_measured_fastest(measured, chosen):
+    from gsm8k_lora.bench import choose
+
+    assert choose(measured) == chosen

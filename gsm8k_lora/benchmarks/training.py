@@ -120,9 +120,11 @@ def variants(cfg: Config, steps: int) -> dict[str, ArgsFactory]:
 
 
 def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, rows: list[dict], steps: int,
-                load_in_4bit: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict:
+                load_in_4bit: bool = False, callbacks: list[TrainerCallback] | None = None,
+                trainer_class: type[SFTTrainer] | None = None) -> dict:
     """Train a freshly loaded model (loaded as a run loads it: `cfg.model` with this directory) with the
-    variant's SFTConfig (`steps` optimizer steps) and the run's LoRA config; real tokens/s after one warm-up step."""
+    variant's SFTConfig (`steps` optimizer steps), the run's LoRA config and trainer class (TRL's SFTTrainer unless
+    given); real tokens/s after one warm-up step."""
     if steps < 2:
         raise ValueError(f"steps={steps} is invalid: must be >= 2, the first step is an untimed warm-up")
     cuda = torch.cuda.is_available()
@@ -138,8 +140,9 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
     # variant's setting does not carry into the next
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = SFTTrainer(model=model, args=make_args(tmp), train_dataset=ds, processing_class=tokenizer,
-                             peft_config=build_lora_config(cfg.lora), callbacks=callbacks)
+        trainer = (trainer_class or SFTTrainer)(model=model, args=make_args(tmp), train_dataset=ds,
+                                                processing_class=tokenizer, peft_config=build_lora_config(cfg.lora),
+                                                callbacks=callbacks)
         counter = TokenCounter(trainer)
         warmup = AfterWarmup(counter)
         trainer.add_callback(warmup)

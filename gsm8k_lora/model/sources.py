@@ -25,11 +25,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gsm8k_lora import hub
-from gsm8k_lora.config import ModelConfig
+from gsm8k_lora.config import BUILTIN_FALCON3_SHAPE, BUILTIN_TINY, ModelConfig
 from gsm8k_lora.errors import ConfigError, ModelLoadError
-from gsm8k_lora.model import cache, tiny
+from gsm8k_lora.model import cache, shaped, tiny
 
-BUILTIN_TINY = "builtin:tiny"
 CONVERT_VERSION = 1  # bump when the conversion below changes, so old caches are not reused
 MARKER = "gsm8k_lora_gguf.json"  # written last into a converted directory: its presence means complete
 
@@ -138,6 +137,9 @@ def resolve(cfg: ModelConfig, cache_dir: str | None = None) -> Resolved:
     if cfg.name_or_path == BUILTIN_TINY:
         path = tiny.ensure(cfg.tiny_seed, root)
         return Resolved(str(path), "builtin", f"the package's built-in tiny model (seed {cfg.tiny_seed})")
+    if cfg.name_or_path == BUILTIN_FALCON3_SHAPE:
+        return Resolved(str(shaped.ensure(root)), "builtin", "Falcon3-1B-Instruct's architecture with random weights "
+                        "and the tiny model's tokenizer: for speed and memory only, its answers mean nothing")
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         return Resolved(str(local), "local", f"local directory {cfg.name_or_path}")
