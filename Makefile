@@ -7,7 +7,7 @@ DIR ?=
 SWEEP ?= lr_epochs
 EXP ?=
 
-.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean gpu-wheels gpu-check
+.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean gpu-wheels gpu-check gpu-experiment
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,8 +54,11 @@ sweep: $(STAMP) ## a Hydra multirun of a sweep file: SWEEP=lr_epochs (default), 
 compare: $(STAMP) ## table and plots of a sweep: make compare DIR=outputs/multirun/<sweep>
 	$(PY) -m gsm8k_lora.compare $(DIR)
 
-gpu-wheels: $(STAMP) ## the wheels a lent GPU machine lacks (Python 3.12), into .gpu-wheels/ for make gpu-check there
-	bash scripts/gpu_check.sh --wheels
+gpu-wheels: $(STAMP) ## .gpu-carry/ for a lent GPU machine: the wheels its image lacks, the tiny model, GSM8K (checked)
+	$(PY) scripts/gpu_carry.py build
 
-gpu-check: ## on a lent GPU machine: install .gpu-wheels, pytest -m gpu, the GPU bench, a trainer=default run
+gpu-check: ## on a lent GPU machine, carrying .gpu-carry: install it, the levers' bench, a short Falcon3-shaped run, pytest -m gpu
 	bash scripts/gpu_check.sh
+
+gpu-experiment: ## on a lent GPU machine, carrying .gpu-carry: the seed's whole experiment at Falcon3's shape (GPU_CHOSEN=levers)
+	bash scripts/gpu_check.sh --experiment

@@ -149,7 +149,7 @@ TRAINING = (
     "rows_train", "rows_validation", "rows_test", "rows_dropped_train", "rows_dropped_test", "dropped_reasons",
     "rows_validation_loss", "train_runtime_s", "train_samples_per_s", "steps", "max_steps", "epochs", "tokens_seen",
     "stop_reason", "best_checkpoint", "trainable_params", "total_params", "token_accuracy_note", "model_weights",
-    "system_prompt", "weights_gib", "weights_gib_unquantised", "weights_unquantised_dtype")
+    "system_prompt", "weights_gib", "weights_gib_unquantised", "weights_unquantised_dtype", "peak_memory_gib")
 
 
 def curve(name: str, stat: str) -> str:

@@ -1,113 +1,186 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for one call on a lent GPU machine (README, "A GPU"), which has no network:
-#   bash scripts/gpu_check.sh --wheels    here, beforehand (make gpu-wheels): the pinned wheels of
-#                                         scripts/gpu_requirements.txt for Python 3.12 on manylinux x86_64, into
-#                                         .gpu-wheels/ (ignored by git; under the 64 MiB a call may carry)
-#   bash scripts/gpu_check.sh             there (make gpu-check; carry .gpu-wheels): install them, then
-#                                         `pytest -m gpu`, the GPU bench, and a short run of the tiny model with
-#                                         trainer=default; a table last, and the figures as JSON in $OUT when set
-#   bash scripts/gpu_check.sh --dry-run   anywhere: the wheel list resolves, the commands parse, and the GPU steps
-#                                         say why they skip (the test suite runs this)
-# Each step has its own time limit; together they fit in 8 minutes on an H100/H200.
+# The GPU check: one call on a lent GPU machine, which has no network, prepared here.
+#   make gpu-wheels                        here, beforehand: .gpu-carry/ (scripts/gpu_carry.py build) with the
+#                                          wheels the machine's image lacks, the tiny model's cache, the GSM8K rows
+#   bash scripts/gpu_check.sh              there (make gpu-check, carrying .gpu-carry): install the wheels over the
+#                                          image (its torch kept), run STEPS, then write to $OUT gpu_check.json
+#                                          (the figures), gpu_check.txt (the table) and gpu_check.tar.gz (every
+#                                          log and each run's small files)
+#   bash scripts/gpu_check.sh --dry-run    anywhere (the test suite runs it): the carried set fits the image, the
+#                                          commands parse and compose, and the GPU steps say why they skip here
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:-run}
-PY=${PYTHON:-python3}  # the Python that runs the package: the image's there, the venv's here
-WHEELS=${GPU_WHEELS:-.gpu-wheels}
-OUT=${OUT:-outputs/gpu_check}
-REQS=scripts/gpu_requirements.txt
-LIMIT_MIB=64
-PLATFORM=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
+
+# ---- The steps, in order of value: name, time limit in seconds, command (run by bash as one line, with $PY the
+# Python, $RUNS the folder for run directories, $DATA the carried GSM8K rows, $CHOSEN the overrides of the levers
+# and engine the bench found fastest). A step that fails or runs out of time does not stop the next; the limits
+# are cut to what is left of TOTAL_S.
+STEPS=(
+  'bench      210 $PY -m gsm8k_lora.bench --gpu-check --skip-real --gsm8k $DATA --deadline-s 170 --out $RUNS/bench'
+  'recipe     120 $PY -m gsm8k_lora.train experiment=falcon3_shape data=local data.path=$DATA eval.batch_size=256
+                  trainer.max_steps=80 trainer.eval_steps=40 trainer.save_steps=40 eval.limit=256 $CHOSEN
+                  hydra.run.dir=$RUNS/recipe'
+  'pytest_gpu  45 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml=$RUNS/pytest_gpu.xml'
+)
+# The seed's whole experiment (bash scripts/gpu_check.sh --experiment; make gpu-experiment): a call of its own,
+# since its 5-minute goal does not fit in the check's 7 minutes beside the bench. $CHOSEN: GPU_CHOSEN, the
+# overrides the check printed.
+EXPERIMENT_STEPS=(
+  'experiment 330 $PY -m gsm8k_lora.train experiment=falcon3_shape data=local data.path=$DATA eval.batch_size=256
+                  $CHOSEN hydra.run.dir=$RUNS/experiment'
+)
+TOTAL_S=420   # every command of the check together, the install and the packing included
+RESERVE_S=30  # kept back from the steps for the summary and the archive
+
+PY=${PYTHON:-python3}  # the image's Python there, the venv's here
+CARRY=$PWD/${GPU_CARRY:-.gpu-carry}
+OUT=${OUT:-outputs/gpu_check}   # what comes back: three files
+WORK=$PWD/outputs/gpu_check_work  # logs and run directories, packed into $OUT at the end
+RUNS=$WORK/runs
+DATA=$WORK/gsm8k
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-antlr() {  # antlr4-python3-runtime 4.9.3 (what omegaconf needs) is an sdist on PyPI: built here into a wheel
-  ls "$1"/antlr4_python3_runtime-4.9.3-*.whl >/dev/null 2>&1 \
-    || "${PIP[@]}" wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w "$1"
+step() {  # name, limit, command...: output to $WORK/<name>.log; rc, seconds and limit to $WORK/steps.jsonl
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  local left=$((deadline - SECONDS - RESERVE_S))
+  ((limit > left)) && limit=$left
+  if ((limit > 0)); then
+    timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    rc=$?
+  else
+    rc=124
+    echo "no time left of the check's $TOTAL_S s" >"$WORK/$name.log"
+  fi
+  printf '{"step": "%s", "rc": %d, "seconds": %d, "limit_s": %d}\n' "$name" "$rc" $((SECONDS - start)) "$limit" \
+    >>"$WORK/steps.jsonl"
+  echo "$name: rc $rc in $((SECONDS - start)) s (limit $limit s)"
 }
 
-pinned() {  # the pinned wheels for the image's Python, the one built here aside
-  grep -vE '^(#|$|antlr4-python3-runtime)' "$REQS"
+install_carried() {  # the carried wheels over the image, without their dependencies: torch and CUDA stay the image's
+  "${PIP[@]}" list --format=freeze >"$WORK/image_pip_list.txt" 2>&1
+  step install 90 "${PIP[@]}" install --no-deps --no-index --upgrade --no-compile "$CARRY"/wheels/*.whl
+  "${PIP[@]}" check >"$WORK/pip_check.txt" 2>&1  # for the record: the image's own packages are listed too
+  for rows in "$CARRY"/gsm8k/*.jsonl.gz; do
+    gunzip -c "$rows" >"$DATA/$(basename "${rows%.gz}")"
+  done
 }
 
-case "$mode" in
---wheels)
-  mkdir -p "$WHEELS"
-  antlr "$WHEELS" || { echo "gpu-wheels: cannot build the antlr4 wheel"; exit 1; }
-  "${PIP[@]}" download -q --no-deps "${PLATFORM[@]}" -d "$WHEELS" $(pinned) \
-    || { echo "gpu-wheels: the pinned wheels did not download"; exit 1; }
-  size=$(du -cm "$WHEELS"/*.whl | tail -1 | cut -f1)
-  echo "gpu-wheels: $(ls "$WHEELS"/*.whl | wc -l) wheels, $size MiB in $WHEELS (a call carries at most $LIMIT_MIB)"
-  [ "$size" -lt "$LIMIT_MIB" ] || { echo "gpu-wheels: over $LIMIT_MIB MiB"; exit 1; }
-  ;;
---dry-run)
-  bash -n "$0" || exit 1
-  report=$(mktemp)
-  # every pinned wheel exists for the image's Python and platform (resolved from PyPI's metadata, not downloaded)
-  if "${PIP[@]}" install -q --dry-run --no-deps --ignore-installed --target "$(mktemp -d)" "${PLATFORM[@]}" \
-      --report "$report" $(pinned) 2>"$report.err"; then
-    echo "dry run: the wheel list resolves: $(grep -c '"metadata"' "$report") pinned wheels for Python 3.12," \
-         "and antlr4's is built here"
-  elif grep -qE 'NewConnectionError|Max retries exceeded|Network is unreachable|Name or service not known|Temporary failure in name resolution' "$report.err"; then
-    echo "dry run: PyPI is not reachable from here, so the wheel list cannot be checked"
-    exit 3
-  else
-    echo "dry run: the wheel list does not resolve: $(grep -v ignored "$report.err" | tail -1)"
-    exit 1
-  fi
-  "$PY" -m gsm8k_lora.bench --help >/dev/null || exit 1
-  "$PY" -m gsm8k_lora.train --help >/dev/null || exit 1
-  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "dry run: the GPU steps skip: no CUDA GPU here (pytest -m gpu, bench --gpu-check, the trainer=default run)"
-  fi
-  ;;
-run)
-  mkdir -p "$OUT"
-  if [ -d "$WHEELS" ]; then
-    "${PIP[@]}" install -q --no-index --find-links "$WHEELS" -r "$REQS" > "$OUT/install.log" 2>&1 \
-      || echo "install: some wheels did not install (see $OUT/install.log)"
-  else
-    echo "install: no $WHEELS here: run make gpu-wheels where PyPI answers, and carry it"
-  fi
-  export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-  export GSM8K_LORA_CACHE="$OUT/cache" GSM8K_LORA_BASELINE_CACHE="$OUT/baselines"
-  step() {  # name, seconds, command...: its output to $OUT/<name>.log, its exit code and time to steps.jsonl
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" >> "$OUT/steps.jsonl"
-    echo "$name: rc $rc in $((SECONDS - start)) s"
-  }
-  nvidia-smi -L > "$OUT/gpu.txt" 2>&1
-  step pytest_gpu 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml"
-  step bench 240 "$PY" -m gsm8k_lora.bench --gpu-check --skip-real --out "$OUT/bench"
-  step tiny_default 100 "$PY" -m gsm8k_lora.train model=tiny data=synthetic trainer=default logger=none \
-    trainer.max_steps=60 trainer.eval_steps=20 trainer.save_steps=20 eval.limit=64 hydra.run.dir="$OUT/tiny_default"
-  "$PY" - "$OUT" <<'PYEOF'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-bench = next(iter(sorted((out / "bench").glob("*.json"))), None)
+pack() {  # $OUT: the summary, the table, and one archive of the small files (no weights, no checkpoints)
+  "$PY" - "$WORK" "$OUT" <<'PYEOF' 2>"$WORK/summary.log" | tee "$OUT/gpu_check.txt" || tail -20 "$WORK/summary.log"
+import importlib, json, pathlib, shutil, subprocess, sys
+work, out = map(pathlib.Path, sys.argv[1:])
+steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
+versions = {}
+for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "tokenizers",
+             "kernels", "bitsandbytes"):
+    try:
+        versions[name] = importlib.import_module(name).__version__
+    except Exception as err:  # a failed import is a finding, not a reason to stop the summary
+        versions[name] = f"import failed: {type(err).__name__}: {err}"
+smi = shutil.which("nvidia-smi")
+gpu = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else "no nvidia-smi"
+bench = next(iter(sorted((work / "runs" / "bench").glob("*.json"))), None)
 figures = json.loads(bench.read_text()) if bench else {}
-kept = ("falcon3_", "gen_", "qlora", "eval_", "train_")
-summary = {"gpu": (out / "gpu.txt").read_text().strip(), "steps": steps,
-           "bench": {k: v for k, v in figures.items() if k.startswith(kept)}}
+kept = ("falcon3_", "gen_", "qlora", "eval_", "train_", "unmeasured")
+runs = {}  # each run of the recipe: its speed and memory, from its own files
+for run in sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").exists()):
+    metrics = json.loads((run / "metrics.json").read_text())
+    answers = json.loads((run / "eval_metrics.json").read_text()) if (run / "eval_metrics.json").exists() else {}
+    seconds, steps_done = metrics.get("train_runtime_s"), metrics.get("steps")
+    runs[run.name] = {"steps": steps_done, "max_steps": metrics.get("max_steps"), "train_runtime_s": seconds,
+                      "step_s": seconds / steps_done if seconds and steps_done else None,
+                      "tokens_seen": metrics.get("tokens_seen"),
+                      "trained_tokens_per_s": metrics.get("tokens_seen", 0) / seconds if seconds else None,
+                      "peak_memory_gib": metrics.get("peak_memory_gib"),
+                      "questions": answers.get("baseline_n"), "baseline_answer_s": answers.get("baseline_answer_s"),
+                      "finetuned_answer_s": answers.get("finetuned_answer_s"),
+                      "done": (run / "done.json").exists()}
+chosen = (work / "chosen.txt").read_text().strip() if (work / "chosen.txt").exists() else None
+summary = {"steps": steps, "environment": {"gpu": gpu, "python": sys.version.split()[0], **versions},
+           "chosen": chosen, "runs": runs, "bench": {k: v for k, v in figures.items() if k.startswith(kept)}}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
-print(f"\n{'figure':44s} value")
+print(f"\n{'':44s} {gpu}")
+for name, version in summary["environment"].items():
+    if name != "gpu":
+        print(f"{name:44s} {version}")
 for key, value in summary["bench"].items():
     if isinstance(value, dict) and "real_tokens_per_s" in value:
         print(f"{key:44s} {value['real_tokens_per_s']:10.0f} tok/s, MFU {value.get('mfu') or 0:.1%}, "
               f"peak {value.get('peak_memory_gib') or 0:.1f} GiB")
     elif isinstance(value, float):
         print(f"{key:44s} {value:10.3f}")
+for name, figures in runs.items():
+    print(f"{'run ' + name:44s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in figures.items()))
+print(f"{'chosen':44s} {chosen}")
 for step in steps:
-    print(f"{'step ' + step['step']:44s} rc {step['rc']} in {step['seconds']} s")
+    print(f"{'step ' + step['step']:44s} rc {step['rc']} in {step['seconds']} s (limit {step['limit_s']} s)")
 PYEOF
-  ;;
-*)
-  echo "usage: bash scripts/gpu_check.sh [--wheels | --dry-run]"
-  exit 2
-  ;;
+  find "$WORK" -type f ! -path "$DATA/*" ! -path '*/checkpoint*' ! -name '*.safetensors' ! -name '*.bin' \
+    ! -name '*.pt' ! -name '*.pth' ! -name '*.gguf' -size -8M -printf '%P\n' \
+    | tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" -T -
+  echo "gpu-check: $OUT holds gpu_check.json, gpu_check.txt and gpu_check.tar.gz"
+}
+
+run() {
+  if [ ! -d "$CARRY/wheels" ]; then
+    echo "gpu-check: no $CARRY: run make gpu-wheels where PyPI answers, and carry it"
+    exit 1
+  fi
+  deadline=$((SECONDS + TOTAL_S))
+  rm -rf "$WORK"
+  mkdir -p "$RUNS" "$DATA" "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  # offline, with the carried model and rows; Hub kernels are the package's own choice (model/kernels.py)
+  export PY RUNS DATA PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled \
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    GSM8K_LORA_CACHE=$CARRY/models GSM8K_LORA_TEST_CACHE=$CARRY/models GSM8K_LORA_BASELINE_CACHE=$WORK/baselines
+  install_carried
+  CHOSEN=${GPU_CHOSEN:-}
+  export CHOSEN
+  local entry name limit command
+  for entry in "$@"; do
+    read -r name limit command <<<"${entry//$'\n'/ }"
+    step "$name" "$limit" bash -c "$command"
+    if [ "$name" = bench ]; then  # the levers and engine the bench found fastest, for the runs after it
+      CHOSEN=$("$PY" -m gsm8k_lora.bench --choose "$(ls "$RUNS"/bench/*.json 2>/dev/null | head -1)" 2>/dev/null)
+      echo "chosen from the bench: ${CHOSEN:-nothing (it measured no lever)}" | tee "$WORK/chosen.txt"
+    fi
+  done
+  pack
+}
+
+dry_run() {
+  bash -n "$0" || exit 1
+  "$PY" scripts/gpu_carry.py check
+  local checked=$?  # 1: a broken requirement; 3: PyPI did not answer, the rest is still checked
+  ((checked == 1)) && exit 1
+  local module
+  for module in bench train; do
+    "$PY" -m "gsm8k_lora.$module" --help >/dev/null \
+      || { echo "dry run: python -m gsm8k_lora.$module --help fails"; exit 1; }
+  done
+  CHOSEN="model.attn_implementation=flex_attention trainer.step_metrics=false eval.engine=slots"  # as choose prints
+  export PY RUNS DATA CHOSEN
+  local entry name limit command
+  for entry in "${STEPS[@]}" "${EXPERIMENT_STEPS[@]}"; do  # a run's overrides compose: a typo fails here, not there
+    read -r name limit command <<<"${entry//$'\n'/ }"
+    if [[ $command == *gsm8k_lora.train* ]]; then
+      bash -c "$command --cfg job" >/dev/null || { echo "dry run: step $name does not compose"; exit 1; }
+    fi
+  done
+  echo "dry run: the steps parse and the training steps compose (${#STEPS[@]} steps)"
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "dry run: the GPU steps skip: no CUDA GPU here (bench --gpu-check, the Falcon3-shaped recipe, pytest -m gpu," \
+         "the whole experiment)"
+  fi
+  exit "$checked"
+}
+
+case "${1:-run}" in
+run) run "${STEPS[@]}" ;;
+--experiment) run "${EXPERIMENT_STEPS[@]}" ;;
+--dry-run) dry_run ;;
+*) echo "usage: bash scripts/gpu_check.sh [--experiment | --dry-run]"; exit 2 ;;
 esac

@@ -205,4 +205,6 @@ def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: TrainerConfig) ->
         "trainable_params": trainable,
         "total_params": total,
         "token_accuracy_note": TOKEN_ACCURACY_NOTE,
+        # the most the GPU held at once while training (a CPU's memory is not counted here)
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
