@@ -8,13 +8,13 @@ prefilled alone into a free slot, each decoding step runs one token for every li
 row's position, and a row that stops hands its slot to the last live row, so the live rows stay the first rows
 of the cache (a view, not a copy, for attention). Attention masks the positions past each row's length.
 
-Written here because the libraries' own do not fit this package's stops or this hardware, measured
-(`scripts/generate_batch_probe.py`, docs/results.md): transformers' continuous batching (`generate_batch`, a paged
-cache) ran at 48-72 tokens/s on the 2-core CPU against 102 for padded `model.generate` and 140 for this loop, and
-it stops on token ids only; a static cache computes the
-whole cache length at every step. Rows stop as `model.generate` would stop them: at a stop token id, once a
-stop string has been written (the sequence's tail is decoded), once a `#### N` line is complete (outside
-lm-eval's protocols), or at the token limit; greedy rows decode exactly as there.
+Written here because the libraries' own do not fit this package's stops or this hardware, measured (docs/results.md;
+the libraries' own are the other answer engines, `engines.py`): transformers' continuous batching (`generate_batch`,
+a paged cache) ran at 48-72 tokens/s on the 2-core CPU against 102 for padded `model.generate` and 140 for this
+loop, and it stops on token ids only; a static cache computes the whole cache length at every step. Rows stop by
+`finished`: at a stop token id, once a stop string has been written (the sequence's tail is decoded), once a
+`#### N` line is complete (outside lm-eval's protocols), or at the row's token limit; greedy rows decode exactly as
+`model.generate` decodes them.
 """
 
 from __future__ import annotations
