@@ -32,15 +32,16 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from gsm8k_lora import records
 from gsm8k_lora.benchmarks.falcon3 import LEVERS, bench_falcon3
 from gsm8k_lora.benchmarks.generation import NO_ANSWER, bench_eval
 from gsm8k_lora.benchmarks.real import bench_real
 from gsm8k_lora.benchmarks.training import bench_training, device_config
 from gsm8k_lora.config import BUILTIN_TINY, ENGINES
 from gsm8k_lora.data import synthetic
+from gsm8k_lora.environment import environment
 from gsm8k_lora.model.loading import load
 from gsm8k_lora.model.sources import resolve
+from gsm8k_lora.rundir import resolve_adapter, write_json
 
 TARGETS = {"eval_batched_speedup_x": (">=", 5.0), "eval_generated_over_needed_x": ("<=", 1.2),
            "train_padding_efficiency_default": (">=", 0.95), "train_speedup_x": (">=", 1.5),
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.gpu_check:  # the GPU check's minutes go to the Falcon3-shaped levers
         model, tokenizer = load(dataclasses.replace(cfg.model, name_or_path=BUILTIN_TINY), resolved=tiny)
         if args.adapter:
-            model = PeftModel.from_pretrained(model, records.resolve_adapter(args.adapter))
+            model = PeftModel.from_pretrained(model, resolve_adapter(args.adapter))
         model.to("cuda" if cuda else "cpu")
         n = 8 if args.quick else 64
         questions = [row["question"] for row in synthetic.generate(n, seed=123)]
@@ -186,13 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
             results["real_skipped"] = "no local GSM8K given (--gsm8k DIR)"
         else:
             results.update(bench_real(args.real_steps, args.real_questions, args.gsm8k))
-    results["environment"] = records.environment()
+    results["environment"] = environment()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     missing = unmeasured(results)
     results["unmeasured"] = missing
-    records.write_json(path, results)
+    write_json(path, results)
     print_table(results)
     print(f"written: {path}")
     if missing:

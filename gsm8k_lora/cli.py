@@ -1,21 +1,24 @@
-"""The door of the entry points: what the user reads in the terminal before anything loads, and when
-something goes wrong.
+"""The door of the commands: what the user reads in the terminal before anything loads, and the one composition
+of each command's config, which it then runs.
 
 - `answer_help(text)`: `--help` / `-h` print the command's own page (Hydra's generic one lists schema nodes as
   options and takes seconds); `--hydra-help` stays Hydra's.
-- `compose(argv)`: the configs Hydra will compose from this command line: the run's, or in a sweep one per
-  value of every swept key. A mistake Hydra finds while composing (an unknown key or option, a value of the
-  wrong type, bad override syntax), which Hydra reports in 8 to 13 lines offering the `base_*` schemas as
-  options, becomes one `ConfigError` line that names the key and what is allowed.
-- `fail(err)`: an expected failure (`errors.py`) is one line on stderr and its exit code.
-The entry points check the composed configs (`config.validate`, `preflight`) before they hand over to the
-`@hydra.main` function, so a sweep that cannot run starts no job and writes nothing.
+- `compose(argv)`: the config this command line composes, once: the run's, or a sweep's master. A mistake Hydra
+  finds while composing (an unknown key or option, a value of the wrong type, bad override syntax), which Hydra
+  reports in 8 to 13 lines offering the `base_*` schemas as options, becomes one `ConfigError` line that names
+  the key and what is allowed.
+- `check_training` / `check_evaluation`: a command's config validated (`config.validate`) and everything this
+  machine cannot do for it (`preflight`), said at once; a sweep's `SweepCallback` runs them over every job before
+  the first starts (`check_sweep`), a sweep's job over its own config.
+- `command(...)`: the door of `train` and `evaluate`, then their job.
+- `launch(composed, task)`: the composed config run as `@hydra.main` runs it (Hydra's run directory, `.hydra/`,
+  job log, callbacks; a sweep's sweeper and launcher), without composing it again.
 
 Why Hydra's private API: its public compose API (`hydra.compose`) knows no `--config-dir` and refuses sweep
-overrides (`lr=1e-4,2e-4`), so checking every job of a sweep before it starts needs the calls `@hydra.main` makes
-itself (`hydra._internal`: `Hydra.create_main_hydra2`, `compose_config`, `load_sweep_config`, the basic sweeper's
-expansion). hydra-core is pinned below 1.4, where those calls are what they are here; `test_cli_errors.py`
-holds the pin to that bound.
+overrides (`lr=1e-4,2e-4`), and `@hydra.main` composes by itself, after which a mistake is Hydra's many lines; so
+the door makes the calls `@hydra.main` makes (`hydra._internal`: `Hydra.create_main_hydra2`, `compose_config`,
+`run_job`, the sweeper, `load_sweep_config` and the basic sweeper's expansion). hydra-core is pinned below 1.4,
+where those calls are what they are here; `test_cli_errors.py` holds the pin to that bound.
 """
 
 from __future__ import annotations
@@ -23,29 +26,57 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
+import hydra
+from hydra._internal.callbacks import Callbacks
 from hydra._internal.hydra import Hydra
-from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+from hydra._internal.utils import create_automatic_config_search_path, get_args_parser, run_and_report
 from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import configure_log, run_job, setup_globals
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException, SearchPathException
-from hydra.types import RunMode
+from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from gsm8k_lora.errors import ConfigError
+from gsm8k_lora import hub, preflight
+from gsm8k_lora.config import Config, validate
+from gsm8k_lora.errors import EXPECTED, ConfigError, fail
+from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.naming import override_key, swept_values
+from gsm8k_lora.rundir import resolve_adapter, run_directory
 
-# Both entry points decorate `main` with @hydra.main(config_path="../conf", config_name="config");
-# this module sits beside them, so the relative path resolves to the same directory.
+# The commands' config, as @hydra.main(config_path="../conf", config_name="config") finds it from this package.
 CONFIG_PATH = "../conf"
 CONFIG_NAME = "config"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def command(argv: list[str], help_text: str, job: Callable[[DictConfig], Any],
+            checked_job: Callable[[Composed], Callable[[DictConfig], Any]]) -> Any:
+    """A Hydra command's door, then its job: `--help`; the config composed once and checked before anything loads
+    (`checked_job`: the job, bound to what it checked, or ConfigError: one line, exit 2); then run by Hydra. A
+    sweep's jobs are checked by its callback before the first starts, and each checks its own config (`job`)."""
+    answer_help(help_text, argv)
+    try:
+        composed = compose(argv)
+        if composed is None:  # Hydra answers --cfg, --info, --hydra-help itself
+            return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)(job)()
+        if composed.multirun:
+            return launch(composed, job)
+        task = checked_job(composed)
+        if hub.unreachable_note():
+            print(hub.unreachable_note(), file=sys.stderr)
+    except EXPECTED as err:
+        fail(err)
+    return launch(composed, task)
 
 
 def answer_help(text: str, argv: list[str] | None = None) -> None:
@@ -57,9 +88,25 @@ def answer_help(text: str, argv: list[str] | None = None) -> None:
 
 @dataclass
 class Composed:
+    app: Hydra  # Hydra's own app, holding the config loader; the global Hydra it set up stays until `launch` ends
+    config_name: str
     multirun: bool
-    jobs: list[DictConfig]  # with their `hydra` node; `task_config` strips it, as Hydra does for the task
+    config: DictConfig  # with its `hydra` node: the run's, or in a sweep the master
     overrides: list[str]  # the command line's overrides
+
+    @property
+    def task(self) -> DictConfig:
+        """The config the task function receives: the composed one without its `hydra` node."""
+        return task_config(self.config)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(str(OmegaConf.select(self.config, "hydra.run.dir"))).absolute()
+
+    @property
+    def task_overrides(self) -> list[str]:
+        """The overrides of the task's config (Hydra's own `hydra.*` ones aside), as a job records them."""
+        return list(self.config.hydra.overrides.task)
 
 
 def typed_keys(overrides: list[str]) -> list[str]:
@@ -68,7 +115,7 @@ def typed_keys(overrides: list[str]) -> list[str]:
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
-    """The config the `@hydra.main` function receives: the composed one without its `hydra` node."""
+    """The config the task function receives: the composed one without its `hydra` node, as Hydra gives it."""
     task = cfg.copy()
     with open_dict(task):
         task.pop("hydra", None)
@@ -76,22 +123,149 @@ def task_config(cfg: DictConfig) -> DictConfig:
 
 
 def compose(argv: list[str]) -> Composed | None:
-    """The configs this command line composes, or None when Hydra answers it itself (`--cfg`, `--info`,
-    `--hydra-help`, shell completion, HYDRA_FULL_ERROR=1). Raises ConfigError: one line."""
+    """The config this command line composes, or None when Hydra answers it itself (`--cfg`, `--info`,
+    `--hydra-help`, shell completion, HYDRA_FULL_ERROR=1: the command then hands it to `@hydra.main`).
+    Raises ConfigError: one line."""
     args, _ = get_args_parser().parse_known_args(argv)
     if args.hydra_help or args.info or args.shell_completion or args.cfg or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None  # Hydra's own output and diagnostics, left untouched
     syntax = _syntax_problem(args.overrides)
     if syntax:
         raise ConfigError(syntax)
+    setup_globals()  # Hydra's resolvers (`now`), as @hydra.main registers them
     app = None
     try:
         app = _hydra_app(args)
-        return _compose_all(app, args)
+        name = args.config_name or CONFIG_NAME
+        overrides = list(args.overrides)
+        multirun = args.multirun or app.get_mode(config_name=name, overrides=overrides) == RunMode.MULTIRUN
+        mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+        # the override Hydra's own launch adds, so that .hydra/hydra.yaml reads as @hydra.main writes it
+        config = app.compose_config(config_name=name, overrides=[*overrides, f"hydra.mode={mode.name}"],
+                                    run_mode=mode)
+        return Composed(app, name, multirun, config, overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        GlobalHydra.instance().clear()
+        raise ConfigError(describe(err, app)) from None
+
+
+GRID = {"grid.epochs": "trainer.num_train_epochs", "grid.learning_rates": "trainer.learning_rate"}
+
+
+def grid_problem(overrides: list[str]) -> str | None:
+    """`grid.*` holds an experiment's default values for the sweep files; a comma list given for it is a sweep
+    of the grid key itself (Hydra's reading), which trains none of the values asked for."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if key in GRID and override.is_sweep_override():
+            return (f"{override.input_line} is invalid: it sweeps {key} itself; give the values as "
+                    f"{GRID[key]}={override.input_line.partition('=')[2]} (it replaces the sweep file's)")
+    return None
+
+
+def check_training(jobs: list[DictConfig], overrides: list[str], multirun: bool = False) -> list[Config]:
+    """Every job's config validated, and everything this machine cannot do for them, said once (ConfigError)."""
+    problem = grid_problem(overrides)
+    if problem:
+        raise ConfigError(problem)
+    configs = [validate(job) for job in jobs]
+    ignored = next(filter(None, (protocols.get(c.eval.prompt).fixed_problem(typed_keys(overrides))
+                                 for c in configs)), None)
+    if ignored:
+        raise ConfigError(ignored)
+    found = list(dict.fromkeys(p for cfg in configs for p in preflight.problems(cfg)))  # once each, in order
+    if found:
+        raise ConfigError(preflight.message(found, sweep=multirun))
+    return configs
+
+
+# What an evaluation of a run directory takes from the run's own config.yaml unless the command line sets it.
+RUN_KEYS = ("model", "data", "eval.prompt", "eval.num_fewshot")
+
+
+def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
+    """Evaluate a run on what it was trained on: its model, data, prompt and system prompt, unless an
+    override on the command line names them; an adapter is refused on any other base model."""
+    run_dir = run_directory(raw.adapter)
+    if run_dir is None:
+        return raw
+    run = OmegaConf.load(run_dir / "config.yaml")
+    given = typed_keys(overrides)
+    merged = raw.copy()
+    for key in RUN_KEYS:
+        if any(g == key or key.startswith(g + ".") for g in given):  # replaced as a whole (model=tiny)
+            continue
+        OmegaConf.update(merged, key, OmegaConf.select(run, key), merge=True)
+        for leaf in (g for g in given if g.startswith(key + ".")):  # model.dtype=...: the run's, but this key
+            OmegaConf.update(merged, leaf, OmegaConf.select(raw, leaf), merge=False)
+    for key in ("model.name_or_path", "model.gguf_file"):
+        ours, theirs = OmegaConf.select(merged, key), OmegaConf.select(run, key)
+        if ours != theirs:
+            raise ConfigError(f"{key}={ours!r} is invalid: the adapter in {run_dir} was trained on {key}={theirs!r}; "
+                              f"drop the model override to evaluate it on its own base model")
+    return merged
+
+
+def check_evaluation(raw: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
+    """The config to evaluate (a run's own where `adapter=` names one), validated, with everything this machine
+    cannot do for it said at once (ConfigError)."""
+    merged = inherit_run_config(raw, overrides)
+    cfg = validate(merged)
+    ignored = protocols.get(cfg.eval.prompt).fixed_problem(typed_keys(overrides))
+    if ignored:
+        raise ConfigError(ignored)
+    if cfg.adapter:
+        resolve_adapter(cfg.adapter)
+    found = preflight.problems(cfg, training=False)
+    if found:
+        raise ConfigError(preflight.message(found))
+    return cfg, merged
+
+
+def check_sweep(master: DictConfig) -> None:
+    """Every value of every swept key, checked as its command checks a job's config, before the first job starts:
+    jobs that try each value once (`sweep_jobs`), composed as the launcher will compose them (ConfigError)."""
+    app = GlobalHydra.instance().hydra
+    try:
+        jobs = [task_config(app.config_loader.load_sweep_config(master, job)) for job in sweep_jobs(master)]
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(describe(err, app)) from None
+    jobs = jobs or [task_config(master)]
+    overrides = list(master.hydra.overrides.task)
+    if master.hydra.job.name == "evaluate":
+        for job in jobs:
+            check_evaluation(job, overrides)
+    else:
+        check_training(jobs, overrides, multirun=True)
+    if hub.unreachable_note():
+        print(hub.unreachable_note(), file=sys.stderr)
+
+
+def launch(composed: Composed, task: Callable[[DictConfig], Any]) -> Any:
+    """`task` run on the composed config as `@hydra.main` runs it (`Hydra.run` / `Hydra.multirun`, without their
+    composing): a single run in `hydra.run.dir`, or a sweep through its sweeper and launcher, each job composed by
+    them; Hydra's callbacks (the sweep's `SweepCallback`) around it."""
+    cfg, name = composed.config, composed.config_name
+    context = HydraContext(config_loader=composed.app.config_loader, callbacks=Callbacks(cfg))
+    configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+
+    def run() -> Any:
+        if not composed.multirun:
+            context.callbacks.on_run_start(config=cfg, config_name=name)
+            ret = run_job(hydra_context=context, task_function=task, config=cfg, job_dir_key="hydra.run.dir",
+                          job_subdir_key=None)
+            context.callbacks.on_run_end(config=cfg, config_name=name, job_return=ret)
+            return ret.return_value  # a job's unexpected exception, raised as Hydra raises it
+        context.callbacks.on_multirun_start(config=cfg, config_name=name)
+        sweeper = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context, task_function=task)
+        returns = sweeper.sweep(arguments=OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
+        context.callbacks.on_multirun_end(config=cfg, config_name=name)
+        return returns
+
+    try:
+        return run_and_report(run)
     finally:
-        GlobalHydra.instance().clear()  # @hydra.main initialises its own
+        GlobalHydra.instance().clear()
 
 
 def _syntax_problem(overrides: list[str]) -> str | None:
@@ -114,19 +288,6 @@ def _hydra_app(args):
         search_path.prepend(provider="command-line", path=f"file://{config_dir}",
                             anchor=SearchPathQuery(provider="schema"))
     return Hydra.create_main_hydra2(task_name=Path(sys.argv[0]).stem, config_search_path=search_path)
-
-
-def _compose_all(app, args) -> Composed:
-    """The config of the run; in a sweep, one config per value of every swept key."""
-    name = args.config_name or CONFIG_NAME
-    overrides = list(args.overrides)
-    multirun = args.multirun or app.get_mode(config_name=name, overrides=overrides) == RunMode.MULTIRUN
-    if not multirun:
-        return Composed(False, [app.compose_config(config_name=name, overrides=overrides, run_mode=RunMode.RUN)],
-                        overrides)
-    master = app.compose_config(config_name=name, overrides=overrides, run_mode=RunMode.MULTIRUN)
-    jobs = [app.config_loader.load_sweep_config(master, job) for job in sweep_jobs(master)]
-    return Composed(True, jobs or [master], overrides)
 
 
 def sweep_jobs(master) -> list[list[str]]:
@@ -195,12 +356,6 @@ def _field_type(kind, key: str) -> str | None:
 
 def _first_line(err: Exception) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-
-
-def fail(err: BaseException) -> NoReturn:
-    """An expected failure (`errors.EXPECTED`) as one line on stderr, and its exit code."""
-    print(f"{err.label}: {err}", file=sys.stderr)
-    sys.exit(err.exit_code)
 
 
 def group_options(conf_dir: Path) -> dict[str, list[str]]:

@@ -11,10 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsm8k_lora import cli, records, tracking
+from gsm8k_lora import tracking
 from gsm8k_lora.config import LoggerConfig
-from gsm8k_lora.errors import DataError
+from gsm8k_lora.errors import DataError, fail
 from gsm8k_lora.reporting.compare import compare, to_markdown
+from gsm8k_lora.rundir import read_config, read_sweep, write_plots, write_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entity", help="the W&B entity to save the view to (default: the sweep's logger.entity)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        cli.fail(DataError(f"{args.sweep_dir} is not a directory"))
+        fail(DataError(f"{args.sweep_dir} is not a directory"))
     try:
         comparison = compare(args.sweep_dir)
     except FileNotFoundError as err:
-        cli.fail(DataError(str(err)))
+        fail(DataError(str(err)))
     for name, text in comparison.files.items():
-        records.write_text(args.sweep_dir / name, text)
-    records.write_figures(args.sweep_dir, comparison.figures)
+        write_text(args.sweep_dir / name, text)
+    write_plots(args.sweep_dir, comparison.plots)
     print(to_markdown(comparison))
     for row in comparison.rows:
         if row["status"] != "done":
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     best = "; ".join(f"{job} ({name})" for name, job in comparison.best.items()) or "none"
     print(f"{len(comparison.rows)} runs, {failed} not done; best: {best}; written to {args.sweep_dir}")
     if args.save_view:
-        logger = records.read_config(comparison.jobs[0]["dir"]).get("logger") or {}
+        logger = read_config(comparison.jobs[0]["dir"]).get("logger") or {}
         cfg = LoggerConfig(**{**logger, **({"entity": args.entity} if args.entity else {})})
-        group = records.read_sweep(args.sweep_dir).get("group") or args.sweep_dir.name
+        group = read_sweep(args.sweep_dir).get("group") or args.sweep_dir.name
         tracking.save_view(cfg, args.sweep_dir, group, comparison.swept, tracking.resolve_mode(cfg) == "online")
     return 0
 

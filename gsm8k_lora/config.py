@@ -10,6 +10,7 @@ code (benchmarks, tests) that needs the config a user runs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from gsm8k_lora import figures as F
 from gsm8k_lora.errors import ConfigError
 from gsm8k_lora.evaluation import protocols
-from gsm8k_lora.model import kernels
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -37,6 +37,9 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, key, value, "allowed: " + ", ".join(map(str, choices)))
 
 
+# A Hub kernel pinned to a commit of its repository (`model.hub_kernels`, used by `model/kernels.py`).
+KERNEL_PIN = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+):(?P<layer>\w+)@(?P<revision>[0-9a-f]{40})$")
+KERNEL_PIN_FORM = "org/repo:KernelLayer@<40-hex commit>"
 # The models the package makes itself (`model/tiny.py`, `model/shaped.py`), named by `model.name_or_path`.
 BUILTIN_TINY, BUILTIN_FALCON3_SHAPE = "builtin:tiny", "builtin:falcon3_1b_shape"
 
@@ -79,10 +82,9 @@ class ModelConfig:
         _check_choice("model.attn_implementation", self.attn_implementation,
                       ("sdpa", "eager", "flex_attention", "flash_attention_2"))
         _check_choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
-        try:
-            kernels.parse(self.hub_kernels)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        for layer, spec in self.hub_kernels.items():
+            _check(bool(KERNEL_PIN.match(str(spec))), f"model.hub_kernels.{layer}", spec,
+                   f"allowed: {KERNEL_PIN_FORM} (a kernel pinned to a commit), or model.hub_kernels={{}} for none")
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """The failures a user is told about in one line, and the exit code of each. Raised anywhere below the
-entry points; said and turned into an exit code only at the door (`cli.fail`)."""
+entry points; said and turned into an exit code by `fail`, at the door and where a job ends (`rundir.py`)."""
 
 from __future__ import annotations
+
+import sys
+from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -57,3 +60,9 @@ EXPECTED = (ConfigError, DataError, ModelLoadError, RunDirBusy, DiskFull, RunSto
 def stops_a_sweep(err: BaseException) -> bool:
     """A signal (exit code 128 + its number) stops a whole sweep; any other failure stops only its job."""
     return getattr(err, "exit_code", 1) > 128
+
+
+def fail(err: BaseException) -> NoReturn:
+    """An expected failure (`EXPECTED`) as one line on stderr, and its exit code."""
+    print(f"{err.label}: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)

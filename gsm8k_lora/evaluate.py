@@ -3,68 +3,24 @@
 The same questions are answered by the base model (adapter disabled) and the fine-tuned model;
 every grading rule gets its accuracy with a 95% Wilson interval, and the pair a difference and an
 exact McNemar test (`evaluation/`). Writes `predictions.jsonl` and `eval_metrics.json` to its own directory.
-Like `train`, the command's door answers `--help` and config mistakes before the libraries are imported; the
-evaluation itself is `evaluation/standalone.py`.
+Like `train`, the command's door composes once and answers `--help` and config mistakes before the libraries are
+imported; the job is the recipe's evaluation (`recipe.evaluate`).
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import setup_globals
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gsm8k_lora import cli, hub, naming, preflight
-from gsm8k_lora.config import CONF_DIR, Config, register_configs, validate
-from gsm8k_lora.errors import EXPECTED, ConfigError
-from gsm8k_lora.evaluation import protocols
-from gsm8k_lora.records import resolve_adapter, run_directory
+from gsm8k_lora import cli, naming
+from gsm8k_lora.config import CONF_DIR, Config, register_configs
+from gsm8k_lora.errors import EXPECTED, fail
+from gsm8k_lora.rundir import RunDirectory, run_directory
 from gsm8k_lora.stopping import STOP, Interrupted, StopNow
-
-# What an evaluation of a run directory takes from the run's own config.yaml unless the command line sets it.
-RUN_KEYS = ("model", "data", "eval.prompt", "eval.num_fewshot")
-
-
-def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
-    """Evaluate a run on what it was trained on: its model, data, prompt and system prompt, unless an
-    override on the command line names them; an adapter is refused on any other base model."""
-    run_dir = run_directory(raw.adapter)
-    if run_dir is None:
-        return raw
-    run = OmegaConf.load(run_dir / "config.yaml")
-    given = cli.typed_keys(overrides)
-    merged = raw.copy()
-    for key in RUN_KEYS:
-        if any(g == key or key.startswith(g + ".") for g in given):  # replaced as a whole (model=tiny)
-            continue
-        OmegaConf.update(merged, key, OmegaConf.select(run, key), merge=True)
-        for leaf in (g for g in given if g.startswith(key + ".")):  # model.dtype=...: the run's, but this key
-            OmegaConf.update(merged, leaf, OmegaConf.select(raw, leaf), merge=False)
-    for key in ("model.name_or_path", "model.gguf_file"):
-        ours, theirs = OmegaConf.select(merged, key), OmegaConf.select(run, key)
-        if ours != theirs:
-            raise ConfigError(f"{key}={ours!r} is invalid: the adapter in {run_dir} was trained on {key}={theirs!r}; "
-                              f"drop the model override to evaluate it on its own base model")
-    return merged
-
-
-def checked_config(raw: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
-    """The config to evaluate (a run's own where `adapter=` names one), validated, with everything this machine
-    cannot do for it said at once (ConfigError)."""
-    merged = inherit_run_config(raw, overrides)
-    cfg = validate(merged)
-    ignored = protocols.get(cfg.eval.prompt).fixed_problem(cli.typed_keys(overrides))
-    if ignored:
-        raise ConfigError(ignored)
-    if cfg.adapter:
-        resolve_adapter(cfg.adapter)
-    found = preflight.problems(cfg, training=False)
-    if found:
-        raise ConfigError(preflight.message(found))
-    return cfg, merged
 
 
 def help_text() -> str:
@@ -89,25 +45,27 @@ def help_text() -> str:
     ])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(raw: DictConfig) -> None:
+def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> None:
+    """One Hydra job: the evaluation in its directory. A single run comes checked from the door; a sweep's job
+    checks its own config."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     STOP.install()
     try:
-        cfg, merged = checked_config(raw, overrides)
-        from gsm8k_lora.evaluation import standalone  # deferred: the libraries, after the checks (see the top)
+        cfg, merged = checked or cli.check_evaluation(raw, overrides)
+        from gsm8k_lora import recipe  # deferred: the libraries, after the checks (see the top)
 
-        if run_directory(raw.adapter) is not None:
-            print(f"evaluate: model, data and prompt from {run_directory(raw.adapter) / 'config.yaml'} "
-                  f"(command-line overrides win)")
-        what = run_directory(raw.adapter).name if run_directory(raw.adapter) else naming.model_name(
-            cfg.model.name_or_path)
+        source = run_directory(raw.adapter)
+        if source is not None:
+            print(f"evaluate: model, data and prompt from {source / 'config.yaml'} (command-line overrides win)")
+        what = source.name if source else naming.model_name(cfg.model.name_or_path)
         own = naming.run_name([o for o in overrides if not o.startswith("adapter=")], None, "")
         run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
-        standalone.run(cfg, merged, Path(hydra_cfg.runtime.output_dir), run_naming)
+        run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides, " ".join([Path(sys.argv[0]).name,
+                                                                                           *sys.argv[1:]]))
+        recipe.evaluate(cfg, merged, run_dir, run_naming)
     except EXPECTED as err:
-        cli.fail(err)
+        fail(err)
     except (Interrupted, StopNow) as stop:
         print(f"{stop} before the answers were graded; no results were written", file=sys.stderr)
         sys.exit(stop.exit_code)
@@ -117,14 +75,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    cli.answer_help(help_text())
-    try:
-        setup_globals()
-        composed = cli.compose(sys.argv[1:])
-        for job in composed.jobs if composed else []:
-            checked_config(cli.task_config(job), composed.overrides)
-        if hub.unreachable_note():
-            print(hub.unreachable_note(), file=sys.stderr)
-    except EXPECTED as error:
-        cli.fail(error)
-    main()
+    cli.command(sys.argv[1:], help_text(), job,
+                lambda composed: partial(job, checked=cli.check_evaluation(composed.task, composed.overrides)))

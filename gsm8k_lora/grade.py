@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from gsm8k_lora import cli
 from gsm8k_lora.data.gsm8k import gold_number
 from gsm8k_lora.data.loading import read_jsonl
-from gsm8k_lora.errors import DataError
+from gsm8k_lora.errors import DataError, fail
 from gsm8k_lora.evaluation.grading import grade
 from gsm8k_lora.evaluation.scoring import tally
 
@@ -43,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing is not None:
             raise DataError(f"{args.file}: row {missing} needs both 'completion' and 'answer'")
     except json.JSONDecodeError as err:
-        cli.fail(DataError(f"stdin: malformed JSON ({err.msg})"))
+        fail(DataError(f"stdin: malformed JSON ({err.msg})"))
     except DataError as err:
-        cli.fail(err)
+        fail(err)
     graded = grade_rows(rows)
     for row in graded:
         sys.stdout.write(json.dumps(row) + "\n")

@@ -1,7 +1,7 @@
 """What this machine cannot do for a validated config, found before anything is loaded, and said once.
 
 A newcomer's first command on a laptop (`python -m gsm8k_lora.train lora.r=8`: the GPU preset, the hub's
-model and data) used to fail four times, one problem a try. `problems(cfg)` collects every one at once:
+model and data) meets several problems; `problems(cfg)` collects every one, so they are said at once:
 - device: settings that need a CUDA GPU (bf16, fp16, TF32) or bitsandbytes kernels for this device;
 - sources: a hub model or dataset while the hub does not answer and the local cache lacks it; a local path
   that does not exist or holds no data; a `trainer.resume` path that is not a checkpoint.

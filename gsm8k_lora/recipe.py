@@ -1,40 +1,43 @@
-"""The recipe: fine-tune with LoRA on GSM8K and measure what it bought. `python -m gsm8k_lora.train` runs it.
+"""The recipe: fine-tune with LoRA on GSM8K and measure what it bought. `python -m gsm8k_lora.train` runs it
+(`run`), and `python -m gsm8k_lora.evaluate` its evaluation alone (`evaluate`).
 
 Top to bottom; each step is a call into the folder that holds it (ARCHITECTURE.md):
-  1. compose    Hydra composes conf/ and the command line                        `train.py`, `cli.py`
+  1. compose    Hydra composes conf/ and the command line, once                  `train.py`, `cli.py`
   2. validate   the typed schemas and this machine's limits, before anything loads  `config.py`, `preflight.py`
   3. data       GSM8K loaded, cleaned, split; the questions to answer picked     `data/`
   4. model      the weights resolved (hub, directory, GGUF, PyPI copy), loaded   `model/`
   5. trainer    TRL's SFTTrainer from our config (`build_sft_config`)          `training/`
   6. train      resumable, stopped cleanly by a signal, a NaN or OOM            `training/`
-  7. evaluate   baseline and fine-tuned answers, generated and graded           `evaluation/`
+  7. evaluate   baseline and fine-tuned answers, generated, graded, recorded    `evaluation/`
   8. report     report.md and plots from the run directory's files alone        `reporting/`
-Steps 1 and 2 are the door of `train.py`; this module is steps 3 to 8. Every file goes to the run directory
-through `records.py`, and every W&B call through `tracking.py`.
+Steps 1 and 2 are the door of the commands; this module is steps 3 to 8. Every file goes to the run directory
+through `rundir.RunDirectory`, and every W&B call through `tracking.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from omegaconf import DictConfig
 from peft import PeftModel
 
 from gsm8k_lora import figures as F
-from gsm8k_lora import naming, records, tracking
+from gsm8k_lora import naming, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits, first, questions
+from gsm8k_lora.environment import is_main_process
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
-from gsm8k_lora.evaluation.answers import evaluate, model_note
+from gsm8k_lora.evaluation.answers import evaluate as evaluate_answers
+from gsm8k_lora.evaluation.answers import model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model import kernels, sources
 from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.reporting import plots
 from gsm8k_lora.reporting.report import build as build_report
+from gsm8k_lora.rundir import RunDirectory, resolve_adapter
 from gsm8k_lora.stopping import STOP, Interrupted
 from gsm8k_lora.training import sft
 from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback
@@ -50,92 +53,131 @@ def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
     return splits, (questions(splits, cfg.eval.split, cfg.eval.limit) if cfg.eval.enabled else [])
 
 
-def prepare_model(cfg: Config, run_dir: Path, raw_cfg: DictConfig, main_process: bool):
-    """Step 4: the weights resolved (fetched or converted first where needed), recorded, loaded; with the
+def prepare_model(cfg: Config, run_dir: RunDirectory, raw_cfg: DictConfig, main_process: bool):
+    """Step 4: the weights resolved (fetched or converted first where needed), loaded, recorded; with the
     facts `metrics.json` keeps about them, and their identity (the baseline cache's key)."""
     weights = sources.resolve(cfg.model, cfg.cache_dir)
     model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
     loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
-    resolved = records.write_run_record(run_dir, raw_cfg, loaded) if main_process else {}
+    resolved = run_dir.write_record(raw_cfg, loaded) if main_process else {}
     facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
     facts["model_weights"] = weights.description
     identity = baseline_cache.weights_identity(weights.path, cfg.model.revision, cfg.model.hub_kernels)
     return model, tokenizer, facts, resolved, identity
 
 
-def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: Path, name: str, main_process: bool,
-                  wandb_callback):
+def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: RunDirectory, name: str,
+                  main_process: bool, wandb_callback):
     """Step 5: the trainer, with GSM8K accuracy during training on the first validation questions if asked."""
     extra = [wandb_callback] if wandb_callback is not None else []
     if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
         sample = first(splits.validation, cfg.eval.during_training_limit).to_list()
         extra.append(GSM8KAccuracyCallback(tokenizer, sample, cfg.eval, cfg.data.system_prompt))
     return sft.build_trainer(cfg.trainer, cfg.lora, model, tokenizer, splits, cfg.data.system_prompt,
-                             run_dir / "checkpoints", name, main_process, extra)
+                             run_dir.path / "checkpoints", name, main_process, extra)
 
 
-def run(cfg: Config, raw_cfg: DictConfig, run_dir: Path, run_naming: RunNaming) -> dict:
+def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: RunNaming) -> dict:
     """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together)."""
-    main_process = records.is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     splits, asked = load_data(cfg)
     model, tokenizer, facts, resolved, identity = prepare_model(cfg, run_dir, raw_cfg, main_process)
     facts["system_prompt"] = describe_system_prompt(tokenizer, cfg.data.system_prompt)
     print(f"model: {facts['model_weights']}; system prompt: {facts['system_prompt']}")
     # A run whose training ended and was written (stopped later, while answering) is not trained again.
-    finished = records.finished_training(run_dir) if cfg.trainer.resume == "auto" else None
+    finished = run_dir.finished_training() if cfg.trainer.resume == "auto" else None
     name = run_naming.name
     logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None)}
-    tracker = tracking.start(cfg.logger, run_dir, run_naming, logged) if main_process else tracking.Tracker()
+    tracker = tracking.start(cfg.logger, run_dir.path, run_naming, logged) if main_process else tracking.Tracker()
     exit_code = 1
     try:
         if finished is not None:
-            print(f"training finished earlier, at step {finished['steps']}: evaluating {run_dir / 'adapter'}")
-            model = to_device(PeftModel.from_pretrained(model, str(run_dir / "adapter")), cfg.trainer.use_cpu)
+            print(f"training finished earlier, at step {finished['steps']}: evaluating {run_dir.path / 'adapter'}")
+            model = to_device(PeftModel.from_pretrained(model, str(run_dir.path / "adapter")), cfg.trainer.use_cpu)
             metrics = finished
         else:
             trainer = build_trainer(cfg, model, tokenizer, splits, run_dir, name, main_process, tracker.callback())
             sft.train(trainer, cfg.trainer, run_dir, oom_message(cfg.trainer, cfg.model))
-            trainer.save_model(str(run_dir / "adapter"))
+            trainer.save_model(str(run_dir.path / "adapter"))
             if not main_process:
                 exit_code = 0
                 return {}
-            tokenizer.save_pretrained(run_dir / "adapter")
+            tokenizer.save_pretrained(run_dir.path / "adapter")
             model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg.trainer), **facts}
             history = trainer.state.log_history
-            records.write_training(run_dir, metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
+            run_dir.write_training(metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
         tracker.summary(metrics)
         eval_figures = {}
         if asked:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             try:
                 with STOP.safe_section():
-                    predictions, eval_figures = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits,
-                                                         asked, adapters=True, weights=identity,
-                                                         note=model_note(cfg.model.name_or_path))
+                    eval_figures = answer_and_record(cfg, model, tokenizer, splits, asked, True, identity, run_dir,
+                                                     tracker)
             except Interrupted as stop:
                 raise RunStopped(f"by {stop.signal_name} while answering the test questions; the training "
                                  f"results are kept (metrics.json, adapter/). Resume with: "
-                                 f"{sft.resume_command(run_dir)} (it answers them without training again)",
+                                 f"{run_dir.resume_command()} (it answers them without training again)",
                                  stop.exit_code) from None
-            records.write_eval(run_dir, predictions, eval_figures)
-            tracker.summary(eval_figures)
-            tracker.predictions(predictions)
         tracker.results(metrics, eval_figures)
         if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
-            model.merge_and_unload().save_pretrained(run_dir / "merged")
-            tokenizer.save_pretrained(run_dir / "merged")
+            model.merge_and_unload().save_pretrained(run_dir.path / "merged")
+            tokenizer.save_pretrained(run_dir.path / "merged")
         report = None
         if cfg.report.enabled:
-            text, figures = build_report(run_dir, cfg.report.gpu_hour_price_usd)
-            report = records.write_text(run_dir / "report.md", text)
-            records.write_figures(run_dir, figures)
-            tracker.images(sorted(run_dir.glob("*.png")))
+            text, report_plots = build_report(run_dir.path, cfg.report.gpu_hour_price_usd)
+            report = run_dir.write_report(text, report_plots)
+            tracker.images(sorted(run_dir.path.glob("*.png")))
         print_summary(metrics, eval_figures, cfg)
-        print(f"run directory: {run_dir}" + (f" (report: {report.name})" if report else ""))
+        print(f"run directory: {run_dir.path}" + (f" (report: {report.name})" if report else ""))
         exit_code = 0
         return {**metrics, **eval_figures}
     finally:
         tracker.finish(exit_code)
+
+
+def answer_and_record(cfg: Config, model, tokenizer, splits: Splits, asked: list[dict], adapters: bool,
+                      identity: dict, run_dir: RunDirectory, tracker: tracking.Tracker) -> dict:
+    """Step 7, for the recipe and the evaluate command alike: the questions answered by the baseline and (with
+    `adapters`) the fine-tuned model, graded, written to the run directory and logged; returns eval_metrics.json."""
+    predictions, figures = evaluate_answers(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, asked,
+                                            adapters=adapters, weights=identity,
+                                            note=model_note(cfg.model.name_or_path))
+    run_dir.write_eval(predictions, figures)
+    tracker.summary(figures)
+    tracker.predictions(predictions)
+    return figures
+
+
+def evaluate(cfg: Config, merged: DictConfig, run_dir: RunDirectory, run_naming: RunNaming) -> dict:
+    """`python -m gsm8k_lora.evaluate`: steps 3, 4 and 7 of a run, for a base model or a trained adapter (`merged`:
+    the config as evaluated, a run's own with the command line's changes); returns eval_metrics.json."""
+    adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
+    splits = build_splits(cfg.data)
+    asked = questions(splits, cfg.eval.split, cfg.eval.limit)
+    weights = sources.resolve(cfg.model, cfg.cache_dir)
+    model, tokenizer = load(cfg.model, cfg.cache_dir, resolved=weights)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    to_device(model)
+    loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
+    resolved = run_dir.write_record(merged, loaded)  # the config as evaluated
+    tracker = tracking.start(cfg.logger, run_dir.path, run_naming,
+                             {**resolved, **naming.identifying(cfg, None, len(asked))})
+    identity = baseline_cache.weights_identity(weights.path, cfg.model.revision, cfg.model.hub_kernels)
+    exit_code = 1
+    try:
+        with STOP.safe_section():  # a signal stops the answers within one decoding step
+            figures = answer_and_record(cfg, model, tokenizer, splits, asked, adapter is not None, identity, run_dir,
+                                        tracker)
+        tracker.results({}, figures)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
+    for line in summary_lines(figures, protocols.describe(dataclasses.asdict(cfg.eval), short=True), cfg.eval.split):
+        print(line)
+    print(f"evaluation written to {run_dir.path} (eval_metrics.json, predictions.jsonl)")
+    return figures
 
 
 def print_summary(metrics: dict, eval_figures: dict, cfg: Config) -> None:

@@ -11,21 +11,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from gsm8k_lora import cli, records
-from gsm8k_lora.errors import DataError
-from gsm8k_lora.records import read_config
+from gsm8k_lora.errors import DataError, fail
 from gsm8k_lora.reporting.report import build, build_sweep
+from gsm8k_lora.rundir import FAILED, read_config, read_json, write_plots, write_text
 
 
 def write_report(target: Path, price: float) -> tuple[Path, list[Path]]:
-    """report.md (and, for a sweep, the comparison files) and the figures; returns the report and figure paths."""
+    """report.md (and, for a sweep, the comparison files) and the plots; returns the report and plot paths."""
     if (target / "multirun.yaml").exists():
-        text, files, figures, _ = build_sweep(target)
+        text, files, plots, _ = build_sweep(target)
         for name, content in files.items():
-            records.write_text(target / name, content)
+            write_text(target / name, content)
     else:
-        text, figures = build(target, price)
-    return records.write_text(target / "report.md", text), records.write_figures(target, figures)
+        text, plots = build(target, price)
+    return write_text(target / "report.md", text), write_plots(target, plots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,21 +34,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="price per GPU-hour in USD (default: the run's report.gpu_hour_price_usd)")
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
-        cli.fail(DataError(f"{args.run_dir} is not a directory"))
+        fail(DataError(f"{args.run_dir} is not a directory"))
     sweep = (args.run_dir / "multirun.yaml").exists()
     if not sweep and not (args.run_dir / "metrics.json").exists():
-        failure = records.read_json(args.run_dir / records.FAILED).get("error")
+        failure = read_json(args.run_dir / FAILED).get("error")
         why = f"it failed: {failure}" if failure else "its training never finished (no metrics.json)"
-        cli.fail(DataError(f"{args.run_dir} holds no results to report: {why}"))
+        fail(DataError(f"{args.run_dir} holds no results to report: {why}"))
     price = args.gpu_hour_price
     if price is None:  # the run's own setting, as it ran
         price = read_config(args.run_dir).get("report", {}).get("gpu_hour_price_usd")
     if price is None and not sweep:
-        cli.fail(DataError(f"{args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price"))
+        fail(DataError(f"{args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price"))
     try:
         path, _ = write_report(args.run_dir, price)
     except FileNotFoundError as err:
-        cli.fail(DataError(str(err)))
+        fail(DataError(str(err)))
     print(f"report: {path}")
     return 0
 

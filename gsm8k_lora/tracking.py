@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 from gsm8k_lora import figures as F
-from gsm8k_lora import records
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.naming import RunNaming
+from gsm8k_lora.rundir import WANDB_RUN, read_json, write_json, write_text
 
 
 def _wandb():
@@ -113,7 +113,7 @@ def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> 
     mode = resolve_mode(cfg)
     if mode == "offline":
         quiet_offline()
-    earlier = records.read_json(run_dir / records.WANDB_RUN).get("id")
+    earlier = read_json(run_dir / WANDB_RUN).get("id")
     kwargs = dict(project=cfg.project, entity=cfg.entity, group=naming.group, job_type=naming.job_type,
                   tags=naming.tags, name=naming.name, config=config, dir=str(run_dir), reinit="finish_previous",
                   **({"id": earlier, "resume": "allow"} if earlier else {}))
@@ -132,7 +132,7 @@ def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> 
     else:
         print(f"W&B run: {run.url}")
     online = mode == "online"
-    records.write_json(run_dir / records.WANDB_RUN, {"id": run.id, "mode": mode, "name": naming.name,
+    write_json(run_dir / WANDB_RUN, {"id": run.id, "mode": mode, "name": naming.name,
                                                      "group": naming.group, "url": run.url if online else None,
                                                      "sync": None if online else sync})
     return Tracker(run)
@@ -191,7 +191,7 @@ def _guarded(original):
     return method
 
 
-def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, comparison, figures: list[Path]) -> None:
+def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, comparison, plots: list[Path]) -> None:
     """The sweep's summary run in its group: every job's row of the comparison as a W&B Table, and the plots;
     then its dashboard view. Nothing with logger=none."""
     if cfg.backend != "wandb":
@@ -211,7 +211,7 @@ def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, compariso
         return
     columns = comparison.columns
     table = _wandb().Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.rows])
-    run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": _wandb().Image(str(p)) for p in figures}})
+    run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": _wandb().Image(str(p)) for p in plots}})
     run.summary.update({"sweep/jobs_done": sum(r["status"] == "done" for r in comparison.rows),
                         "sweep/jobs_failed": sum(r["status"] != "done" for r in comparison.rows)})
     online = mode == "online"
@@ -265,7 +265,7 @@ def save_view(cfg: LoggerConfig, sweep_dir: Path, group: str, swept: list[str], 
             return
         except Exception as err:  # the spec below keeps it
             print(f"W&B view not saved ({type(err).__name__})", file=sys.stderr)
-    records.write_text(sweep_dir / VIEW_SPEC, view._to_model().model_dump_json(by_alias=True, indent=1))
+    write_text(sweep_dir / VIEW_SPEC, view._to_model().model_dump_json(by_alias=True, indent=1))
     print(f"W&B view written to {sweep_dir / VIEW_SPEC}; {later}" + ("" if cfg.entity else " --entity <yours>"))
 
 

@@ -122,7 +122,7 @@ def bench_real(steps: int, questions: int, gsm8k_dir: Path, cache_dir: str | Non
 def bench_generation(model, tokenizer, splits, cfg: Config, questions: int, rate: float, bf16: bool) -> dict:
     """The evaluation's answers to real test questions (zero-shot, 256 new tokens, `make real`'s batch size) by
     each answer engine (`eval.engine`), in float32, the reference: their speed, and how many questions each answers
-    exactly as the default engine does; `padded` at batch 32, as `make real` answered before; and the default
+    exactly as the default engine does; `padded` at batch 32, the baseline variant; and the default
     engine in bfloat16 where the CPU has the instructions."""
     ecfg = dataclasses.replace(cfg.eval, max_new_tokens=256, dtype="float32")
     prompts = [build_prompt(tokenizer, row["question"], ecfg, [], None)

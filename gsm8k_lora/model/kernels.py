@@ -16,15 +16,13 @@ Cheap to import: the door uses `parse` and `missing` before torch.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
 
-PIN = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+):(?P<layer>\w+)@(?P<revision>[0-9a-f]{40})$")
-FORM = "org/repo:KernelLayer@<40-hex commit>"
+from gsm8k_lora.config import KERNEL_PIN
 
 
 @dataclass(frozen=True)
@@ -36,15 +34,9 @@ class Pin:
 
 
 def parse(mapping: dict[str, str] | None) -> list[Pin]:
-    """The pins of `model.hub_kernels`; ValueError (one line) for a value not of the pinned form."""
-    pins = []
-    for layer, spec in (mapping or {}).items():
-        match = PIN.match(str(spec))
-        if match is None:
-            raise ValueError(f"model.hub_kernels.{layer}={spec!r} is invalid: allowed: {FORM} (a kernel pinned to a "
-                             f"commit), or model.hub_kernels={{}} for none")
-        pins.append(Pin(layer, match["repo"], match["layer"], match["revision"]))
-    return pins
+    """The pins of `model.hub_kernels` (their form checked by the config's schema)."""
+    return [Pin(layer, m["repo"], m["layer"], m["revision"])
+            for layer, spec in (mapping or {}).items() if (m := KERNEL_PIN.match(str(spec)))]
 
 
 def cache_dir() -> Path:

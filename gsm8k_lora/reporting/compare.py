@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from gsm8k_lora import figures as F
 from gsm8k_lora import naming
 from gsm8k_lora.figures import read
-from gsm8k_lora.records import read_config, read_json
 from gsm8k_lora.reporting import plots
+from gsm8k_lora.rundir import read_config, read_json
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -111,7 +111,7 @@ class Comparison:
     swept: list[str]  # short names of the swept keys: the rows' first columns after job and status
     best: dict[str, str]  # protocol -> its best job
     files: dict[str, str]  # file name -> text
-    figures: dict[str, Figure]  # only what could be drawn
+    plots: dict[str, Figure]  # only what could be drawn
 
     @property
     def columns(self) -> list[str]:
@@ -179,7 +179,7 @@ def compare(sweep_dir: Path) -> Comparison:
     rows = [row_of(job, keys) for job in jobs]
     comparison = Comparison(jobs, rows, [naming.short(k) for k in keys], best_jobs(rows), {}, {})
     comparison.files = {"comparison.csv": to_csv(comparison), "comparison.md": to_markdown(comparison)}
-    figures = {"accuracy_grid": plots.accuracy_grid(rows, comparison.swept),
+    drawn = {"accuracy_grid": plots.accuracy_grid(rows, comparison.swept),
                "val_loss_curves": plots.val_loss_curves(jobs, rows, comparison.swept)}
-    comparison.figures = {k: v for k, v in figures.items() if v is not None}
+    comparison.plots = {k: v for k, v in drawn.items() if v is not None}
     return comparison

@@ -1,5 +1,5 @@
 """Plots for the run directory (and W&B): each function returns a matplotlib `Figure`, or None when there
-is nothing to draw; `records.write_figures` writes them. Figures are made without pyplot, so no backend
+is nothing to draw; `rundir.write_plots` writes them. Figures are made without pyplot, so no backend
 or other global state is set and no display is needed."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The analysis report of a run or a sweep, built from the run directory's files alone.
 
-`build(run_dir, price)` and `build_sweep(sweep_dir)` return the text of `report.md` and its figures; they
+`build(run_dir, price)` and `build_sweep(sweep_dir)` return the text of `report.md` and its plots; they
 write nothing (the recipe and `python -m gsm8k_lora.report` write them). Every figure in the text is one
 of the directory's figures or is computed from them here (`analysis.py`), never typed by hand.
 """
@@ -16,9 +16,9 @@ from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, arithmetic_slips
 from gsm8k_lora.evaluation.scoring import accuracy_by_steps
 from gsm8k_lora.figures import read
-from gsm8k_lora.records import read_config, read_json, read_predictions, read_sweep
 from gsm8k_lora.reporting import analysis, plots
 from gsm8k_lora.reporting.compare import Comparison, compare, to_markdown
+from gsm8k_lora.rundir import read_config, read_json, read_predictions, read_sweep
 from gsm8k_lora.training.history import series
 
 
@@ -211,16 +211,16 @@ def finetuned_answers(run: dict) -> list[dict]:
 
 
 def build(run_dir: Path, price: float) -> tuple[str, dict[str, Figure]]:
-    """The report of one run: its text and its figures (`loss` only where the run did not draw it)."""
+    """The report of one run: its text and its plots (`loss` only where the run did not draw it)."""
     run = load_run(run_dir)
     if not run["metrics"]:
         raise FileNotFoundError(f"{run_dir} has no metrics.json: not a finished run directory")
-    figures = {}
+    drawn = {}
     if not (run_dir / "loss.png").exists():
-        figures["loss"] = plots.loss_curves(run["history"])
+        drawn["loss"] = plots.loss_curves(run["history"])
     by_steps = {model: accuracy_by_steps([r for r in run["predictions"] if r["model"] == model])
                 for model in F.MODELS if any(r["model"] == model for r in run["predictions"])}
-    figures["accuracy_by_steps"] = plots.accuracy_by_steps(by_steps)
+    drawn["accuracy_by_steps"] = plots.accuracy_by_steps(by_steps)
     curve_lines, reading = curve_section(run)
     early = read(run['metrics'], 'stop_reason') == "early_stopping"
     sections = [
@@ -230,11 +230,11 @@ def build(run_dir: Path, price: float) -> tuple[str, dict[str, Figure]]:
         ["## 7. What to try next", *[f"- {s}" for s in analysis.next_steps(reading, early, run["eval"])]],
     ]
     text = "\n\n".join("\n".join(s) for s in sections) + "\n"
-    return text, {name: fig for name, fig in figures.items() if fig is not None}
+    return text, {name: plot for name, plot in drawn.items() if plot is not None}
 
 
 def build_sweep(sweep_dir: Path) -> tuple[str, dict[str, str], dict[str, Figure], Comparison]:
-    """The report of a sweep: its text, the comparison files (name -> text), the figures it could draw (only
+    """The report of a sweep: its text, the comparison files (name -> text), the plots it could draw (only
     those are linked) and the comparison itself (its rows are also the W&B summary run's table)."""
     comparison = compare(sweep_dir)
     sweep = read_sweep(sweep_dir)
@@ -251,6 +251,6 @@ def build_sweep(sweep_dir: Path) -> tuple[str, dict[str, str], dict[str, Figure]
             reading = analysis.read_learning_curve(series(job["history"], "loss"), series(job["history"], "eval_loss"))
             lines.append(f"- job {row['job']} ({plots.job_label(row, comparison.swept)}): {reading.sentence}")
     for name, title in (("accuracy_grid", "accuracy over the grid"), ("val_loss_curves", "validation loss")):
-        if name in comparison.figures:
+        if name in comparison.plots:
             lines += ["", f"![{title}]({name}.png)"]
-    return "\n".join(lines) + "\n", comparison.files, comparison.figures, comparison
+    return "\n".join(lines) + "\n", comparison.files, comparison.plots, comparison

@@ -1,6 +1,6 @@
 """What keeps a paid run from being lost: complete-checkpoint markers, resume, graceful stop on
-SIGINT/SIGTERM, a stop on a non-finite loss, room on the disk for the checkpoints, and an out-of-memory
-message that says what to change.
+SIGINT/SIGTERM, a stop on a non-finite loss, the size of a checkpoint (the room it needs:
+`RunDirectory.room_problem`), and an out-of-memory message that says what to change.
 
 transformers writes a checkpoint's files one by one, so a run killed mid-save leaves a half-written
 `checkpoint-N`. The `.complete` marker is written after the Trainer has finished saving, and resume
@@ -10,7 +10,6 @@ only picks checkpoints that carry it.
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from transformers import TrainerCallback
 
 from gsm8k_lora.config import ModelConfig, TrainerConfig
 from gsm8k_lora.errors import RunStopped
-from gsm8k_lora.records import CHECKPOINT_MARKER as MARKER
-from gsm8k_lora.records import complete_checkpoints, mib, size
+from gsm8k_lora.rundir import CHECKPOINT_MARKER as MARKER
+from gsm8k_lora.rundir import complete_checkpoints
 from gsm8k_lora.stopping import STOP
 
 
@@ -76,20 +75,6 @@ def checkpoint_bytes(trainable: int, tokenizer) -> int:
         tokenizer.save_pretrained(tmp)
         tokenizer_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
     return 12 * trainable + tokenizer_bytes + 64 * 1024
-
-
-def room_problem(run_dir: Path, checkpoint: int, adapter: int, saves: int) -> str | None:
-    """Why this run will not fit where it writes (None: it fits): `saves` checkpoints on disk at once (the save
-    total limit, plus the one written before the oldest is removed), the adapter, and 1 MiB of results; what
-    this directory already holds of them counts as written."""
-    held = sum(size(p) for p in complete_checkpoints(run_dir / "checkpoints"))
-    need = max(0, saves * checkpoint + adapter + 2**20 - held)
-    free = shutil.disk_usage(run_dir).free
-    if free >= need:
-        return None
-    return (f"{run_dir} has {mib(free)} free; this run needs about {mib(need)} more ({saves} checkpoints of about "
-            f"{mib(checkpoint)} on disk at once, then the {mib(adapter)} adapter). Free space, lower "
-            f"trainer.save_total_limit, or give a hydra.run.dir on a larger disk")
 
 
 def oom_message(t: TrainerConfig, m: ModelConfig) -> str:

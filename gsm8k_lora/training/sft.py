@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import peft
@@ -21,11 +19,12 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig
 
-from gsm8k_lora import records
 from gsm8k_lora.config import LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.loading import Splits
+from gsm8k_lora.environment import is_main_process
 from gsm8k_lora.errors import DiskFull, RunStopped
+from gsm8k_lora.rundir import RunDirectory
 from gsm8k_lora.stopping import STOP, Interrupted
 from gsm8k_lora.training.callbacks import GSM8KAccuracyCallback, TrainingProgress
 from gsm8k_lora.training.history import TOKEN_ACCURACY_NOTE, stop_reason, summarize_history
@@ -33,7 +32,6 @@ from gsm8k_lora.training.resilience import (
     CheckpointGuard,
     checkpoint_bytes,
     resume_checkpoint,
-    room_problem,
 )
 from gsm8k_lora.training.trainer import QuietSFTTrainer, SFTTrainer
 
@@ -128,12 +126,6 @@ def restore_finished(trainer: SFTTrainer, checkpoint: Path) -> None:
         early.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that resumes this run: the one typed, in the same run directory."""
-    typed = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
-    return shlex.join(["python", "-m", "gsm8k_lora.train", *typed, f"hydra.run.dir={run_dir}"])
-
-
 def planned_saves(trainer: SFTTrainer, cfg: TrainerConfig) -> int:
     """How many checkpoints this run keeps on disk at once: the save total limit, plus the one written before the
     oldest is removed, plus the best one when it is kept at the end; at most one a save of the whole run."""
@@ -146,26 +138,26 @@ def planned_saves(trainer: SFTTrainer, cfg: TrainerConfig) -> int:
     return min(every, cfg.save_total_limit + 1 + int(args.load_best_model_at_end))
 
 
-def check_room(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path) -> None:
+def check_room(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: RunDirectory) -> None:
     """Refuse, before training, a run whose checkpoints will not fit where it writes."""
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     checkpoint = checkpoint_bytes(trainable, trainer.processing_class)
-    problem = room_problem(run_dir, checkpoint, checkpoint - 8 * trainable, planned_saves(trainer, cfg))
+    problem = run_dir.room_problem(checkpoint, checkpoint - 8 * trainable, planned_saves(trainer, cfg))
     if problem:
         raise DiskFull(f"not enough disk for this run: {problem}")
 
 
-def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path, oom: str) -> None:
+def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: RunDirectory, oom: str) -> None:
     """trainer.train(), resumed from the last complete checkpoint when there is one (or, where training had
     finished there, restored from it), after a check that its checkpoints fit on the disk. A signal stops it at
     the next safe point with a checkpoint saved; a NaN or an out-of-memory error ends it with a message that
     says what to do (`oom`)."""
-    checkpoint = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    checkpoint = resume_checkpoint(cfg.resume, run_dir.path / "checkpoints")
     if checkpoint and finished_at(Path(checkpoint), cfg):
         print(f"training had finished at {checkpoint}: restored from it, not trained again")
         restore_finished(trainer, Path(checkpoint))
         return
-    if records.is_main_process():
+    if is_main_process():
         check_room(trainer, cfg, run_dir)
     if checkpoint:
         print(f"resuming from {checkpoint}")
@@ -180,10 +172,10 @@ def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: Path, oom: str) -> N
         guard.mark(trainer.state.global_step)
         raise RunStopped(f"by {stop.signal_name} during the validation loss at step {trainer.state.global_step}, "
                          f"checkpoint saved (that step's validation loss is not computed). Resume with: "
-                         f"{resume_command(run_dir)}", stop.exit_code) from None
+                         f"{run_dir.resume_command()}", stop.exit_code) from None
     if STOP.requested:  # after a step: the Trainer saved a checkpoint of it
         raise RunStopped(f"by {STOP.signal_name} at step {trainer.state.global_step}, checkpoint saved. "
-                         f"Resume with: {resume_command(run_dir)}", 130 if STOP.signal_name == "SIGINT" else 143)
+                         f"Resume with: {run_dir.resume_command()}", 130 if STOP.signal_name == "SIGINT" else 143)
 
 
 def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: TrainerConfig) -> dict:
