@@ -1,12 +1,15 @@
-"""Shared fixtures: offline environment, the tiny model (built once), and a runner for the CLI."""
+"""Shared fixtures: offline environment, the tiny model (built once, loaded as a run loads it), one trained tiny run
+for the tests that read a run directory, and a runner for the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,6 +43,59 @@ def tiny_model_dir() -> Path:
     from gsm8k_lora.model import tiny as tiny_model
 
     return tiny_model.ensure(0, CACHE)
+
+
+def load_tiny(**model_changes):
+    """The built-in tiny model and its tokenizer, loaded as a run loads `model=tiny` (`model.loading.load`), with
+    these model settings changed."""
+    import dataclasses
+
+    from gsm8k_lora.model.loading import load
+
+    return load(dataclasses.replace(compose("model=tiny").model, **model_changes), str(CACHE))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """(model, tokenizer): the tiny model as a run loads it, shared by a module's tests that do not change it."""
+    return load_tiny()
+
+
+def load_tiny_tokenizer():
+    """The tiny model's tokenizer as a run loads it (`model.loading.load_tokenizer`)."""
+    from gsm8k_lora.model import tiny as tiny_model
+    from gsm8k_lora.model.loading import load_tokenizer
+
+    return load_tokenizer(str(tiny_model.ensure(0, CACHE)), compose("model=tiny").model)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer as a run loads it, fresh for each test (a test may change it)."""
+    return load_tiny_tokenizer()
+
+
+SMOKE_RUN = ["experiment=smoke", "trainer.max_steps=40", "trainer.save_merged=true", "eval.limit=30",
+             "eval.during_training=true", "eval.during_training_limit=20"]
+SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_model_dir):
+    """One tiny training run through the real entry point, as `make demo` runs it (40 steps), for the tests that read
+    a trained run (train, evaluate, report, bench, W&B): made once per test session, by the first worker that asks,
+    with secrets in its environment that must appear nowhere. Returns (run directory, its stdout and stderr)."""
+    from filelock import FileLock
+
+    root = Path(tempfile.gettempdir()) / f"gsm8k_lora-smoke-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+    root.mkdir(exist_ok=True)
+    run_dir, said = root / "run", root / "said.json"
+    with FileLock(str(root / ".lock")):
+        if not said.exists():
+            proc = run_cli("train", *SMOKE_RUN, f"hydra.run.dir={run_dir}", env=SECRETS)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            said.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+    return run_dir, SimpleNamespace(**json.loads(said.read_text()))
 
 
 def run_cli(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):

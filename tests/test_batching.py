@@ -4,19 +4,18 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from tests.conftest import load_tiny
+
 
 @pytest.fixture(scope="module")
 def model_and_examples(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from gsm8k_lora.data.formatting import render_prompt
     from gsm8k_lora.data.synthetic import generate
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
-    # As in training (model.load_model sets it): with a KV cache, transformers skips the packed-sequence
-    # mask it derives from position ids, and packed examples would attend to each other.
-    model.config.use_cache = False
+    # As a run loads it (sdpa, and no KV cache: with one, transformers skips the packed-sequence mask it derives
+    # from position ids, and packed examples would attend to each other)
+    model, tok = load_tiny()
+    model.eval()
     examples = []
     for row in generate(5, seed=11):  # different lengths
         prompt = tok(render_prompt(tok, row["question"], None))["input_ids"]
@@ -72,12 +71,9 @@ def test_no_example_attends_to_another_in_a_padding_free_batch(model_and_example
 def test_flex_attention_keeps_padding_free_examples_apart(model_and_examples, tiny_model_dir):
     """`model.attn_implementation=flex_attention` turns a padding-free batch's position ids into a block mask: the
     loss is the padded batch's under sdpa (flex compiles its kernel on first use: tens of seconds on a CPU)."""
-    from transformers import AutoModelForCausalLM
-
     sdpa, tok, examples = model_and_examples
-    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention",
-                                                use_kernels=False).eval()
-    flex.config.use_cache = False
+    flex, _ = load_tiny(attn_implementation="flex_attention")
+    flex.eval()
     padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
     flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
     assert torch.allclose(loss_of(flex, flat), loss_of(sdpa, padded), atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from gsm8k_lora.bench import unmeasured
 from gsm8k_lora.benchmarks.falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
 from gsm8k_lora.benchmarks.training import device_config
-from tests.conftest import run_cli
+from tests.conftest import compose, load_tiny, run_cli
 
 SMALL = {**FALCON3_1B, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024, "max_position_embeddings": 1024}
@@ -30,11 +30,9 @@ def test_mfu_counts_the_parameters_that_do_matmuls(tied):
     assert param_count(arch) == matmul_param_count(arch) + embedding_and_norms - (vocab * h if tied else 0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def count(tokenizer, text: str) -> int:
@@ -228,3 +226,22 @@ def test_the_gpu_check_runs_with_what_its_bench_measured_fastest(measured, chose
     from gsm8k_lora.bench import choose
 
     assert choose(measured) == chosen
+
+
+@pytest.mark.slow
+def test_bench_measures_tokens_over_needed_with_the_trained_adapter(smoke_run, tiny_model_dir):
+    """`make bench --adapter RUN_DIR`'s figure: the base model writes no `#### N`, the trained one does."""
+    from peft import PeftModel
+
+    from gsm8k_lora.benchmarks.generation import bench_eval
+
+    run_dir, _ = smoke_run
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    answered = [r["question"] for r in records if r["model"] == "finetuned" and "#### " in r["completion"]][:4]
+    assert answered, "the trained adapter wrote no `#### N` answer on the test questions"
+    base, tokenizer = load_tiny()
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    eval_cfg = compose("experiment=smoke").eval
+    figures = bench_eval(model, tokenizer, answered, eval_cfg, batch_size=4, max_new_tokens=128)  # as the run evaluated
+    assert 1 <= figures["eval_needed_measured_rows"] <= len(answered)
+    assert 0 < figures["eval_needed_tokens_per_question"] <= 128 and figures["eval_generated_over_needed_x"] > 0.5

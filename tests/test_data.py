@@ -7,7 +7,7 @@ from gsm8k_lora.data import loading as data
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.gsm8k import parse_answer
 from gsm8k_lora.data.synthetic import generate
-from tests.conftest import compose, run_cli, write_jsonl
+from tests.conftest import compose, load_tiny, run_cli, write_jsonl
 
 GOOD = {"question": "Tom has 2 apples and gets 3. How many?", "answer": "2+3=<<2+3=5>>5\n#### 5"}
 
@@ -72,10 +72,8 @@ def test_split_is_90_10_disjoint_and_seed_stable():
     assert not source_test & set(seen) and not {q for q, _ in source_test} & {q for q, _ in seen}
 
 
-def test_prompt_uses_the_chat_template_and_completion_is_the_solution(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_prompt_uses_the_chat_template_and_completion_is_the_solution(tiny_tokenizer):
+    tok = tiny_tokenizer
     ds = Dataset.from_list([{"question": GOOD["question"], "answer": GOOD["answer"]}])
     row = to_prompt_completion(ds, tok, "Solve it.")[0]
     assert row["prompt"] == f"<|system|>\nSolve it.\n<|user|>\n{GOOD['question']}\n<|assistant|>\n"
@@ -84,13 +82,11 @@ def test_prompt_uses_the_chat_template_and_completion_is_the_solution(tiny_model
 
 def test_completion_only_labels_mask_the_prompt_and_train_the_eos(tiny_model_dir, tmp_path):
     """What TRL makes of our rows: prompt tokens masked, solution and EOS trained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
     from gsm8k_lora.training.sft import build_lora_config, build_sft_config
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model, tok = load_tiny()
     ds = to_prompt_completion(Dataset.from_list([GOOD] * 4), tok, None)
     cfg = compose("experiment=smoke", "trainer.early_stopping_patience=null")
     args = build_sft_config(cfg.trainer, tmp_path, "t")

@@ -10,15 +10,12 @@ from gsm8k_lora.data import synthetic
 from gsm8k_lora.data.loading import build_splits, shot_pool
 from gsm8k_lora.evaluation.answers import pick_shots
 from gsm8k_lora.evaluation.generation import build_prompt, generate
-from gsm8k_lora.model.loading import load
-from tests.conftest import compose
+from tests.conftest import compose, load_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    cfg = compose("experiment=smoke")
-    model, tokenizer = load(cfg.model)
-    return cfg, model, tokenizer
+def smoke(tiny):
+    return compose("experiment=smoke"), *tiny
 
 
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e != "slots"])
@@ -27,8 +24,8 @@ def tiny(tiny_model_dir):
     ["eval.stop_sequences=[pencils]"],  # a stop string of the user's
     ["eval.prompt=lm_eval_gsm8k_plain", "eval.num_fewshot=2"],  # lm-eval's stops, limit and truncation
 ])
-def test_every_engine_gives_the_greedy_answers_of_the_slot_loop(tiny, overrides, engine):
-    cfg, model, tokenizer = tiny
+def test_every_engine_gives_the_greedy_answers_of_the_slot_loop(smoke, overrides, engine):
+    cfg, model, tokenizer = smoke
     ecfg = dataclasses.replace(compose("experiment=smoke", *overrides).eval, batch_size=6, max_new_tokens=48)
     splits = build_splits(cfg.data)
     rows = splits.test.select(range(14)).to_list()
@@ -40,8 +37,8 @@ def test_every_engine_gives_the_greedy_answers_of_the_slot_loop(tiny, overrides,
     assert len(set(lengths)) > 1 and max(lengths) <= 48  # rows stopped at different steps
 
 
-def test_sampled_answers_are_the_same_for_the_same_seed(tiny):
-    _, model, tokenizer = tiny
+def test_sampled_answers_are_the_same_for_the_same_seed(smoke):
+    _, model, tokenizer = smoke
     ecfg = dataclasses.replace(compose("experiment=smoke", "eval.num_samples=3", "eval.temperature=1.0").eval,
                                batch_size=4, max_new_tokens=24)
     prompts = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in synthetic.generate(5, seed=9)]
@@ -61,7 +58,7 @@ def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patche
     from gsm8k_lora.training.sft import build_lora_config
 
     cfg = compose("experiment=smoke")
-    model, _ = load(cfg.model)
+    model, _ = load_tiny()
     add_fused_lm_head(model)  # as SFTTrainer does, before PEFT wraps the model
     model = get_peft_model(model, build_lora_config(cfg.lora))
     ids = torch.tensor([[1, 5, 9, 14]])
@@ -75,7 +72,7 @@ def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patche
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny, engine):
+def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(smoke, engine):
     """Every row stops at its first stop token, the first generated token included, whether it was in the first
     fill of the slots or joined the batch later. The tiny model was pretrained on `question\\nsolution<EOS>`, so a
     prompt that is already a whole worked solution has EOS as its first greedy token."""
@@ -85,7 +82,7 @@ def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny, engine):
     from gsm8k_lora.evaluation import engines
     from gsm8k_lora.evaluation.generation import requests, stop_token_ids
 
-    _, model, tokenizer = tiny
+    _, model, tokenizer = smoke
     ecfg = dataclasses.replace(compose("experiment=smoke").eval, max_new_tokens=24)
     rows = synthetic.generate(8, seed=5)
     chat = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in rows[:4]]
@@ -105,7 +102,7 @@ def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(tiny, engine):
     assert all(len(alone[i]) > 1 for i in range(0, len(prompts), 2))
 
 
-def test_answers_of_the_merged_adapter_are_those_of_the_adapter(tiny):
+def test_answers_of_the_merged_adapter_are_those_of_the_adapter(smoke):
     """`eval.merge_adapter`: a copy with the LoRA folded into the weights answers as the adapter does (float32), and
     the trained model keeps its adapter."""
     import torch
@@ -114,8 +111,8 @@ def test_answers_of_the_merged_adapter_are_those_of_the_adapter(tiny):
     from gsm8k_lora.evaluation.generation import merged
     from gsm8k_lora.training.sft import build_lora_config
 
-    cfg, _, tokenizer = tiny
-    model, _ = load(cfg.model)
+    cfg, _, tokenizer = smoke
+    model, _ = load_tiny()
     model = get_peft_model(model, build_lora_config(cfg.lora))
     torch.manual_seed(0)
     for name, param in model.named_parameters():

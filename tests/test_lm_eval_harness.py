@@ -3,8 +3,8 @@
 One side is lm-eval as it ships: `simple_evaluate` with its HF backend (`HFLM`) and its own `gsm8k` task, read from
 the installed `tasks/gsm8k/gsm8k.yaml` with only the data source changed (the local JSONL files below instead of
 the hub dataset). The other is the package's evaluation on the same files, as `python -m gsm8k_lora.evaluate
-model=tiny data=local data.path=DIR eval.prompt=... eval.batch_size=...` runs it (`evaluate.checked_config`, then
-`standalone.run`, which writes `predictions.jsonl`); it runs in this process so that the prompts handed to
+model=tiny data=local data.path=DIR eval.prompt=... eval.batch_size=...` runs it (`cli.check_evaluation`, then
+`recipe.evaluate`, which writes `predictions.jsonl`); it runs in this process so that the prompts handed to
 generation can be read, which `predictions.jsonl` does not hold.
 
 Both answer with the tiny model (greedy, lm-eval's stops and 256-token limit), `lm_eval_gsm8k_plain` against
@@ -38,7 +38,6 @@ BATCHES = ["1", "default"]  # eval.batch_size: 1, and conf/eval/default.yaml's v
 # The other answer engines (`eval.engine`), held to the same standard: one override set each. The default engine,
 # with no override, is always compared; the others against lm-eval at its batch 1 (its own batching is not theirs).
 EXTRA_ENGINES: list[list[str]] = [[f"eval.engine={name}"] for name in ENGINE_NAMES if name != "slots"]
-ENGINES = [[], *EXTRA_ENGINES]
 
 TASK = "gsm8k_local_rows"  # the shipped task's copy, renamed so it cannot be taken for the hub one
 # The rows: 40 train rows, the few-shot pool of both sides, and 8 test questions. The test seed is one for which the
@@ -165,15 +164,16 @@ def evaluate_recording_prompts(overrides: list[str], run_dir: Path) -> list[str]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from gsm8k_lora import evaluate
+    from gsm8k_lora import cli, recipe
     from gsm8k_lora.config import register_configs
-    from gsm8k_lora.evaluation import answers, standalone
+    from gsm8k_lora.evaluation import answers
     from gsm8k_lora.naming import RunNaming
+    from gsm8k_lora.rundir import RunDirectory
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         raw = hydra_compose(config_name="config", overrides=overrides)
-    cfg, merged = evaluate.checked_config(raw, overrides)
+    cfg, merged = cli.check_evaluation(raw, overrides)
     prompts: list[str] = []
     build = answers.build_prompt
 
@@ -183,7 +183,7 @@ def evaluate_recording_prompts(overrides: list[str], run_dir: Path) -> list[str]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(answers, "build_prompt", recording_build_prompt)
-        standalone.run(cfg, merged, run_dir, RunNaming("lm-eval parity", None, "evaluate"))
+        recipe.evaluate(cfg, merged, RunDirectory(run_dir, overrides), RunNaming("lm-eval parity", None, "evaluate"))
     return prompts
 
 
@@ -208,9 +208,6 @@ def difference(index: int, theirs: dict, ours: dict) -> str:
     return "\n".join(lines)
 
 
-ENGINE_IDS = ["default-engine", *(" ".join(overrides) for overrides in EXTRA_ENGINES)]
-
-
 def same_answers(theirs: tuple[list[dict], dict], ours: tuple[list[dict], dict], questions: int) -> None:
     (their_records, their_scores), (our_records, our_metrics) = theirs, ours
     assert len(our_records) == len(their_records) == questions
@@ -221,14 +218,17 @@ def same_answers(theirs: tuple[list[dict], dict], ours: tuple[list[dict], dict],
         assert our_metrics[figure("baseline", rule.figure)] == pytest.approx(their_scores[f"exact_match,{name}"])
 
 
-@pytest.mark.parametrize("engine", ENGINES, ids=ENGINE_IDS)
-@pytest.mark.parametrize("lm_eval_batch", BATCHES, ids=lambda b: f"lm_eval-batch-{b}")
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch-{b}")
+# (package batch, lm-eval batch, engine overrides): every pairing of batches for the default engine, and each other
+# engine against lm-eval at its batch 1 (lm-eval's own batching is not the engine's)
+PAIRINGS = [(batch, theirs, []) for batch in BATCHES for theirs in BATCHES] + [
+    (batch, "1", engine) for batch in BATCHES for engine in EXTRA_ENGINES]
+PAIRING_IDS = [f"batch-{b}-lm_eval-batch-{t}-{' '.join(e) or 'default-engine'}" for b, t, e in PAIRINGS]
+
+
+@pytest.mark.parametrize("batch, lm_eval_batch, engine", PAIRINGS, ids=PAIRING_IDS)
 @pytest.mark.parametrize("prompt", list(PROTOCOLS))
 def test_answers_and_scores_are_lm_eval_s(lm_eval_run, package_run, data_dir, tiny_model_dir, prompt, batch,
                                           lm_eval_batch, engine):
-    if engine and lm_eval_batch != "1":
-        pytest.skip("another engine is compared with lm-eval at its batch 1 only")
     same_answers(lm_eval_run(tiny_model_dir, data_dir, prompt, lm_eval_batch),
                  package_run(("model=tiny",), tiny_model_dir, data_dir, prompt, batch, engine), TEST_ROWS[0])
 

@@ -23,6 +23,7 @@ from gsm8k_lora.evaluation.protocols import (
     lm_eval_stop_sequences,
     lm_eval_truncate,
 )
+from tests.conftest import load_tiny_tokenizer
 from tests.test_lm_eval_parity import SKIP_REASON, lm_eval_gsm8k_task
 
 # SmolLM2-Instruct's ChatML template: it writes its own system prompt when the messages have none.
@@ -40,13 +41,12 @@ POOL = [{"question": f"Row {i} has {i} pens. How many?", "answer": f"It has <<{i
 QUESTIONS = ["Ann has 2 pens and buys 3 more. How many?", "Bo had 9 cards and lost 4. How many are left?"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tokenizers(tiny_model_dir) -> dict:
-    from transformers import AutoTokenizer
-
-    chatml = AutoTokenizer.from_pretrained(tiny_model_dir)
+    """The tiny model's tokenizer with its Falcon3-style template, and one with a ChatML template like SmolLM2's."""
+    chatml = load_tiny_tokenizer()
     chatml.chat_template = CHATML_DEFAULT_SYSTEM
-    return {"falcon3_style": AutoTokenizer.from_pretrained(tiny_model_dir), "chatml": chatml}
+    return {"falcon3_style": load_tiny_tokenizer(), "chatml": chatml}
 
 
 def test_shots_are_lm_eval_sampler_draws_in_question_order():

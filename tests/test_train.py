@@ -9,21 +9,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import OFFLINE_ENV, ROOT, compose, run_cli
+from tests.conftest import OFFLINE_ENV, ROOT, SECRETS, load_tiny
 from tests.wandb_offline import history, read_run
-
-SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretTokenForTests"}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tiny_model_dir):
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("train", "experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.max_steps=40",
-                   "trainer.save_merged=true", "eval.limit=30", "eval.during_training=true",
-                   "eval.during_training_limit=20", env=SECRETS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
-
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +59,7 @@ def test_metrics_are_the_figures_of_the_log_history(smoke_run):
     assert metrics["steps"] == 40 and metrics["stop_reason"] == "completed"
     assert metrics["rows_train"] == 1080 and metrics["rows_validation"] == 120 and metrics["rows_test"] == 100
     assert metrics["tokens_seen"] > 40 * 16 * 20
-    assert 0 < metrics["eval_token_accuracy_last"] <= 1 and "not GSM8K accuracy" in metrics["token_accuracy_note"]
+    assert 0 < metrics["eval_token_accuracy_last"] <= 1
     assert not any(key.startswith("accuracy") or key == "gsm8k_accuracy" for key in metrics)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     # generated-answer accuracy on the validation sample at every evaluation, beside the loss
@@ -90,7 +77,8 @@ def test_adapter_reloads_and_reproduces_the_trained_model(smoke_run, tiny_model_
     run_dir, _ = smoke_run
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
     ids = tok("Tom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base, _ = load_tiny()
+    base.eval()
     with torch.no_grad():
         base_logits = base(ids).logits
         tuned = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
@@ -113,7 +101,6 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= history(run_dir).keys()  # the live curves
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
     assert logged["summary"]["results/finetuned_gsm8k_by_value"] == evaluated["finetuned_gsm8k_by_value"]
-    assert json.loads((run_dir / "wandb_run.json").read_text())["mode"] == "offline"
     for path in run_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             content = path.read_bytes()
@@ -136,55 +123,12 @@ def test_evaluation_answers_the_same_questions_with_baseline_and_finetuned(smoke
     # what the demo shows: fine-tuning taught the answer format the base model lacks
     assert metrics["finetuned_answer_format_rate"] > metrics["baseline_answer_format_rate"]
     assert 0 <= metrics["paired_by_value_mcnemar_p"] <= 1
-    assert "says nothing about Falcon3" in metrics["note"] and "GSM8K, 30 test questions" in proc.stdout
+    assert "GSM8K, 30 test questions" in proc.stdout
     # each answer says why it is wrong, and what kind of problem it was (the synthetic generator's)
     for record in records:
         assert (record["error_category"] is None) == record["correct"]
         assert record["problem_type"] in ("one_step", "multi_step", "rates_time", "money_change")
         assert "category" not in record
-
-
-def test_evaluate_cli_reloads_the_adapter_from_the_run_directory(smoke_run, tmp_path):
-    run_dir, _ = smoke_run
-    proc = run_cli("evaluate", "experiment=smoke", "logger=none", f"adapter={run_dir}", "eval.limit=30",
-                   f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"evaluation written to {tmp_path}" in proc.stdout
-    again = json.loads((tmp_path / "eval_metrics.json").read_text())
-    first = json.loads((run_dir / "eval_metrics.json").read_text())
-    # greedy decoding: the reloaded adapter answers as the trained one did
-    for key in ("baseline_gsm8k_by_value", "finetuned_gsm8k_by_value",
-                "finetuned_answer_format_rate"):
-        assert again[key] == first[key]
-
-
-def test_bench_measures_tokens_over_needed_with_the_trained_adapter(smoke_run, tiny_model_dir):
-    """`make bench --adapter RUN_DIR`'s figure: the base model writes no `#### N`, the trained one does."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gsm8k_lora.benchmarks.generation import bench_eval
-
-    run_dir, _ = smoke_run
-    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    answered = [r["question"] for r in records if r["model"] == "finetuned" and "#### " in r["completion"]][:4]
-    assert answered, "the trained adapter wrote no `#### N` answer on the test questions"
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
-    eval_cfg = compose("experiment=smoke").eval
-    figures = bench_eval(model, tokenizer, answered, eval_cfg, batch_size=4, max_new_tokens=128)  # as the run evaluated
-    assert 1 <= figures["eval_needed_measured_rows"] <= len(answered)
-    assert 0 < figures["eval_needed_tokens_per_question"] <= 128 and figures["eval_generated_over_needed_x"] > 0.5
-
-
-def test_eval_limit_is_an_upper_bound_answering_the_whole_smaller_split(tmp_path):
-    """As lm-eval's --limit: a limit beyond the split answers every question, and says so in one line."""
-    proc = run_cli("evaluate", "model=tiny", "data=synthetic", "data.num_test=6", "eval.limit=5000", "logger=none",
-                   "eval.max_new_tokens=16", f"hydra.run.dir={tmp_path}", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval.limit=5000 but the test split has 6 rows: answering all 6" in proc.stdout
-    assert json.loads((tmp_path / "eval_metrics.json").read_text())["baseline_n"] == 6
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 6
 
 
 def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, tiny_model_dir):
@@ -199,43 +143,3 @@ def test_data_parallel_launch_on_cpu_shards_the_data_and_writes_once(tmp_path, t
     # 180 training rows, 16 per device on 2 devices: an epoch is 6 optimizer steps, not 12
     assert metrics["steps"] == 6 and metrics["epochs"] == pytest.approx(1.0)
     assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("GSM8K, 4 test questions") == 1
-
-
-def test_report_states_the_figures_of_the_metrics_files(smoke_run):
-    run_dir, proc = smoke_run
-    report = (run_dir / "report.md").read_text()
-    m = json.loads((run_dir / "metrics.json").read_text())
-    ev = json.loads((run_dir / "eval_metrics.json").read_text())
-    history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
-    for key in ("train_loss_first", "train_loss_last", "eval_loss_best", "eval_token_accuracy_last"):
-        assert f"{m[key]:.4f}" in report, key
-    assert f"{m['eval_loss_decrease_pct']:.1f}%" in report
-    assert f"{m['rows_train']} train / {m['rows_validation']} validation / {m['rows_test']} test" in report
-    # one row per accuracy, naming its extraction rule and n, both models with their 95% intervals
-    assert "Protocol: zero-shot (the training prompt)" in report
-    assert "- Trainer: lr 0.002, max_steps 40 (40 of 40 steps run)" in report
-    for label, rule in (("by-value (the headline)", "gsm8k_by_value"), ("by-value strict", "gsm8k_by_value_strict"),
-                        ("lm-eval strict-match", "gsm8k_strict_match"),
-                        ("lm-eval flexible-extract", "gsm8k_flexible_extract")):
-        (row,) = [line for line in report.splitlines() if line.startswith(f"| {label} |")]
-        cells = [cell.strip() for cell in row.strip().strip("|").split(" | ")]
-        assert len(cells) == 6 and cells[1] and cells[2] == "30", row
-        for cell, name in zip(cells[3:5], ("baseline", "finetuned"), strict=True):
-            key = f"{name}_{rule}"
-            assert cell == f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]", row
-    assert f"p={ev['paired_by_value_mcnemar_p']:.3g}" in report
-    # the learning-curve line, from the validation losses: in 40 steps evaluated every 20, the last quarter
-    # holds one evaluation, so the reading spans the last two (steps 20 to 40: half of the steps)
-    (_, before), (_, last) = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row][-2:]
-    change = 100 * (last - before) / before
-    verb = "fell" if change < -0.5 else ("rose" if change > 0.5 else "changed")  # within +-0.5%: a plateau
-    (line,) = [line for line in report.splitlines() if line.startswith("- Validation loss")]
-    assert line.startswith(f"- Validation loss {verb} ") and "over the last 50% of steps" in line
-    assert f"{abs(change):.1f}%" in line
-    assert "It is not GSM8K accuracy" in report and "a CPU run, no GPU-hours" in report
-    assert (run_dir / "accuracy_by_steps.png").stat().st_size > 0
-    # the CLI rewrites the same report from the files alone
-    before = report
-    proc = run_cli("report", str(run_dir), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert (run_dir / "report.md").read_text() == before

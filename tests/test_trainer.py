@@ -4,9 +4,8 @@ subclass that reads nothing back to the host in a training step, and trains the 
 import pytest
 
 from gsm8k_lora.data.loading import build_splits
-from gsm8k_lora.model.loading import load
 from gsm8k_lora.training import sft
-from tests.conftest import compose
+from tests.conftest import compose, load_tiny
 
 STEPS = ["experiment=smoke", "trainer.max_steps=4", "trainer.logging_steps=2", "trainer.eval_steps=2",
          "trainer.save_steps=2", "trainer.eval_on_start=false", "data.num_train=80", "data.num_test=4"]
@@ -14,7 +13,7 @@ STEPS = ["experiment=smoke", "trainer.max_steps=4", "trainer.logging_steps=2", "
 
 def trained(tmp_path, step_metrics: bool) -> tuple[type, list[dict]]:
     cfg = compose(*STEPS, f"trainer.step_metrics={str(step_metrics).lower()}")
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = load_tiny()
     splits = build_splits(cfg.data)
     trainer = sft.build_trainer(cfg.trainer, cfg.lora, model, tokenizer, splits, None, tmp_path / str(step_metrics),
                                 "x", True, [])
