@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import version
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_automatic_config_search_path, get_args_parser, run_and_report
@@ -56,6 +57,7 @@ from gsm8k_lora.rundir import resolve_adapter, run_directory
 # The commands' config, as @hydra.main(config_path="../conf", config_name="config") finds it from this package.
 CONFIG_PATH = "../conf"
 CONFIG_NAME = "config"
+VERSION_BASE = "1.3"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -68,7 +70,7 @@ def command(argv: list[str], help_text: str, job: Callable[[DictConfig], Any],
     try:
         composed = compose(argv)
         if composed is None:  # Hydra answers --cfg, --info, --hydra-help itself
-            return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)(job)()
+            return hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(job)()
         if composed.multirun:
             return launch(composed, job)
         task = checked_job(composed)
@@ -133,6 +135,7 @@ def compose(argv: list[str]) -> Composed | None:
     if syntax:
         raise ConfigError(syntax)
     setup_globals()  # Hydra's resolvers (`now`), as @hydra.main registers them
+    version.setbase(VERSION_BASE)  # Hydra's defaults of that version, as @hydra.main(version_base=...) sets them
     app = None
     try:
         app = _hydra_app(args)
