@@ -54,6 +54,12 @@ def cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+# Answer engines made for a GPU: transformers' continuous batching (paged attention, CUDA graphs) ran at half the padded
+# path's speed on this project's CPUs, and under the test suite's worker processes one of them died in it.
+CUDA_ENGINES = {"paged": "needs a CUDA GPU (transformers' continuous batching is built for one; eval.engine=slots "
+                         "is the CPU's fastest)"}
+
+
 def device_problems(cfg: Config, training: bool) -> list[Problem]:
     problems = []
     if training:
@@ -78,6 +84,8 @@ def device_problems(cfg: Config, training: bool) -> list[Problem]:
         elif t.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             problems.append(Problem("trainer.use_liger_kernel", True, "needs liger-kernel: pip install -e .[liger]",
                                     "path"))
+    if cfg.eval.enabled and cfg.eval.engine in CUDA_ENGINES and not _cuda()[0]:
+        problems.append(Problem("eval.engine", cfg.eval.engine, CUDA_ENGINES[cfg.eval.engine], "device"))
     if cfg.model.load_in_4bit:
         why = four_bit_problem(cfg.trainer.use_cpu)
         if why:

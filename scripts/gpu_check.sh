@@ -16,11 +16,11 @@ cd "$(dirname "$0")/.."
 # and engine the bench found fastest). A step that fails or runs out of time does not stop the next; the limits
 # are cut to what is left of TOTAL_S.
 STEPS=(
-  'bench      210 $PY -m gsm8k_lora.bench --gpu-check --skip-real --gsm8k $DATA --deadline-s 170 --out $RUNS/bench'
-  'recipe     120 $PY -m gsm8k_lora.train experiment=falcon3_shape data=local data.path=$DATA eval.batch_size=256
+  'bench      200 $PY -m gsm8k_lora.bench --gpu-check --skip-real --gsm8k $DATA --deadline-s 160 --out $RUNS/bench'
+  'recipe     110 $PY -m gsm8k_lora.train experiment=falcon3_shape data=local data.path=$DATA eval.batch_size=256
                   trainer.max_steps=80 trainer.eval_steps=40 trainer.save_steps=40 eval.limit=256 $CHOSEN
                   hydra.run.dir=$RUNS/recipe'
-  'pytest_gpu  45 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml=$RUNS/pytest_gpu.xml'
+  'pytest_gpu  60 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml=$RUNS/pytest_gpu.xml'
 )
 # The seed's whole experiment (bash scripts/gpu_check.sh --experiment; make gpu-experiment): a call of its own,
 # since its 5-minute goal does not fit in the check's 7 minutes beside the bench. $CHOSEN: GPU_CHOSEN, the

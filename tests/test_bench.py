@@ -132,7 +132,7 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     levers = {"package_default": [], "quiet_steps": ["trainer.step_metrics=false"]}
     out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, preset=("trainer=cpu_smoke",),
-                        training=True, prompts=12, levers=levers)
+                        training=True, prompts=8, levers=levers)
     assert out["falcon3_params"] == param_count(SMALL) and out["falcon3_matmul_params"] == matmul_param_count(SMALL)
     assert 0 < out["qlora_weights_gib_4bit"] < out["qlora_weights_gib_bf16"]
     for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_quiet_steps", "falcon3_qlora"):
@@ -144,9 +144,10 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
         assert 0 < timed_tokens < figures["real_tokens"]
     # the quiet trainer trains on the same tokens as TRL's own
     assert out["falcon3_quiet_steps"]["real_tokens"] == out["falcon3_package_default"]["real_tokens"]
-    assert out["gen_questions"] == 12 and out["gen_padded_tokens"] > 0
-    for engine in ("slots", "static", "paged", "slots_merged"):
-        assert out[f"gen_{engine}_same_answers_as_padded"] == 12, engine
+    assert out["gen_questions"] == 8 and out["gen_padded_tokens"] > 0
+    assert out["gen_paged_skipped"].startswith("eval.engine=paged needs a CUDA GPU")  # measured on a GPU only
+    for engine in ("slots", "static", "slots_merged"):
+        assert out[f"gen_{engine}_same_answers_as_padded"] == 8, engine
         assert out[f"gen_{engine}_tokens"] == out["gen_padded_tokens"]  # each row stopped at its reference length
     assert unmeasured(out) == []
 

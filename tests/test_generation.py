@@ -10,15 +10,23 @@ from gsm8k_lora.data import synthetic
 from gsm8k_lora.data.loading import build_splits, shot_pool
 from gsm8k_lora.evaluation.answers import pick_shots
 from gsm8k_lora.evaluation.generation import build_prompt, generate
-from tests.conftest import compose, load_tiny
+from gsm8k_lora.preflight import CUDA_ENGINES
+from tests.conftest import compose, load_tiny, requires_cuda
+
+# every answer engine; those made for a GPU (`preflight.CUDA_ENGINES`) where there is one
+ENGINE_PARAMS = [pytest.param(e, marks=[pytest.mark.gpu, requires_cuda]) if e in CUDA_ENGINES else e for e in ENGINES]
 
 
 @pytest.fixture(scope="module")
 def smoke(tiny):
-    return compose("experiment=smoke"), *tiny
+    """The smoke experiment's config and the tiny model, on the GPU where there is one (as a run answers)."""
+    from gsm8k_lora.model.loading import to_device
+
+    model, tokenizer = tiny
+    return compose("experiment=smoke"), to_device(model), tokenizer
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "slots"])
+@pytest.mark.parametrize("engine", [e for e in ENGINE_PARAMS if e != "slots"])
 @pytest.mark.parametrize("overrides", [
     [],  # zero-shot: stops at EOS, a new turn's marker, or a complete `#### N` line
     ["eval.stop_sequences=[pencils]"],  # a stop string of the user's
@@ -86,7 +94,7 @@ def test_answers_in_another_dtype_run_a_copy_in_that_dtype_after_training_patche
         assert model(input_ids=ids, fused_lm_head=False).logits.dtype == torch.float32  # the original is untouched
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
 def test_greedy_answers_do_not_depend_on_the_batch_or_the_queue(smoke, engine):
     """Every row stops at its first stop token, the first generated token included, whether it was in the first
     fill of the slots or joined the batch later. The tiny model was pretrained on `question\\nsolution<EOS>`, so a

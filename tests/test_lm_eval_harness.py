@@ -28,7 +28,8 @@ from gsm8k_lora.config import ENGINES as ENGINE_NAMES
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.evaluation.grading import LM_EVAL_FALLBACK
 from gsm8k_lora.figures import FLEXIBLE_EXTRACT, STRICT_MATCH, figure
-from tests.conftest import CACHE, ROOT, compose, write_jsonl
+from gsm8k_lora.preflight import CUDA_ENGINES
+from tests.conftest import CACHE, ROOT, compose, requires_cuda, write_jsonl
 
 pytest.importorskip(
     "lm_eval", reason="lm-evaluation-harness is not installed (`pip install lm_eval`, dev extra): nothing to compare")
@@ -38,6 +39,7 @@ BATCHES = ["1", "default"]  # eval.batch_size: 1, and conf/eval/default.yaml's v
 # The other answer engines (`eval.engine`), held to the same standard: one override set each. The default engine,
 # with no override, is always compared; the others against lm-eval at its batch 1 (its own batching is not theirs).
 EXTRA_ENGINES: list[list[str]] = [[f"eval.engine={name}"] for name in ENGINE_NAMES if name != "slots"]
+ON_CUDA = [pytest.mark.gpu, requires_cuda]  # engines made for a GPU (`preflight.CUDA_ENGINES`) are compared there
 
 TASK = "gsm8k_local_rows"  # the shipped task's copy, renamed so it cannot be taken for the hub one
 # The rows: 40 train rows, the few-shot pool of both sides, and 8 test questions. The test seed is one for which the
@@ -219,13 +221,15 @@ def same_answers(theirs: tuple[list[dict], dict], ours: tuple[list[dict], dict],
 
 
 # (package batch, lm-eval batch, engine overrides): every pairing of batches for the default engine, and each other
-# engine against lm-eval at its batch 1 (lm-eval's own batching is not the engine's)
-PAIRINGS = [(batch, theirs, []) for batch in BATCHES for theirs in BATCHES] + [
-    (batch, "1", engine) for batch in BATCHES for engine in EXTRA_ENGINES]
-PAIRING_IDS = [f"batch-{b}-lm_eval-batch-{t}-{' '.join(e) or 'default-engine'}" for b, t, e in PAIRINGS]
+# engine at the package's default batch against lm-eval at its batch 1 (lm-eval's own batching is not the engine's;
+# the batch invariance of every engine is tests/test_generation.py's)
+PAIRINGS = [pytest.param(batch, theirs, [], id=f"batch-{batch}-lm_eval-batch-{theirs}")
+            for batch in BATCHES for theirs in BATCHES] + [
+    pytest.param("default", "1", engine, id=engine[0],
+                 marks=ON_CUDA if engine[0].partition("=")[2] in CUDA_ENGINES else ()) for engine in EXTRA_ENGINES]
 
 
-@pytest.mark.parametrize("batch, lm_eval_batch, engine", PAIRINGS, ids=PAIRING_IDS)
+@pytest.mark.parametrize("batch, lm_eval_batch, engine", PAIRINGS)
 @pytest.mark.parametrize("prompt", list(PROTOCOLS))
 def test_answers_and_scores_are_lm_eval_s(lm_eval_run, package_run, data_dir, tiny_model_dir, prompt, batch,
                                           lm_eval_batch, engine):

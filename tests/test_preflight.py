@@ -55,6 +55,7 @@ def test_a_bad_value_in_one_job_of_a_sweep_stops_it_before_any_job(tmp_path):
     (["model.name_or_path=no-such-org/no-such-model"], "is on the hub, which does not answer"),
     (["model.name_or_path=DIR"], "is a directory without config.json: not a model directory"),
     (["trainer.resume=DIR"], "trainer.resume='DIR' is not a checkpoint directory"),
+    (["eval.engine=paged"], "eval.engine='paged' needs a CUDA GPU (transformers' continuous batching"),
     (["model.hub_kernels.RMSNorm=x"], "model.hub_kernels.RMSNorm is invalid: model.hub_kernels has no key 'RMSNorm'; "
      "add one with +model.hub_kernels.RMSNorm=VALUE"),
     (["+model.hub_kernels.RMSNorm='kernels-community/liger-kernels:LigerRMSNorm'"],

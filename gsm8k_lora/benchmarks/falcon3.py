@@ -42,7 +42,7 @@ from gsm8k_lora.config import ENGINES, Config, compose
 from gsm8k_lora.evaluation.generation import build_prompt, generate
 from gsm8k_lora.model.loading import load, load_model, weight_memory
 from gsm8k_lora.model.shaped import FALCON3_1B, build, ensure
-from gsm8k_lora.preflight import four_bit_problem
+from gsm8k_lora.preflight import CUDA_ENGINES, four_bit_problem
 from gsm8k_lora.training.sft import build_lora_config, build_sft_config, trainer_class
 
 # Dense bf16 peak of each GPU (vendor data sheets), for MFU.
@@ -196,6 +196,9 @@ def bench_engines(model_dir: Path, cfg: Config, rows: list[dict], batch_size: in
     runs = [(engine, False) for engine in ("padded", *(e for e in ENGINES if e != "padded"))] + [("slots", True)]
     for engine, merge in runs:
         name = f"{engine}_merged" if merge else engine
+        if engine in CUDA_ENGINES and not torch.cuda.is_available():
+            out[f"gen_{name}_skipped"] = f"eval.engine={engine} {CUDA_ENGINES[engine]}"
+            continue
         if deadline.left() < 30:
             out[f"gen_{name}_skipped"] = "out of time"
             continue

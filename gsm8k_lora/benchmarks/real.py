@@ -37,7 +37,7 @@ from gsm8k_lora.errors import ModelLoadError
 from gsm8k_lora.evaluation.generation import build_prompt, generate
 from gsm8k_lora.model.loading import load
 from gsm8k_lora.model.sources import resolve
-from gsm8k_lora.preflight import cpu_has_bf16
+from gsm8k_lora.preflight import CUDA_ENGINES, cpu_has_bf16
 from gsm8k_lora.training.sft import build_sft_config
 
 
@@ -143,7 +143,7 @@ def bench_generation(model, tokenizer, splits, cfg: Config, questions: int, rate
         "real_generation_same_answers_as_padded": same_answers(ours, padded),
         **{f"real_{k}": v for k, v in answer_token_figures(tokenizer, ours["outputs"], 256).items()},
     }
-    for engine in (e for e in ENGINES if e not in (ecfg.engine, "padded")):  # each at the default engine's batch
+    for engine in (e for e in ENGINES if e not in (ecfg.engine, "padded", *CUDA_ENGINES)):  # at the default's batch
         other = timed(model, tokenizer, prompts, dataclasses.replace(ecfg, engine=engine))
         out.update({f"real_generation_tokens_per_s_{engine}": other["tokens_per_s"],
                     f"real_generation_same_answers_{engine}": same_answers(ours, other)})
