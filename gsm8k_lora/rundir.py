@@ -206,50 +206,6 @@ def training_differences(old: dict, new: dict) -> list[str]:
     return differ
 
 
-class RunLock:
-    """One process per run directory, held while it works there: `filelock.FileLock`, an flock(2) on
-    `.lock`, which the operating system releases when the holder dies (kill -9 included), so a lock left by
-    a dead process never blocks a resume. Who holds it is written beside (`.lock.json`): a second process is
-    told who, and a record left by a holder that died is recognised as stale and taken over."""
-
-    def __init__(self, run_dir: Path, command: str = ""):
-        self.run_dir, self.command = run_dir, command
-        self.holder_file = run_dir / ".lock.json"
-        self._lock: FileLock | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
-
-    def acquire(self) -> str | None:
-        """Take the lock, or raise RunDirBusy naming the holder; returns a note when a stale lock was taken over."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.run_dir / ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            holder = read_json(self.holder_file)
-            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}" if holder
-                   else "another process")
-            raise RunDirBusy(f"{self.run_dir} is in use by {who}: wait for it to end, or give this run another "
-                             f"hydra.run.dir") from None
-        self._lock = lock
-        stale = read_json(self.holder_file)
-        write_json(self.holder_file, {"pid": os.getpid(), "host": socket.gethostname(),
-                                      "started": datetime.now().isoformat(timespec="seconds"),
-                                      "command": self.command})
-        if stale:
-            return (f"took over the lock of {self.run_dir} left by pid {stale['pid']} on {stale['host']} "
-                    f"(started {stale['started']}), which ended without releasing it")
-        return None
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self.holder_file.unlink(missing_ok=True)
-            self._lock.release()
-            self._lock = None
-
-
 class RunDirectory:
     """One job's directory: `path`, the command line's overrides that made the job, and the command as typed."""
 
@@ -257,7 +213,7 @@ class RunDirectory:
         self.path = Path(path).absolute()
         self.overrides = list(overrides or [])
         self.command = command
-        self.lock = RunLock(self.path, command)
+        self._lock: FileLock | None = None
         self.fresh = not self.path.exists()  # made by this process: removed again if the run never began
 
     # --- what a run writes ---
@@ -401,12 +357,35 @@ class RunDirectory:
                 f"the same command and hydra.run.dir={self.path}")
 
     def hold(self) -> None:
-        """This directory's lock, for this process (where it does not hold it already); RunDirBusy naming the
-        holder where another process does. Data-parallel ranks share the directory: rank 0 holds it."""
-        if is_main_process() and not self.lock.held:
-            note = self.lock.acquire()
-            if note:
-                print(note, file=sys.stderr)
+        """This directory's lock, for this process (where it does not hold it already), or RunDirBusy naming the
+        holder. `filelock.FileLock` is an flock(2) on `.lock`, which the operating system releases when the holder
+        dies (kill -9 included), so a dead process never blocks a resume; who holds it is written beside
+        (`.lock.json`), and a record left by a holder that died is taken over with a note. Data-parallel ranks
+        share the directory: rank 0 holds it."""
+        if not is_main_process() or self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock, holder_file = FileLock(self.path / ".lock"), self.path / ".lock.json"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = read_json(holder_file)
+            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}" if holder
+                   else "another process")
+            raise RunDirBusy(f"{self.path} is in use by {who}: wait for it to end, or give this run another "
+                             f"hydra.run.dir") from None
+        self._lock, stale = lock, read_json(holder_file)
+        write_json(holder_file, {"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": datetime.now().isoformat(timespec="seconds"), "command": self.command})
+        if stale:
+            print(f"took over the lock of {self.path} left by pid {stale['pid']} on {stale['host']} (started "
+                  f"{stale['started']}), which ended without releasing it", file=sys.stderr)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.path / ".lock.json").unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
     @contextmanager
     def job(self, multirun: bool) -> Iterator[None]:
@@ -449,5 +428,5 @@ class RunDirectory:
             fail(full)
         finally:
             STOP.restore()
-            self.lock.release()
+            self.release()
 
