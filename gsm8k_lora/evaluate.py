@@ -10,6 +10,7 @@ imported; the job is the recipe's evaluation (`recipe.evaluate`).
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gsm8k_lora import cli, naming
+from gsm8k_lora import figures as F
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
 from gsm8k_lora.errors import EXPECTED, fail
 from gsm8k_lora.rundir import RunDirectory, run_directory
@@ -63,7 +65,10 @@ def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> No
         run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
         run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides, " ".join([Path(sys.argv[0]).name,
                                                                                            *sys.argv[1:]]))
-        recipe.evaluate(cfg, merged, run_dir, run_naming)
+        started = datetime.now()
+        figures = recipe.evaluate(cfg, merged, run_dir, run_naming)
+        headline = F.figure("finetuned" if cfg.adapter else "baseline", F.headline(F.sampled_k(figures)))
+        run_dir.mark_done(headline, F.read(figures, headline), started)  # a sweep of evaluations counts it done
     except EXPECTED as err:
         fail(err)
     except (Interrupted, StopNow) as stop:

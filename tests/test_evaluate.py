@@ -112,3 +112,14 @@ def test_eval_limit_is_an_upper_bound_answering_the_whole_smaller_split(tmp_path
     assert "eval.limit=5000 but the test split has 6 rows: answering all 6" in proc.stdout
     assert json.loads((tmp_path / "eval_metrics.json").read_text())["baseline_n"] == 6
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_a_sweep_of_evaluations_counts_each_finished_job_done(tmp_path):
+    """`evaluate -m`: each job that wrote its figures is done in the sweep's comparison, and the sweep exits 0."""
+    proc = run_cli("evaluate", "-m", "model=tiny", "data=synthetic", "data.num_test=6", "eval.limit=2,3", "logger=none",
+                   "eval.max_new_tokens=8", f"hydra.sweep.dir={tmp_path}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep: 2 of 2 jobs done" in proc.stdout
+    rows = (tmp_path / "comparison.csv").read_text().splitlines()[1:]
+    assert [(row.split(",")[1], row.split(",")[2]) for row in rows] == [("done", "2"), ("done", "3")]
