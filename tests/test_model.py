@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,6 +76,28 @@ def test_a_model_the_package_loads_runs_no_hub_kernels(tiny_model_dir):
     model, _ = load(compose("model=tiny").model, str(tiny_model_dir.parent))
     model.train()
     assert model.use_kernels is False
+
+
+def test_importing_peft_asks_the_hub_for_no_kernel():
+    """bitsandbytes (PEFT imports it) asks the `kernels` package for a Hub kernel at import on AVX512-BF16 CPUs;
+    in a process that imports the package first, nothing asks: a recorder stands in for `get_kernel`."""
+    pytest.importorskip("bitsandbytes")
+    code = """if True:
+        import json, kernels
+        asked = []
+        def recorder(repo_id, *args, **kwargs):
+            asked.append(repo_id)
+            raise RuntimeError("recorded")
+        kernels.get_kernel = recorder
+        import gsm8k_lora, peft
+        from bitsandbytes.functional import has_avx512bf16
+        print(json.dumps({"asked": asked, "avx512bf16": bool(has_avx512bf16())}))"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not seen["avx512bf16"]:
+        pytest.skip("bitsandbytes asks the Hub for its CPU kernel only on a CPU with AVX512-BF16; this one has none")
+    assert seen["asked"] == []
 
 
 def test_pinned_hub_kernels_are_exactly_those_asked_for(tiny_model_dir, tmp_path, monkeypatch):
