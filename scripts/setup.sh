@@ -22,4 +22,4 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" -e ".[dev]"
-"$venv/bin/python" -c "import torch, trl, transformers, peft; print(f'setup: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
+"$venv/bin/python" -c "import gsm8k_lora, torch, trl, transformers, peft; print(f'setup: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
