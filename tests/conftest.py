@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import gsm8k_lora  # noqa: F401  first, as every command imports it: what PEFT imports later asks the Hub for nothing
+
 ROOT = Path(__file__).resolve().parents[1]
 # One model cache for the whole suite (and between local runs): the tiny model is built once.
 CACHE = Path(os.environ.get("GSM8K_LORA_TEST_CACHE", ROOT / ".cache" / "models"))
