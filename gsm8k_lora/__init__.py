@@ -35,11 +35,16 @@ class BitsandbytesOffTheHub(importlib.abc.MetaPathFinder):
     own CPU code, as it does wherever the fetch fails. Installed when the package is imported (standard library
     only: the door stays light); a no-op where bitsandbytes was imported first."""
 
+    finding = False  # find_spec asks the other finders for bitsandbytes' own spec, not this one again
+
     def find_spec(self, name, path=None, target=None):
-        if name != "bitsandbytes":
+        if name != "bitsandbytes" or self.finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
@@ -54,6 +59,8 @@ class BitsandbytesOffTheHub(importlib.abc.MetaPathFinder):
                 exec_module(module)
             finally:
                 kernels.get_kernel = get_kernel
+                if self in sys.meta_path:  # bitsandbytes is loaded: nothing more to watch
+                    sys.meta_path.remove(self)
 
         spec.loader.exec_module = exec_off_the_hub
         return spec

@@ -80,7 +80,8 @@ def test_a_model_the_package_loads_runs_no_hub_kernels(tiny_model_dir):
 
 def test_importing_peft_asks_the_hub_for_no_kernel():
     """bitsandbytes (PEFT imports it) asks the `kernels` package for a Hub kernel at import on AVX512-BF16 CPUs;
-    in a process that imports the package first, nothing asks: a recorder stands in for `get_kernel`."""
+    in a process that imports the package first, nothing asks, even where its spec was looked up before the import:
+    a recorder stands in for `get_kernel`."""
     pytest.importorskip("bitsandbytes")
     code = """if True:
         import json, kernels
@@ -89,7 +90,9 @@ def test_importing_peft_asks_the_hub_for_no_kernel():
             asked.append(repo_id)
             raise RuntimeError("recorded")
         kernels.get_kernel = recorder
-        import gsm8k_lora, peft
+        import importlib.util, gsm8k_lora
+        importlib.util.find_spec("bitsandbytes")  # as transformers' availability checks ask, before the import
+        import peft
         from bitsandbytes.functional import has_avx512bf16
         print(json.dumps({"asked": asked, "avx512bf16": bool(has_avx512bf16())}))"""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
