@@ -70,6 +70,7 @@ RATES = {  # the graded answer's field each rate counts
     "repetition_loop_rate": "repetition_loop"}
 GENERATED_TOKENS_MEAN = "generated_tokens_mean"
 ANSWER_SECONDS = "answer_s"  # wall seconds a model took to answer (a baseline read from the cache: not written)
+ANSWER_PROCESSES = "answer_processes"  # how many processes answered a share of the questions (data-parallel runs)
 ANSWER_FORMAT = "answer_format"  # the answer-format rate's name in the paired figures
 PAIRED_STATS = ("n", "difference", "only_finetuned_correct", "only_baseline_correct", "mcnemar_p")
 CI = ("ci95_low", "ci95_high")
@@ -133,7 +134,7 @@ def eval_names(k: int | None = None) -> list[str]:
         for accuracy in accuracy_names(k):
             names += [figure(model, accuracy), *interval(model, accuracy)]
         names += [figure(model, rate) for rate in RATES] + [figure(model, GENERATED_TOKENS_MEAN)]
-        names.append(figure(model, ANSWER_SECONDS))
+        names += [figure(model, ANSWER_SECONDS), figure(model, ANSWER_PROCESSES)]
     names += [paired(p, stat) for p in pairs for stat in PAIRED_STATS]
     return names
 

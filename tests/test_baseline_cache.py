@@ -27,6 +27,7 @@ def answered(answering, cache, *overrides, weights=None):
     predictions, metrics = evaluate(cfg.eval, cfg.data.system_prompt, model, tokenizer, splits, rows, adapters=False,
                                     weights=weights or identity)
     assert (metrics.pop("baseline_answer_s", None) is None) == (metrics["baseline_source"] != "generated")  # timed
+    assert (metrics.pop("baseline_answer_processes", None) is None) == (metrics["baseline_source"] != "generated")
     return json.dumps(predictions), metrics
 
 

@@ -30,17 +30,20 @@ def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: Eva
     """Graded predictions of the fine-tuned model and (adapter disabled) the baseline, on the same questions; where
     the baseline's answers came from: `generated`, or the cache entry that held them (`weights`: the base weights'
     identity, `baseline_cache.weights_identity`; without it the baseline is not cached); and the seconds each
-    model took to answer (a baseline read from the cache took none)."""
+    model took to answer and how many processes shared it, as eval_metrics.json names them (a baseline read from
+    the cache took none)."""
     prompts = [build_prompt(tokenizer, r["question"], cfg, s, system_prompt) for r, s in zip(rows, shots, strict=True)]
     model.config.use_cache = True
     out: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
+    processes: dict[str, int] = {}
     source = "generated"
 
     def timed(name: str, answering, desc: str) -> list[dict]:
         start = time.perf_counter()
         generations = generate(answering, tokenizer, prompts, cfg, desc)
         seconds[name] = time.perf_counter() - start
+        processes[name] = len({g.pop("process") for g in generations})  # how many shared the answering
         return generations
 
     if not adapters or cfg.compare_baseline:
@@ -59,7 +62,8 @@ def answer(model, tokenizer, rows: list[dict], shots: list[list[dict]], cfg: Eva
         with merged(model) if cfg.merge_adapter else contextlib.nullcontext(model) as answering:
             generations = timed("finetuned", answering, "Fine-tuned answers")
         out["finetuned"] = score(rows, generations, "finetuned", token_limit(cfg))
-    return out, source, seconds
+    return out, source, {**{F.figure(n, F.ANSWER_SECONDS): v for n, v in seconds.items()},
+                         **{F.figure(n, F.ANSWER_PROCESSES): v for n, v in processes.items()}}
 
 
 def evaluate(cfg: EvalConfig, system_prompt: str | None, model, tokenizer, splits: Splits, rows: list[dict],
@@ -67,9 +71,9 @@ def evaluate(cfg: EvalConfig, system_prompt: str | None, model, tokenizer, split
              note: str | None = None) -> tuple[dict[str, list[dict]], dict]:
     """The questions answered and graded, and the figures of `eval_metrics.json` (`note`: a caveat kept with them)."""
     shots = pick_shots(shot_pool(splits, cfg.split), cfg, len(rows))
-    predictions, source, seconds = answer(model, tokenizer, rows, shots, cfg, system_prompt, adapters, weights)
+    predictions, source, timing = answer(model, tokenizer, rows, shots, cfg, system_prompt, adapters, weights)
     metrics = eval_metrics(predictions)
-    metrics.update({F.figure(name, F.ANSWER_SECONDS): value for name, value in seconds.items()})
+    metrics.update(timing)
     if "baseline" in predictions:
         metrics["baseline_source"] = source
     if note:

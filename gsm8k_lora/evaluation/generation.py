@@ -15,6 +15,7 @@ from copy import deepcopy
 import torch
 from tqdm.auto import tqdm
 
+from gsm8k_lora import parallel
 from gsm8k_lora.config import EvalConfig
 from gsm8k_lora.data.gsm8k import NEW_TURN_TEXT, answer_line_complete
 from gsm8k_lora.evaluation import batching, engines, protocols
@@ -168,12 +169,17 @@ def merged(model):
 
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str = "Generating",
              limits: list[int] | None = None) -> list[dict]:
-    """For each prompt, `cfg.num_samples` completions with their generated token counts, by `eval.engine` with
-    `eval.batch_size` rows in flight, in `eval.dtype`. Sampling starts from `eval.seed` each time, so the same
-    settings give the same answers. `limits`: each prompt's own token limit (the bench stops random weights at a
-    reference answer's length)."""
-    with in_dtype(model, generation_dtype(model, cfg)) as chosen:
-        return _generate(chosen, tokenizer, prompts, cfg, desc, limits)
+    """For each prompt, `cfg.num_samples` completions with their generated token counts and the process that
+    generated them (`process`), by `eval.engine` with `eval.batch_size` rows in flight, in `eval.dtype`. In a
+    data-parallel run every process answers its contiguous share of the prompts and gets every answer back, in
+    order (`parallel.shard`, `parallel.gather`): greedy answers are those of one process, the engines being
+    batch-invariant. Sampling starts from `eval.seed` each time (in each process), so the same settings and the same
+    number of processes give the same answers. `limits`: each prompt's own token limit (the bench stops random
+    weights at a reference answer's length)."""
+    with in_dtype(model, generation_dtype(model, cfg)) as chosen, parallel.shard(list(range(len(prompts)))) as mine:
+        answered = _generate(chosen, tokenizer, [prompts[i] for i in mine], cfg, desc,
+                             [limits[i] for i in mine] if limits else None) if mine else []
+    return parallel.gather([{**answer, "process": parallel.rank()} for answer in answered])
 
 
 def _generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, desc: str, limits: list[int] | None) -> list[dict]:
