@@ -1,5 +1,5 @@
-"""What a run ran on: the command as typed, package versions, git commit, device (environment.json), and which
-process of a data-parallel run writes the files."""
+"""What a run ran on: the command as typed, package versions, git commit, device (environment.json); how many
+processes ran it is `parallel.py`'s."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ from pathlib import Path
 
 PACKAGES = ("gsm8k_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "wandb",
             "bitsandbytes")
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (and always without them): the one that writes files."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _version(name: str) -> str | None:

@@ -11,22 +11,23 @@ Top to bottom; each step is a call into the folder that holds it (ARCHITECTURE.m
   7. evaluate   baseline and fine-tuned answers, generated, graded, recorded    `evaluation/`
   8. report     report.md and plots from the run directory's files alone        `reporting/`
 Steps 1 and 2 are the door of the commands; this module is steps 3 to 8. Every file goes to the run directory
-through `rundir.RunDirectory`, and every W&B call through `tracking.py`.
+through `rundir.RunDirectory`, and every W&B call through `tracking.py`. In a data-parallel run (`parallel.py`)
+every process runs every step: each trains its share of a batch and answers its share of the questions, and rank 0
+alone writes, logs and reports (the run directory's writers, the tracker and the report are rank 0's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
 from gsm8k_lora import figures as F
-from gsm8k_lora import naming, tracking
+from gsm8k_lora import naming, parallel, tracking
 from gsm8k_lora.config import Config
 from gsm8k_lora.data.formatting import describe_system_prompt
 from gsm8k_lora.data.loading import Splits, build_splits, first, questions
-from gsm8k_lora.environment import is_main_process
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.evaluation import baseline_cache, protocols
 from gsm8k_lora.evaluation.answers import evaluate as evaluate_answers
@@ -53,43 +54,50 @@ def load_data(cfg: Config) -> tuple[Splits, list[dict]]:
     return splits, (questions(splits, cfg.eval.split, cfg.eval.limit) if cfg.eval.enabled else [])
 
 
-def prepare_model(cfg: Config, run_dir: RunDirectory, raw_cfg: DictConfig, main_process: bool):
-    """Step 4: the weights resolved (fetched or converted first where needed), loaded, recorded; with the
-    facts `metrics.json` keeps about them, and their identity (the baseline cache's key)."""
+def prepare_model(cfg: Config, run_dir: RunDirectory, resolved: dict, scale: dict):
+    """Step 4: the weights resolved (fetched or converted first where needed), loaded, recorded with the run's
+    config and scale; with the facts `metrics.json` keeps about them, and their identity (the baseline cache's
+    key)."""
     weights = sources.resolve(cfg.model, cfg.cache_dir)
     model, tokenizer = load(cfg.model, cfg.cache_dir, use_cpu=cfg.trainer.use_cpu, resolved=weights)
     loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
-    resolved = run_dir.write_record(raw_cfg, loaded) if main_process else {}
+    run_dir.write_record(resolved, loaded, scale)
     facts = weight_memory(model, resolve_dtype(cfg.model.dtype))  # before the adapter: base weights only
     facts["model_weights"] = weights.description
     identity = baseline_cache.weights_identity(weights.path, cfg.model.revision, cfg.model.hub_kernels)
-    return model, tokenizer, facts, resolved, identity
+    return model, tokenizer, facts, identity
 
 
-def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: RunDirectory, name: str,
-                  main_process: bool, wandb_callback):
+def build_trainer(cfg: Config, model, tokenizer, splits: Splits, run_dir: RunDirectory, name: str, wandb_callback):
     """Step 5: the trainer, with GSM8K accuracy during training on the first validation questions if asked."""
     extra = [wandb_callback] if wandb_callback is not None else []
     if cfg.eval.during_training:  # before early stopping, which reads the metric it adds
         sample = first(splits.validation, cfg.eval.during_training_limit).to_list()
         extra.append(GSM8KAccuracyCallback(tokenizer, sample, cfg.eval, cfg.data.system_prompt))
     return sft.build_trainer(cfg.trainer, cfg.lora, model, tokenizer, splits, cfg.data.system_prompt,
-                             run_dir.path / "checkpoints", name, main_process, extra)
+                             run_dir.path / "checkpoints", name, extra)
 
 
 def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: RunNaming) -> dict:
     """One run, steps 3 to 8; returns its figures (metrics.json and eval_metrics.json together)."""
-    main_process = is_main_process()  # data-parallel: every rank trains, rank 0 writes and evaluates
+    parallel.start(cfg.trainer.ddp_timeout, cfg.trainer.use_cpu)  # several processes: their group, made once
     run_dir.path.mkdir(parents=True, exist_ok=True)
     splits, asked = load_data(cfg)
-    model, tokenizer, facts, resolved, identity = prepare_model(cfg, run_dir, raw_cfg, main_process)
+    scale = sft.scale_record(cfg.trainer, parallel.scale())
+    resolved = OmegaConf.to_container(raw_cfg, resolve=True)
+    model, tokenizer, facts, identity = prepare_model(cfg, run_dir, resolved, scale)
     facts["system_prompt"] = describe_system_prompt(tokenizer, cfg.data.system_prompt)
     print(f"model: {facts['model_weights']}; system prompt: {facts['system_prompt']}")
+    if scale["processes"] > 1:
+        print(f"data-parallel: {parallel.describe(parallel.scale())}, global batch {scale['global_batch']} "
+              f"({scale['per_device_train_batch_size']} a process x {scale['gradient_accumulation_steps']} "
+              f"accumulated x {scale['processes']} processes)")
     # A run whose training ended and was written (stopped later, while answering) is not trained again.
     finished = run_dir.finished_training() if cfg.trainer.resume == "auto" else None
     name = run_naming.name
-    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None)}
-    tracker = tracking.start(cfg.logger, run_dir.path, run_naming, logged) if main_process else tracking.Tracker()
+    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None),
+              **naming.scale_keys(scale)}
+    tracker = tracking.start(cfg.logger, run_dir.path, run_naming, logged)
     exit_code = 1
     try:
         if finished is not None:
@@ -97,16 +105,11 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
             model = to_device(PeftModel.from_pretrained(model, str(run_dir.path / "adapter")), cfg.trainer.use_cpu)
             metrics = finished
         else:
-            trainer = build_trainer(cfg, model, tokenizer, splits, run_dir, name, main_process, tracker.callback())
+            trainer = build_trainer(cfg, model, tokenizer, splits, run_dir, name, tracker.callback())
             sft.train(trainer, cfg.trainer, run_dir, oom_message(cfg.trainer, cfg.model))
-            trainer.save_model(str(run_dir.path / "adapter"))
-            if not main_process:
-                exit_code = 0
-                return {}
-            tokenizer.save_pretrained(run_dir.path / "adapter")
+            trainer.save_model(str(run_dir.path / "adapter"))  # the Trainer's own: rank 0 writes
             model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg.trainer), **facts}
-            history = trainer.state.log_history
-            run_dir.write_training(metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
+            record_training(run_dir, tokenizer, metrics, trainer.state.log_history, name)
         tracker.summary(metrics)
         eval_figures = {}
         if asked:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
@@ -120,20 +123,34 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
                                  f"{run_dir.resume_command()} (it answers them without training again)",
                                  stop.exit_code) from None
         tracker.results(metrics, eval_figures)
-        if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
-            model.merge_and_unload().save_pretrained(run_dir.path / "merged")
-            tokenizer.save_pretrained(run_dir.path / "merged")
-        report = None
-        if cfg.report.enabled:
-            text, report_plots = build_report(run_dir.path, cfg.report.gpu_hour_price_usd)
-            report = run_dir.write_report(text, report_plots)
-            tracker.images(sorted(run_dir.path.glob("*.png")))
-        print_summary(metrics, eval_figures, cfg)
-        print(f"run directory: {run_dir.path}" + (f" (report: {report.name})" if report else ""))
+        finish(cfg, model, tokenizer, run_dir, tracker, metrics, eval_figures)
         exit_code = 0
         return {**metrics, **eval_figures}
     finally:
         tracker.finish(exit_code)
+
+
+@parallel.main_only
+def record_training(run_dir: RunDirectory, tokenizer, metrics: dict, history: list[dict], name: str) -> None:
+    """What training leaves beside the Trainer's adapter, rank 0's: the tokenizer, the figures, the loss curves."""
+    tokenizer.save_pretrained(run_dir.path / "adapter")
+    run_dir.write_training(metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
+
+
+@parallel.main_only
+def finish(cfg: Config, model, tokenizer, run_dir: RunDirectory, tracker: tracking.Tracker, metrics: dict,
+           eval_figures: dict) -> None:
+    """Step 8, rank 0's: the merged model if asked for, the report from the run directory's files, the summary."""
+    if cfg.trainer.save_merged:  # last: merging folds the adapter into the base weights in place
+        model.merge_and_unload().save_pretrained(run_dir.path / "merged")
+        tokenizer.save_pretrained(run_dir.path / "merged")
+    report = None
+    if cfg.report.enabled:
+        text, report_plots = build_report(run_dir.path, cfg.report.gpu_hour_price_usd)
+        report = run_dir.write_report(text, report_plots)
+        tracker.images(sorted(run_dir.path.glob("*.png")))
+    print_summary(metrics, eval_figures, cfg)
+    print(f"run directory: {run_dir.path}" + (f" (report: {report.name})" if report else ""))
 
 
 def answer_and_record(cfg: Config, model, tokenizer, splits: Splits, asked: list[dict], adapters: bool,
@@ -152,6 +169,7 @@ def answer_and_record(cfg: Config, model, tokenizer, splits: Splits, asked: list
 def evaluate(cfg: Config, merged: DictConfig, run_dir: RunDirectory, run_naming: RunNaming) -> dict:
     """`python -m gsm8k_lora.evaluate`: steps 3, 4 and 7 of a run, for a base model or a trained adapter (`merged`:
     the config as evaluated, a run's own with the command line's changes); returns eval_metrics.json."""
+    parallel.start(cfg.trainer.ddp_timeout, cfg.trainer.use_cpu)  # several processes share the answers
     adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
     splits = build_splits(cfg.data)
     asked = questions(splits, cfg.eval.split, cfg.eval.limit)
@@ -161,9 +179,11 @@ def evaluate(cfg: Config, merged: DictConfig, run_dir: RunDirectory, run_naming:
         model = PeftModel.from_pretrained(model, adapter)
     to_device(model)
     loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
-    resolved = run_dir.write_record(merged, loaded)  # the config as evaluated
+    resolved = OmegaConf.to_container(merged, resolve=True)  # the config as evaluated
+    scale = sft.scale_record(cfg.trainer, parallel.scale())
+    run_dir.write_record(resolved, loaded, scale)
     tracker = tracking.start(cfg.logger, run_dir.path, run_naming,
-                             {**resolved, **naming.identifying(cfg, None, len(asked))})
+                             {**resolved, **naming.identifying(cfg, None, len(asked)), **naming.scale_keys(scale)})
     identity = baseline_cache.weights_identity(weights.path, cfg.model.revision, cfg.model.hub_kernels)
     exit_code = 1
     try:

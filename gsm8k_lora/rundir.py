@@ -9,6 +9,10 @@ started again re-runs only what is missing or failed. Each file is written whole
 then renamed): a reader never sees half a file, and a write that fails (a full disk) leaves no half-written
 temporary file behind. The module's functions serve every directory the package writes or reads (runs, sweeps,
 benchmarks).
+
+In a data-parallel run every process holds a `RunDirectory` of the same path, and only rank 0's writes happen
+(`parallel.main_only` on each writer): a call on another rank does nothing. The one exception is a failure's
+marker, written by the process that failed (with its rank), so the cause is not lost with it.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from gsm8k_lora.environment import environment, is_main_process
+from gsm8k_lora import parallel
+from gsm8k_lora.environment import environment
 from gsm8k_lora.errors import EXPECTED, ConfigError, DiskFull, RunDirBusy, fail, stops_a_sweep
+from gsm8k_lora.parallel import main_only
 from gsm8k_lora.stopping import STOP, StopNow
 
 if TYPE_CHECKING:
@@ -179,10 +185,11 @@ def _nearly_full(where: Path) -> bool:
 # Settings a resume may change, because they cannot change what was trained: how the trained model is
 # evaluated (eval.*, except the accuracy during training, which can choose the best checkpoint), reported and
 # logged; where to resume from; merging after training; data loader workers (the data order comes from the
-# sampler, in the main process); labels (experiment_name, objective) and where builtin models are cached.
+# sampler, in the main process); how long ranks wait for each other; labels (experiment_name, objective) and
+# where builtin models are cached.
 # Every other key (model.*, data.*, lora.*, trainer.*, grid) shapes the training and must be the same.
 MAY_DIFFER = ("eval.", "report.", "logger.", "trainer.resume", "trainer.save_merged", "trainer.dataloader_num_workers",
-              "experiment_name", "objective", "cache_dir", "adapter")
+              "trainer.ddp_timeout", "experiment_name", "objective", "cache_dir", "adapter")
 MUST_MATCH = ("eval.during_training", "eval.during_training_limit")
 
 
@@ -217,25 +224,29 @@ class RunDirectory:
         self.fresh = not self.path.exists()  # made by this process: removed again if the run never began
 
     # --- what a run writes ---
-    def write_record(self, raw_cfg: DictConfig, model_weights: dict) -> dict:
-        """config.yaml (resolved) and environment.json; returns the resolved config, as W&B logs it."""
-        resolved = OmegaConf.to_container(raw_cfg, resolve=True)
+    @main_only
+    def write_record(self, resolved: dict, model_weights: dict, scale: dict) -> None:
+        """config.yaml (resolved) and environment.json, with the weights loaded and the run's scale (processes,
+        launcher, batch sizes)."""
         self.path.mkdir(parents=True, exist_ok=True)
         write_text(self.path / "config.yaml", OmegaConf.to_yaml(resolved))
-        write_json(self.path / "environment.json", {**environment(self.command), "model_weights": model_weights})
-        return resolved
+        write_json(self.path / "environment.json", {**environment(self.command), "model_weights": model_weights,
+                                                    "scale": scale})
 
+    @main_only
     def write_training(self, metrics: dict, history: list[dict], plots: dict[str, Figure]) -> None:
         """metrics.json, log_history.json and the loss plot, written before evaluation so a failure there loses none."""
         write_json(self.path / "log_history.json", {"log_history": history})
         write_plots(self.path, plots)
         write_json(self.path / "metrics.json", metrics)
 
+    @main_only
     def write_eval(self, predictions: dict[str, list[dict]], metrics: dict) -> None:
         write_text(self.path / "predictions.jsonl",
                    "".join(json.dumps(r) + "\n" for rs in predictions.values() for r in rs))
         write_json(self.path / "eval_metrics.json", metrics)
 
+    @main_only
     def write_report(self, text: str, plots: dict[str, Figure | None]) -> Path:
         report = write_text(self.path / "report.md", text)
         write_plots(self.path, plots)
@@ -257,16 +268,34 @@ class RunDirectory:
         return None
 
     def rerun_problem(self, resolved: dict, resume: str) -> str | None:
-        """Why this config may not continue the run already here (None: it may, or there is none)."""
+        """Why this config, run by this many processes, may not continue the run already here (None: it may, or
+        there is none)."""
         if resume != "auto" or not (self.path / "config.yaml").exists() or not self.holds_run():
             return None
         differ = training_differences(read_config(self.path), resolved)
         if not differ:
-            return None
+            return self.scale_problem(parallel.scale())
         return (f"hydra.run.dir={self.path} holds a run trained with other settings ({'; '.join(differ)}); to keep "
                 f"both, give this run a new hydra.run.dir, or add trainer.resume=never to start {self.path} afresh "
                 f"(deleting its checkpoints and results)")
 
+    @main_only
+    def scale_problem(self, now: parallel.Scale) -> str | None:
+        """Why `now`'s processes may not continue the training here: another number of processes has another global
+        batch, another number of steps and another learning-rate schedule, so a resumed checkpoint would train on as
+        a different run. A run whose training finished may be answered by any number (the answers are the same), so
+        that resume is allowed. None: it may continue."""
+        before = parallel.recorded(read_json(self.path / "environment.json"))
+        if before is None or before.processes == now.processes or self.finished_training() is not None:
+            return None
+        again = shlex.join([*before.launch_prefix(), "gsm8k_lora.train", *self.kept_overrides(),
+                            f"hydra.run.dir={self.path}"])
+        return (f"hydra.run.dir={self.path} holds a run trained on {parallel.describe(before)}, and this command "
+                f"runs {parallel.describe(now)}: its global batch, steps and learning-rate schedule would change "
+                f"mid-run. Resume it as it was launched ({again}), give this run a new hydra.run.dir, or add "
+                f"trainer.resume=never to start {self.path} afresh")
+
+    @main_only
     def clear(self) -> None:
         """Remove what an earlier run wrote here (checkpoints, adapter, figures, plots), so a fresh start cannot
         mix with it. Hydra's `.hydra/` and log, and W&B's `wandb/`, stay."""
@@ -275,6 +304,7 @@ class RunDirectory:
         for path in [*(self.path / n for n in RUN_FILES), *self.path.glob("*.png")]:
             path.unlink(missing_ok=True)
 
+    @main_only
     def discard_if_empty(self) -> bool:
         """Remove this directory where this process made it and it holds nothing of a run (only Hydra's files, a
         failure marker, the config it failed on): a run that failed before it began leaves nothing behind. True if
@@ -291,6 +321,7 @@ class RunDirectory:
         record = read_json(self.path / DONE)
         return record if record and record.get("overrides") == self.overrides else None
 
+    @main_only
     def mark_done(self, objective: str, value: float | None, started: datetime) -> None:
         """done.json, last: the overrides it ran with, the objective a sweeper reads, and when and where it ran."""
         (self.path / FAILED).unlink(missing_ok=True)
@@ -300,14 +331,14 @@ class RunDirectory:
                                       "pid": os.getpid()})
 
     def mark_failed(self, err: BaseException) -> None:
-        """failed.json, best effort: when the failure is a full disk, the marker may not fit either, and the one
-        line the user gets matters more than a traceback about the marker."""
+        """failed.json, by the process that failed (its rank with it), best effort: when the failure is a full disk,
+        the marker may not fit either, and the one line the user gets matters more than a traceback about it."""
         last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
         where = f"{last[0].filename}:{last[0].lineno}" if last else None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / FAILED, {"overrides": self.overrides, "error": f"{type(err).__name__}: {err}",
-                                            "where": where})
+                                            "where": where, "rank": parallel.rank()})
         except OSError:
             pass
 
@@ -342,10 +373,17 @@ class RunDirectory:
                 f"is kept. Free space and run the same command: it resumes from {last.name}")
 
     # --- what the user is told ---
+    def kept_overrides(self) -> list[str]:
+        return [o for o in self.overrides if not o.startswith("trainer.resume=")]
+
     def resume_command(self) -> str:
-        """The command that resumes this run: its overrides, in this directory."""
-        kept = [o for o in self.overrides if not o.startswith("trainer.resume=")]
-        return shlex.join(["python", "-m", "gsm8k_lora.train", *kept, f"hydra.run.dir={self.path}"])
+        """The command that resumes this run: its overrides, in this directory, launched as this run was (a submitit
+        sweep's job: the same sweep again, which skips the jobs that finished)."""
+        scale = parallel.scale()
+        if scale.launcher == "submitit":
+            return "the same sweep command (its finished jobs are skipped)"
+        return shlex.join([*scale.launch_prefix(), "gsm8k_lora.train", *self.kept_overrides(),
+                           f"hydra.run.dir={self.path}"])
 
     def skip_line(self, done: dict) -> str:
         return (f"skipping {self.path}: completed before with the same overrides ({done['objective']}="
@@ -362,7 +400,7 @@ class RunDirectory:
         dies (kill -9 included), so a dead process never blocks a resume; who holds it is written beside
         (`.lock.json`), and a record left by a holder that died is taken over with a note. Data-parallel ranks
         share the directory: rank 0 holds it."""
-        if not is_main_process() or self._lock is not None:
+        if not parallel.is_main_process() or self._lock is not None:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         lock, holder_file = FileLock(self.path / ".lock"), self.path / ".lock.json"
@@ -393,24 +431,38 @@ class RunDirectory:
         line and exit code. An expected failure (`errors.py`) marks the job failed, or, where it began nothing,
         removes the directory it made; in a sweep a job's failure is one line and the other jobs go on (a signal
         stops them all). A write that failed for lack of room is `DiskFull`. Anything else is a bug: marked, and
-        raised with its traceback. The lock is released at the end."""
+        raised with its traceback. The lock is released at the end. A data-parallel run's ranks fail as one run
+        (`_rank_failed`)."""
         def stop_now() -> None:  # a second signal: record the stop, say one line
             self.mark_failed(RuntimeError("stopped at once"))
             print(self.stopped_at_once(), file=sys.stderr)
 
-        STOP.install(stop_now)  # the first SIGINT/SIGTERM stops at the next safe point, wherever the run is
+        # the first SIGINT/SIGTERM stops at the next safe point, wherever the run is; with several ranks, at once
+        several = parallel.distributed()
+        STOP.install(None if several else stop_now, at_once=several)
         try:
             yield
-        except RunDirBusy as err:  # another process's or another run's directory: nothing was touched
+        except (Exception, StopNow) as err:
+            if parallel.distributed():
+                self._rank_failed(err)
+            self._failed(err, multirun)
+        finally:
+            STOP.restore()
+            self.release()
+
+    def _failed(self, err: Exception | StopNow, multirun: bool) -> None:
+        """A single process's failure: said in one line with its exit code, or (a bug) raised. Returns only where a
+        sweep goes on to its next job."""
+        if isinstance(err, RunDirBusy):  # another process's or another run's directory: nothing was touched
             if not multirun:
                 fail(err)
             print(f"job {self.path.name} refused: {err}", file=sys.stderr)
-        except StopNow as stop:  # a signal outside any safe point (loading): nothing in flight to keep
+        elif isinstance(err, StopNow):  # a signal outside any safe point (loading): nothing in flight to keep
             if multirun or not self.discard_if_empty():
-                self.mark_failed(RuntimeError(str(stop)))
-            print(f"{stop}; {self.stopped_at_once()}", file=sys.stderr)
-            sys.exit(stop.exit_code)
-        except EXPECTED as err:
+                self.mark_failed(RuntimeError(str(err)))
+            print(f"{err}; {self.stopped_at_once()}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        elif isinstance(err, EXPECTED):
             if not multirun and self.discard_if_empty():
                 fail(err)  # the run never began: nothing is left behind
             self.mark_failed(err)
@@ -418,15 +470,37 @@ class RunDirectory:
                 print(f"job {self.path.name} failed: {err.label}: {err}", file=sys.stderr)
                 return
             fail(err)
-        except Exception as err:
+        else:
             reason = no_room(err, self.path)
             if reason is None:
                 self.mark_failed(err)
-                raise
+                raise err
             full = DiskFull(self.disk_full_line(reason))  # every later job would meet it too
             self.mark_failed(full)
             fail(full)
-        finally:
-            STOP.restore()
-            self.release()
 
+    def _rank_failed(self, err: BaseException) -> NoReturn:
+        """One rank of a data-parallel run failed: the run ends, said once. Its launcher (torchrun, accelerate,
+        submitit) ends the other ranks with SIGTERM as soon as one exits with an error, and a rank whose peer died
+        sees its next collective fail: neither is a cause, so neither speaks or marks (`parallel.peer_lost`). The
+        rank that failed says one line naming itself, the run directory and the resume command, marks the run
+        failed, and gives the line to torchrun as its error record, so the launcher's summary names it as the root
+        cause. SIGINT (the user's key, which every rank gets) is said by rank 0 alone. A bug keeps its traceback."""
+        signal_name = getattr(err, "signal_name", None) or (STOP.signal_name if stops_a_sweep(err) else None)
+        if signal_name is not None or parallel.peer_lost(err):
+            if signal_name == "SIGINT" and parallel.is_main_process():
+                parallel.speak(f"stopped by SIGINT; {self.stopped_at_once()}")
+            sys.exit(getattr(err, "exit_code", 1))
+        reason = no_room(err, self.path)
+        err = DiskFull(self.disk_full_line(reason)) if reason else err
+        expected = isinstance(err, EXPECTED)
+        self.mark_failed(err)
+        cause = f"{err.label}: {err}" if expected else f"{type(err).__name__}: {err}"
+        line = f"{parallel.who()}{cause}"
+        if self.resume_command() not in line:
+            line += f" (run directory {self.path}; resume with: {self.resume_command()})"
+        parallel.speak(line)
+        parallel.record_for_launcher(line)
+        if not expected:
+            raise err
+        sys.exit(err.exit_code)

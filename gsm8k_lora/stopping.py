@@ -45,15 +45,18 @@ class StopRequest:
         self.safe = False  # inside a section that checks for the request
         self._previous: dict = {}
         self._on_stop_now: Callable[[], None] | None = None
+        self._at_once = False
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def install(self, on_stop_now: Callable[[], None] | None = None) -> None:
+    def install(self, on_stop_now: Callable[[], None] | None = None, at_once: bool = False) -> None:
         """Take SIGINT and SIGTERM for this process; `on_stop_now` says the line (and records the stop) when a
-        second signal ends it."""
-        self.signal_name, self._on_stop_now = None, on_stop_now
+        second signal ends it. `at_once`: the first signal stops at once, even in a safe section (a data-parallel
+        run: its launcher sends every rank SIGTERM as soon as a rank fails or the user stops it, and a rank cannot
+        save alone what all of them hold)."""
+        self.signal_name, self._on_stop_now, self._at_once = None, on_stop_now, at_once
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -73,7 +76,7 @@ class StopRequest:
             # finaliser) may print as a traceback or swallow: the line said is the last word.
             os._exit(128 + signum)
         self.signal_name = name
-        if not self.safe:
+        if not self.safe or self._at_once:
             raise StopNow(name)
         print(f"\n{name} received: stopping at the next safe point (send it again to stop at once)",
               file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from gsm8k_lora import figures as F
+from gsm8k_lora import parallel
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.rundir import WANDB_RUN, read_json, write_json, write_text
@@ -108,7 +109,7 @@ def headline_figures(metrics: dict, eval_figures: dict) -> dict:
 def start(cfg: LoggerConfig, run_dir: Path, naming: RunNaming, config: dict) -> Tracker:
     """Start a W&B run (a tracker that is off when logging is off); fall back to offline if online fails. A run
     resumed in its directory continues its W&B run (same id) rather than starting a second one."""
-    if cfg.backend != "wandb":
+    if cfg.backend != "wandb" or not parallel.is_main_process():  # several processes: rank 0's run only
         return Tracker()
     mode = resolve_mode(cfg)
     if mode == "offline":

@@ -134,7 +134,7 @@ class _State:
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, logs):
     (tmp_path / "checkpoint-8").mkdir()
     (tmp_path / "checkpoint-8" / MARKER).write_text("8")
-    guard = CheckpointGuard(tmp_path, main_process=True)
+    guard = CheckpointGuard(tmp_path)
     guard.on_log(None, _State(), None, logs={"loss": 1.0})  # finite: nothing happens
     with pytest.raises(RunStopped, match=r"became (nan|inf) at step 10; the last good checkpoint is .*checkpoint-8"):
         guard.on_log(None, _State(), None, logs=logs)

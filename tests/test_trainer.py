@@ -16,7 +16,7 @@ def trained(tmp_path, step_metrics: bool) -> tuple[type, list[dict]]:
     model, tokenizer = load_tiny()
     splits = build_splits(cfg.data)
     trainer = sft.build_trainer(cfg.trainer, cfg.lora, model, tokenizer, splits, None, tmp_path / str(step_metrics),
-                                "x", True, [])
+                                "x", [])
     trainer.train()
     return type(trainer), trainer.state.log_history
 

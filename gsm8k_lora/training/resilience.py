@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gsm8k_lora import parallel
 from gsm8k_lora.config import ModelConfig, TrainerConfig
 from gsm8k_lora.errors import RunStopped
 from gsm8k_lora.rundir import CHECKPOINT_MARKER as MARKER
@@ -38,8 +39,8 @@ class CheckpointGuard(TrainerCallback):
     """Marks saved checkpoints complete; stops cleanly on a SIGINT/SIGTERM (`stopping.STOP`: after the current
     step, or between two batches of the validation loss) and on a non-finite loss."""
 
-    def __init__(self, checkpoint_dir: Path, main_process: bool):
-        self.checkpoint_dir, self.main_process = checkpoint_dir, main_process
+    def __init__(self, checkpoint_dir: Path):
+        self.checkpoint_dir = checkpoint_dir
 
     def on_step_end(self, args, state, control, **kwargs):
         if STOP.requested:
@@ -53,7 +54,10 @@ class CheckpointGuard(TrainerCallback):
         self.mark(state.global_step)
 
     def mark(self, step: int) -> None:
-        if self.main_process:
+        """The checkpoint of `step` marked complete, once every rank has written its part of it (each its own RNG
+        state): every rank calls this after the Trainer's save, and rank 0 marks after the barrier."""
+        parallel.barrier()
+        if parallel.is_main_process():
             folder = self.checkpoint_dir / f"checkpoint-{step}"
             if folder.is_dir():
                 (folder / MARKER).write_text(f"{step}\n")

@@ -19,10 +19,10 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig
 
+from gsm8k_lora import parallel
 from gsm8k_lora.config import LoraConfig, TrainerConfig
 from gsm8k_lora.data.formatting import to_prompt_completion
 from gsm8k_lora.data.loading import Splits
-from gsm8k_lora.environment import is_main_process
 from gsm8k_lora.errors import DiskFull, RunStopped
 from gsm8k_lora.rundir import RunDirectory
 from gsm8k_lora.stopping import STOP, Interrupted
@@ -69,6 +69,8 @@ def build_sft_config(cfg: TrainerConfig, out_dir: Path, run_name: str = "", repo
         # without step metrics, QuietSFTTrainer counts the tokens seen itself, with no read in the step
         include_num_input_tokens_seen="non_padding" if cfg.step_metrics else "no",
         dataloader_num_workers=cfg.dataloader_num_workers,
+        # data-parallel: every LoRA weight takes part in every forward, so DDP need not search for unused ones
+        ddp_find_unused_parameters=False, ddp_timeout=cfg.ddp_timeout,
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where CheckpointGuard stops the run
         disable_tqdm=False,
     )
@@ -81,14 +83,14 @@ def trainer_class(cfg: TrainerConfig) -> type[SFTTrainer]:
 
 
 def build_trainer(cfg: TrainerConfig, lora: LoraConfig, model, tokenizer, splits: Splits, system_prompt: str | None,
-                  out_dir: Path, name: str, main_process: bool, extra: list[TrainerCallback]) -> SFTTrainer:
+                  out_dir: Path, name: str, extra: list[TrainerCallback]) -> SFTTrainer:
     """SFTTrainer on the training rows in the model's chat template (loss on `splits.validation_loss`), with this
     package's callbacks; `extra` (W&B's, GSM8K accuracy during training) go before early stopping, which reads
     the metric accuracy adds."""
     train_ds = to_prompt_completion(splits.train, tokenizer, system_prompt)
     val_ds = to_prompt_completion(splits.validation_loss, tokenizer, system_prompt)
     # W&B's callback is added here, not through report_to, so a W&B failure cannot end the run
-    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir, main_process), *extra]
+    callbacks: list[TrainerCallback] = [CheckpointGuard(out_dir), *extra]
     if cfg.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = trainer_class(cfg)(model=model, args=build_sft_config(cfg, out_dir, name), train_dataset=train_ds,
@@ -157,7 +159,7 @@ def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: RunDirectory, oom: s
         print(f"training had finished at {checkpoint}: restored from it, not trained again")
         restore_finished(trainer, Path(checkpoint))
         return
-    if is_main_process():
+    if parallel.is_main_process():
         check_room(trainer, cfg, run_dir)
     if checkpoint:
         print(f"resuming from {checkpoint}")
@@ -178,15 +180,27 @@ def train(trainer: SFTTrainer, cfg: TrainerConfig, run_dir: RunDirectory, oom: s
                          f"Resume with: {run_dir.resume_command()}", 130 if STOP.signal_name == "SIGINT" else 143)
 
 
+def scale_record(cfg: TrainerConfig, scale: parallel.Scale) -> dict:
+    """How large the run is: its processes, nodes and launcher, and the batch one optimizer step sees (`global_batch`:
+    a process's batch x accumulation x processes), recorded in environment.json and on W&B. Another number of
+    processes is another run: more or fewer rows a step, another number of steps and learning-rate schedule."""
+    return {**scale.as_dict(), "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "global_batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * scale.processes}
+
+
 def training_metrics(trainer: SFTTrainer, splits: Splits, cfg: TrainerConfig) -> dict:
-    """The figures of `metrics.json` that training produced."""
+    """The figures of `metrics.json` that training produced, with the run's scale."""
     state = trainer.state
     early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
     early_stopped = bool(early and cfg.early_stopping_patience
                          and early.early_stopping_patience_counter >= cfg.early_stopping_patience)
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    batches = len(trainer.get_train_dataloader())  # this process's share of an epoch (the sampler shards it)
     return {
         **splits.stats,
+        **scale_record(cfg, parallel.scale()),
+        "steps_per_epoch": math.ceil(batches / cfg.gradient_accumulation_steps),
         **summarize_history(state.log_history),
         "steps": state.global_step,
         "max_steps": state.max_steps,
