@@ -47,7 +47,7 @@ from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from gsm8k_lora import hub, preflight
+from gsm8k_lora import hub, parallel, preflight
 from gsm8k_lora.config import Config, validate
 from gsm8k_lora.errors import EXPECTED, ConfigError, fail
 from gsm8k_lora.evaluation import protocols
@@ -65,20 +65,51 @@ def command(argv: list[str], help_text: str, job: Callable[[DictConfig], Any],
             checked_job: Callable[[Composed], Callable[[DictConfig], Any]]) -> Any:
     """A Hydra command's door, then its job: `--help`; the config composed once and checked before anything loads
     (`checked_job`: the job, bound to what it checked, or ConfigError: one line, exit 2); then run by Hydra. A
-    sweep's jobs are checked by its callback before the first starts, and each checks its own config (`job`)."""
+    sweep's jobs are checked by its callback before the first starts, and each checks its own config (`job`).
+    Under a launcher every process passes the door alike: rank 0 alone speaks (`parallel.quiet_replica`)."""
     answer_help(help_text, argv)
+    with parallel.quiet_replica():
+        return _command(argv, job, checked_job)
+
+
+def _command(argv: list[str], job: Callable[[DictConfig], Any],
+             checked_job: Callable[[Composed], Callable[[DictConfig], Any]]) -> Any:
     try:
         composed = compose(argv)
         if composed is None:  # Hydra answers --cfg, --info, --hydra-help itself
             return hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(job)()
+        check_launch(composed)
+        if composed.runs_jobs_here:  # before anything starts CUDA: a plain launch keeps to one GPU
+            note = parallel.one_gpu(argv, f"gsm8k_lora.{Path(sys.argv[0]).stem}")
+            if note:
+                print(note, file=sys.stderr)
         if composed.multirun:
             return launch(composed, job)
         task = checked_job(composed)
-        if hub.unreachable_note():
+        if hub.unreachable_note() and parallel.is_main_process():
             print(hub.unreachable_note(), file=sys.stderr)
     except EXPECTED as err:
-        fail(err)
+        fail(err, quiet=not parallel.is_main_process())  # every rank met the same config: rank 0 says it
     return launch(composed, task)
+
+
+def check_launch(composed: Composed) -> None:
+    """Several processes launched together (torchrun, accelerate launch) must agree on where the run is written,
+    and Hydra's default directory is named by the second each process composed it in: the run's directory is
+    required. Another rank than 0 writes none of Hydra's files (`.hydra/`, the job log): rank 0 writes them."""
+    scale = parallel.scale()
+    if scale.processes == 1:
+        return
+    key = "hydra.sweep.dir" if composed.multirun else "hydra.run.dir"
+    if not any(override_key(o) == key for o in composed.overrides):
+        raise ConfigError(f"{key} is required with {parallel.describe(scale)}: they must agree on the directory "
+                          f"they write, and its default is named by the time each one starts; add "
+                          f"{key}=outputs/{'multirun' if composed.multirun else 'runs'}/NAME")
+    if not parallel.is_main_process():
+        with open_dict(composed.config):
+            composed.config.hydra.output_subdir = None
+            composed.config.hydra.job_logging = {"version": 1, "root": {"level": "ERROR", "handlers": []},
+                                                 "disable_existing_loggers": False}
 
 
 def answer_help(text: str, argv: list[str] | None = None) -> None:
@@ -104,6 +135,13 @@ class Composed:
     @property
     def run_dir(self) -> Path:
         return Path(str(OmegaConf.select(self.config, "hydra.run.dir"))).absolute()
+
+    @property
+    def runs_jobs_here(self) -> bool:
+        """Whether the jobs run in this process: a single run, or a sweep's with Hydra's basic launcher (a parallel
+        or submitit launcher runs each job in a process of its own)."""
+        launcher = str(OmegaConf.select(self.config, "hydra.launcher._target_") or "")
+        return not self.multirun or launcher.endswith("BasicLauncher")
 
     @property
     def task_overrides(self) -> list[str]:

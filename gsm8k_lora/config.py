@@ -186,6 +186,7 @@ class TrainerConfig:
     early_stopping_patience: int | None = MISSING
     metric_for_best_model: str = MISSING
     dataloader_num_workers: int = MISSING
+    ddp_timeout: int = MISSING
     seed: int = MISSING
     save_merged: bool = MISSING
     resume: str = MISSING
@@ -211,6 +212,7 @@ class TrainerConfig:
         _check(not (self.padding_free and not self.packing and self.max_length is not None), "trainer.max_length",
                self.max_length, "must be null with padding_free=true and packing=false (TRL does not truncate then)")
         _check(bool(self.resume), "trainer.resume", self.resume, "allowed: auto, never, or a checkpoint path")
+        _check(self.ddp_timeout > 0, "trainer.ddp_timeout", self.ddp_timeout, "must be a positive number of seconds")
         if self.early_stopping_patience is not None:
             # transformers keeps the best checkpoint by comparing saved steps with evaluated steps
             _check(self.save_steps % self.eval_steps == 0, "trainer.save_steps", self.save_steps,

@@ -62,7 +62,9 @@ def stops_a_sweep(err: BaseException) -> bool:
     return getattr(err, "exit_code", 1) > 128
 
 
-def fail(err: BaseException) -> NoReturn:
-    """An expected failure (`EXPECTED`) as one line on stderr, and its exit code."""
-    print(f"{err.label}: {err}", file=sys.stderr)
+def fail(err: BaseException, quiet: bool = False, who: str = "") -> NoReturn:
+    """An expected failure (`EXPECTED`) as one line on stderr, begun by `who` (a data-parallel run's rank names
+    itself: `rank 1 of 2: `), or none (`quiet`), and its exit code."""
+    if not quiet:
+        print(f"{who}{err.label}: {err}", file=sys.stderr)
     sys.exit(err.exit_code)

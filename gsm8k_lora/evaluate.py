@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gsm8k_lora import cli, naming
+from gsm8k_lora import cli, naming, parallel
 from gsm8k_lora import figures as F
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
 from gsm8k_lora.errors import EXPECTED, fail
@@ -52,7 +52,7 @@ def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> No
     checks its own config."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    STOP.install()
+    STOP.install(at_once=parallel.distributed())  # several ranks: a signal ends each at once
     try:
         cfg, merged = checked or cli.check_evaluation(raw, overrides)
         from gsm8k_lora import recipe  # deferred: the libraries, after the checks (see the top)
@@ -63,14 +63,14 @@ def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> No
         what = source.name if source else naming.model_name(cfg.model.name_or_path)
         own = naming.run_name([o for o in overrides if not o.startswith("adapter=")], None, "")
         run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
-        run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides, " ".join([Path(sys.argv[0]).name,
-                                                                                           *sys.argv[1:]]))
+        run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides,
+                               parallel.command_line("gsm8k_lora.evaluate", sys.argv[1:]))
         started = datetime.now()
         figures = recipe.evaluate(cfg, merged, run_dir, run_naming)
         headline = F.figure("finetuned" if cfg.adapter else "baseline", F.headline(F.sampled_k(figures)))
         run_dir.mark_done(headline, F.read(figures, headline), started)  # a sweep of evaluations counts it done
     except EXPECTED as err:
-        fail(err)
+        fail(err, who=parallel.who())
     except (Interrupted, StopNow) as stop:
         print(f"{stop} before the answers were graded; no results were written", file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -118,6 +118,11 @@ def tags(cfg: Config) -> list[str]:
     return list(dict.fromkeys([*cfg.logger.tags, cfg.experiment_name, model_name(cfg.model.name_or_path)]))
 
 
+def scale_keys(scale: dict) -> dict:
+    """The run's size as flat W&B config keys (`sft.scale_record`): runs on another number of GPUs sit apart."""
+    return {key: scale[key] for key in ("processes", "nodes", "launcher", "global_batch")}
+
+
 def identifying(cfg: Config, rows_train: int | None, eval_n: int | None) -> dict:
     """The flat settings a person filters and groups runs by; each names the nested key it copies."""
     data = cfg.data.source if cfg.data.source == "synthetic" else f"{cfg.data.source}:{Path(cfg.data.path).name}"

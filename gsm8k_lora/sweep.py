@@ -9,13 +9,13 @@ sweeper or launcher:
 - `on_multirun_end`: from the jobs' directories alone, the comparison (`comparison.csv`, `comparison.md`, the
   plots it could draw, `report.md`), a W&B summary run in the sweep's group (the table and the plots), and the
   dashboard view (`tracking.save_view`); a sweep with failed jobs lists each with its reason and exits with 1.
-A job that a parallel launcher runs beside others on a multi-GPU machine claims a GPU of its own (`pin_gpu`).
+A job that a parallel launcher runs beside others on a multi-GPU machine claims a GPU of its own (`pin_gpu`); a
+submitit job of several tasks is one data-parallel run (`parallel.join_submitit_task`).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, naming, tracking
+from gsm8k_lora import cli, naming, parallel, tracking
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.errors import EXPECTED, fail
 from gsm8k_lora.reporting.report import build_sweep
@@ -73,15 +73,6 @@ class SweepCallback(Callback):
             sys.exit(1)
 
 
-def gpu_count() -> int:
-    """The machine's NVIDIA GPUs, asked of nvidia-smi: asking torch would start CUDA before a GPU is chosen."""
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in listed.splitlines())
-
-
 _GPU_LOCKS: list[FileLock] = []  # held for the life of the process: a worker keeps its GPU from job to job
 
 
@@ -100,13 +91,18 @@ def claim_gpu(sweep_dir: Path, count: int) -> int | None:
 
 
 def pin_gpu() -> None:
-    """A job that a parallel launcher (SWEEP=parallel) runs beside others in a worker process of its own gets one
-    GPU of its own on a multi-GPU machine, before anything starts CUDA (a process that sees several GPUs trains on
-    all of them at once). Nothing when the user chose the GPUs, or with a single GPU or none."""
+    """A sweep's job, in the process it runs in, before anything starts CUDA (a process that sees several GPUs would
+    train on all of them with `nn.DataParallel`): a parallel launcher's worker (SWEEP=parallel) claims a GPU no other
+    worker holds; any other job that is one process seeing several GPUs keeps to the first
+    (`parallel.one_gpu`). Nothing when the job's tasks form a data-parallel group (each takes its local rank's GPU),
+    or with a single GPU or none."""
     launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
     if "joblib" not in launcher.lower() or "CUDA_VISIBLE_DEVICES" in os.environ:
+        note = parallel.one_gpu([], hint="one task a GPU: hydra.launcher.tasks_per_node=N with gpus_per_node=N")
+        if note:
+            print(note)
         return
-    count = gpu_count()
+    count = parallel.gpu_count()
     gpu = claim_gpu(Path(HydraConfig.get().sweep.dir), count) if count > 1 else None
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -9,6 +9,8 @@ directory, whose `job` says every failure's line and exit code.
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -19,9 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, naming, sweep
+from gsm8k_lora import cli, naming, parallel, sweep
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
-from gsm8k_lora.environment import is_main_process
 from gsm8k_lora.errors import ConfigError, RunDirBusy
 from gsm8k_lora.rundir import RunDirectory, read_sweep
 
@@ -73,7 +74,9 @@ def job(raw: DictConfig, config: Config | None = None, run_dir: RunDirectory | N
 
 def run_job(raw: DictConfig, config: Config | None, run_dir: RunDirectory, multirun: bool,
             started: datetime) -> float | None:
-    with run_dir.job(multirun):
+    if multirun:
+        parallel.join_submitit_task()  # a submitit job's tasks: one data-parallel run
+    with parallel.quiet_replica(), run_dir.job(multirun):
         run_dir.hold()
         if multirun:
             sweep.pin_gpu()
@@ -94,8 +97,7 @@ def run_job(raw: DictConfig, config: Config | None, run_dir: RunDirectory, multi
 
         results = recipe.run(config, raw, run_dir, job_naming(config, run_dir.overrides, multirun))
         value = results.get(config.objective)
-        if is_main_process():
-            run_dir.mark_done(config.objective, value, started)
+        run_dir.mark_done(config.objective, value, started)  # rank 0's, after every rank has finished its share
         return value
     return None  # a sweep's job that failed or was refused: said in one line, and the sweep goes on
 
@@ -111,7 +113,11 @@ def job_naming(config: Config, overrides: list[str], multirun: bool) -> naming.R
 
 
 def command() -> str:
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command as typed (its launcher's part rebuilt, `parallel.command_line`). A submitit job's process was
+    started by submitit on a pickled job: its command is the job's own overrides, run by the sweep."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return "submitit job of a sweep: " + shlex.join(["gsm8k_lora.train", *HydraConfig.get().overrides.task])
+    return parallel.command_line("gsm8k_lora.train", sys.argv[1:])
 
 
 def checked_job(composed: cli.Composed) -> Callable[[DictConfig], float | None]:

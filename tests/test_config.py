@@ -68,6 +68,7 @@ DISTINCT = {
     "gradient_checkpointing": False, "bf16": False, "fp16": True, "tf32": False, "optim": "sgd", "use_cpu": True,
     "logging_steps": 2, "eval_steps": 3, "save_steps": 6, "save_total_limit": 4, "eval_on_start": True,
     "early_stopping_patience": 2, "metric_for_best_model": f"eval_{HEADLINE.figure}", "dataloader_num_workers": 1,
+    "ddp_timeout": 1234,
     "seed": 7, "save_merged": True, "resume": "never", "use_liger_kernel": True, "torch_compile": True,
     "step_metrics": False,
 }
