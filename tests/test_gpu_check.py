@@ -278,7 +278,8 @@ def test_a_recipe_cut_off_by_its_time_limit_leaves_its_figures_so_far(tmp_path):
     summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     log = (tmp_path / "work" / "recipe.log").read_text()
     (step,) = summary["steps"]
-    assert step["rc"] == 124, log[-3000:]  # timeout's: it was cut off
+    # timeout's: cut off (124), or killed 10 s later where the step it was finishing took longer (137)
+    assert step["rc"] in (124, 137), log[-3000:]
     run_figures = summary["runs"]["recipe"]
     if run_figures["source"].startswith("nothing") and not re.search(r"Training:.*\b[1-9]\d*/10000", log):
         pytest.skip(f"this machine was too busy to train one step in {limit} s: nothing to stop part-way")
