@@ -7,7 +7,7 @@ DIR ?=
 SWEEP ?= lr_epochs
 EXP ?=
 
-.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean gpu-wheels gpu-check gpu-experiment
+.PHONY: help setup demo real test test-fast train evaluate bench sweep compare lint clean gpu-wheels gpu-check gpu-experiment gpu-rehearsal
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,3 +62,6 @@ gpu-check: ## on a lent GPU machine, carrying .gpu-carry: install it, the levers
 
 gpu-experiment: ## on a lent GPU machine, carrying .gpu-carry: the seed's whole experiment at Falcon3's shape (GPU_CHOSEN=levers)
 	bash scripts/gpu_check.sh --experiment
+
+gpu-rehearsal: gpu-wheels ## here, not in make test: the GPU check's call offline on a cached stand-in of the machine's image
+	bash scripts/gpu_rehearsal.sh

@@ -1,7 +1,8 @@
 """Benchmarks: `python -m gsm8k_lora.bench [--quick] [--adapter RUN_DIR] [--gsm8k DIR]` (or `make bench`).
 
 Speed is measured as a ratio of two variants in the same process on the same inputs, because
-these machines are noisy. Writes `outputs/bench/<time>.json` and prints a table.
+these machines are noisy. Writes `outputs/bench/<time>.json` (rewritten after each measurement, so a bench stopped
+from outside keeps what it measured) and prints a table.
 
 Figures on any machine (tiny model; CPU unless a GPU is present):
 - generation: the evaluation's continuous batching against `model.generate`'s padded batches (what it used
@@ -39,6 +40,7 @@ from gsm8k_lora.benchmarks.training import bench_training, device_config
 from gsm8k_lora.config import BUILTIN_TINY, ENGINES
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.environment import environment
+from gsm8k_lora.errors import ConfigError, fail
 from gsm8k_lora.model.loading import load
 from gsm8k_lora.model.sources import resolve
 from gsm8k_lora.rundir import resolve_adapter, write_json
@@ -134,7 +136,7 @@ def print_table(results: dict) -> None:
                 mark = f"{target[0]} {target[1]}  {'met' if ok else 'NOT met'}"
             ref = f"  [{REFERENCES[key]}]" if key in REFERENCES else ""
             print(f"{key:42s} {value:12.3f}  {mark}{ref}")
-        elif key not in ("environment", "unmeasured"):
+        elif key not in ("environment", "unmeasured", "finished"):
             print(f"{key:42s} {value!s:>12s}")
 
 
@@ -162,6 +164,34 @@ def main(argv: list[str] | None = None) -> dict:
         print(" ".join(choose(json.loads(args.choose.read_text(encoding="utf-8")))))
         return {}
     cuda = torch.cuda.is_available()
+    if args.gpu_check and not cuda:
+        fail(ConfigError("--gpu-check measures the CUDA levers at Falcon3-1B's shape, and this machine has no CUDA "
+                         "GPU: here, python -m gsm8k_lora.bench (make bench) measures what a CPU can"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    env = environment()
+
+    def save(figures: dict, finished: bool = False) -> dict:
+        """The JSON, rewritten after each measurement: a bench stopped from outside (a time limit) leaves its
+        figures so far, each one not measured named with why."""
+        written = {**figures, "environment": env, "unmeasured": unmeasured(figures), "finished": finished}
+        write_json(path, written)
+        return written
+
+    results = measure(args, cuda, save)
+    results = save(results, finished=True)
+    print_table(results)
+    print(f"written: {path}")
+    if results["unmeasured"]:
+        print(f"bench: {len(results['unmeasured'])} figure(s) not measured: {'; '.join(results['unmeasured'])}",
+              file=sys.stderr)
+        sys.exit(1)
+    return results
+
+
+def measure(args: argparse.Namespace, cuda: bool, save) -> dict:
+    """Every section the arguments ask for, `save`d after each measurement."""
     cfg = device_config(cuda)  # the tiny model, with the trainer and eval presets a run on this device uses
     torch.manual_seed(0)
     tiny = resolve(dataclasses.replace(cfg.model, name_or_path=BUILTIN_TINY))
@@ -175,30 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
         n = 8 if args.quick else 64
         questions = [row["question"] for row in synthetic.generate(n, seed=123)]
         results.update(bench_eval(model, tokenizer, questions, cfg.eval, batch_size=min(32, n), max_new_tokens=128))
+        save(results)
         results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
                                       epoch_rows=400 if args.quick else 6726))
+        save(results)
     if cuda or not args.quick:  # on a CPU, the weight memory only
         steps = 6 if args.gpu_check else (5 if args.quick else 30)
         results.update(bench_falcon3(Path(tiny.path), steps=steps, quick=args.quick,
                                      prompts=256 if args.gpu_check else None, gsm8k_dir=args.gsm8k,
-                                     deadline_s=args.deadline_s))
+                                     deadline_s=args.deadline_s, progress=lambda figures: save({**results, **figures})))
+        save(results)
     if not (args.quick or args.skip_real):
         if args.gsm8k is None:
             results["real_skipped"] = "no local GSM8K given (--gsm8k DIR)"
         else:
             results.update(bench_real(args.real_steps, args.real_questions, args.gsm8k))
-    results["environment"] = environment()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
-    missing = unmeasured(results)
-    results["unmeasured"] = missing
-    write_json(path, results)
-    print_table(results)
-    print(f"written: {path}")
-    if missing:
-        print(f"bench: {len(missing)} figure(s) not measured: {'; '.join(missing)}", file=sys.stderr)
-        sys.exit(1)
     return results
 
 

@@ -6,12 +6,16 @@
                                          gzipped), then the check and its size with the repository's
     python scripts/gpu_carry.py check    the carried set over the image's packages (scripts/gpu_image.txt):
                                          exit 0 it holds, 1 it does not, 3 PyPI did not answer
+    python scripts/gpu_carry.py kept     there, after the install: the image's own numpy, pandas, pyarrow, scipy and
+                                         matplotlib meet what the carried wheels and the project require of them
+                                         (their versions there are not all recorded here); one line, exit 1 if not
 
 What is carried: the project's requirements (as installed here from pyproject.toml, the qlora extra's included)
 and everything they need, at the versions this venv has (what `make setup` installs), wherever the image lacks the
-package or may have another version of it. The image's CUDA build (torch and its libraries) and its large compiled
-libraries are never replaced, and two requirements are left behind; each list below says why. Run by the venv's
-Python.
+package or may have another version of it. The image's CUDA build (torch and its libraries) is never replaced, nor
+are its large compiled libraries unless its recorded version is older than a carried package needs (then carried,
+if it fits); two requirements are left behind. Each list below says why. Run by the venv's Python (`kept`: by the
+machine's).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ LEFT_OUT = {  # requirements the check runs without
     "gguf": "transformers imports it only to read a GGUF checkpoint, which the check does not load",
 }
 IMAGE_BUILD = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # the image's CUDA build: never replaced
-IMAGE_KEPT = {  # large compiled libraries the image has: its builds stay (arrays pass through them, unmeasured)
-    "numpy", "pandas", "pyarrow", "scipy", "matplotlib",
+IMAGE_KEPT = {  # large compiled libraries the image has: its builds stay (arrays pass through them, unmeasured),
+    "numpy", "pandas", "pyarrow", "scipy", "matplotlib",  # unless one is older than a carried package needs
 }
 IMAGE_UNUSED = {  # image packages whose requirements a carried version breaks, which nothing in the check imports
     "sentence-transformers": "nothing the check runs imports it (transformers, TRL and PEFT never do)",
@@ -108,7 +112,22 @@ def plan() -> dict[str, tuple[str, str]]:
             carried[name] = (version, "the image's version is not recorded")
         elif have[name] != version:
             carried[name] = (version, f"the image has {have[name]}")
+    recorded = {name: have[name] for name in IMAGE_KEPT if have.get(name)}
+    too_old: dict[str, list[str]] = {}
+    for name, problem in compat.kept_problems(kept_requirements(), recorded):  # one the image has too old
+        too_old.setdefault(name, []).append(problem)
+    for name, problems in too_old.items():
+        carried[name] = (installed(name).version, f"too old in the image: {'; '.join(problems)}")
     return {**carried, **GPU_ONLY}
+
+
+def kept_requirements() -> list[tuple[str, Requirement]]:
+    """(who, requirement) of each requirement the carried packages and the project make on a library the image
+    keeps (`IMAGE_KEPT`), as installed here."""
+    found = [("gsm8k_lora", Requirement(line)) for line in project().requires]
+    for name, version in needed().items():
+        found += [(f"{name} {version}", Requirement(line)) for line in installed(name).requires or ()]
+    return [(who, req) for who, req in found if compat.canon(req.name) in IMAGE_KEPT]
 
 
 def carried(pins: dict[str, str]) -> list[compat.Package]:
@@ -234,9 +253,40 @@ def build(args) -> int:
           + f"; with the repository ({repo:.1f} MiB) {total:.1f} MiB of the {LIMIT_MIB} MiB allowed")
     status = check_built(args.carry)
     if total > LIMIT_MIB:
-        print(f"gpu-carry: over {LIMIT_MIB} MiB")
+        kept = [f"{name} ({why})" for name, (_, why) in plan().items() if why.startswith("too old")]
+        print(f"gpu-carry: over {LIMIT_MIB} MiB" + (f", kept libraries carried: {'; '.join(kept)}" if kept else ""))
         return 1
     return status
+
+
+def kept(args) -> int:
+    """On the machine after the install: the image's kept libraries against what the carried wheels and the project
+    require of them. One line, also written to --out; exit 1 when one is too old or missing."""
+    import tomllib
+
+    requirements = [(f"{p.name} {p.version}", Requirement(line))
+                    for p in map(compat.wheel_requires, sorted((args.carry / "wheels").glob("*.whl")))
+                    for line in p.requires or ()]
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements += [("gsm8k_lora", Requirement(line)) for line in dependencies]
+    versions = {}
+    for name in sorted(IMAGE_KEPT):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    problems = compat.kept_problems(requirements, versions)
+    if problems:
+        line = (f"kept image libraries FAIL: {'; '.join(why for _, why in problems)} (not carried: its version "
+                f"there was not recorded in scripts/gpu_image.txt; record it, and make gpu-wheels carries a newer one "
+                f"if it fits)")
+    else:
+        line = (f"kept image libraries hold what the carried packages need: "
+                f"{', '.join(f'{name} {version}' for name, version in versions.items())}")
+    print(line)
+    if args.out:
+        args.out.write_text(line + "\n")
+    return 1 if problems else 0
 
 
 def show_plan(args) -> int:
@@ -261,7 +311,10 @@ def main() -> int:
     check_cmd.add_argument("--pins", type=Path, help="check these name==version pins instead")
     check_cmd.add_argument("--plan", action="store_true", help="check this venv's plan even where wheels are built")
     check_cmd.set_defaults(run=check)
-    for sub in (build_cmd, check_cmd):
+    kept_cmd = commands.add_parser("kept")
+    kept_cmd.add_argument("--out", type=Path, help="also write the line here")
+    kept_cmd.set_defaults(run=kept)
+    for sub in (build_cmd, check_cmd, kept_cmd):
         sub.add_argument("--carry", type=Path, default=CARRY, help="the carry folder (default: .gpu-carry)")
     args = parser.parse_args()
     try:

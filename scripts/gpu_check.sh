@@ -3,24 +3,32 @@
 #   make gpu-wheels                        here, beforehand: .gpu-carry/ (scripts/gpu_carry.py build) with the
 #                                          wheels the machine's image lacks, the tiny model's cache, the GSM8K rows
 #   bash scripts/gpu_check.sh              there (make gpu-check, carrying .gpu-carry): install the wheels over the
-#                                          image (its torch kept), run STEPS, then write to $OUT gpu_check.json
-#                                          (the figures), gpu_check.txt (the table) and gpu_check.tar.gz (every
-#                                          log and each run's small files)
+#                                          image (its torch kept; its numpy, pandas, pyarrow, scipy, matplotlib
+#                                          checked), run STEPS, then write to $OUT gpu_check.json (the figures, each
+#                                          step's so far where its limit cut it off: scripts/gpu_summary.py),
+#                                          gpu_check.txt (the table) and gpu_check.tar.gz (every log and each run's
+#                                          small files)
 #   bash scripts/gpu_check.sh --dry-run    anywhere (the test suite runs it): the carried set fits the image, the
 #                                          commands parse and compose, and the GPU steps say why they skip here
+#   bash scripts/gpu_rehearsal.sh          here (make gpu-rehearsal): the whole call, offline, on a stand-in image
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # ---- The steps, in order of value: name, time limit in seconds, command (run by bash as one line, with $PY the
 # Python, $RUNS the folder for run directories, $DATA the carried GSM8K rows, $CHOSEN the overrides of the levers
-# and engine the bench found fastest). A step that fails or runs out of time does not stop the next; the limits
-# are cut to what is left of TOTAL_S.
+# and engine the bench found fastest). A step that fails or runs out of time does not stop the next, and leaves its
+# figures so far; the limits are cut to what is left of TOTAL_S.
+# The bench's deadline starts after its imports (about 15 s) and includes building the Falcon3-shaped model once
+# (the recipe reuses it); it measures in order of value (benchmarks/falcon3.py PLAN) and writes after each
+# measurement. The recipe trains and validates on only the rows its 80 steps use (1,280 = 80 x 16; 256 validation
+# rows): the rest would be tokenized and scored for nothing. pytest collects only the files with GPU tests.
 STEPS=(
   'bench      200 $PY -m gsm8k_lora.bench --gpu-check --skip-real --gsm8k $DATA --deadline-s 160 --out $RUNS/bench'
   'recipe     110 $PY -m gsm8k_lora.train experiment=falcon3_shape data=local data.path=$DATA eval.batch_size=256
-                  trainer.max_steps=80 trainer.eval_steps=40 trainer.save_steps=40 eval.limit=256 $CHOSEN
-                  hydra.run.dir=$RUNS/recipe'
-  'pytest_gpu  60 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml=$RUNS/pytest_gpu.xml'
+                  data.train_limit=1280 data.val_limit=256 trainer.max_steps=80 trainer.eval_steps=40
+                  trainer.save_steps=40 eval.limit=256 $CHOSEN hydra.run.dir=$RUNS/recipe'
+  'pytest_gpu  60 $PY -m pytest -m gpu -v -p no:cacheprovider --junitxml=$RUNS/pytest_gpu.xml
+                  $(grep -l mark.gpu tests/test_*.py)'
 )
 # The seed's whole experiment (bash scripts/gpu_check.sh --experiment; make gpu-experiment): a call of its own,
 # since its 5-minute goal does not fit in the check's 7 minutes beside the bench. $CHOSEN: GPU_CHOSEN, the
@@ -57,66 +65,30 @@ step() {  # name, limit, command...: output to $WORK/<name>.log; rc, seconds and
   echo "$name: rc $rc in $((SECONDS - start)) s (limit $limit s)"
 }
 
-install_carried() {  # the carried wheels over the image, without their dependencies: torch and CUDA stay the image's
+install_carried() {  # the carried wheels over the image, without their dependencies: torch and CUDA stay the image's;
+  # then whether the image's kept libraries meet what the carried packages need (one line: $WORK/kept.txt)
   "${PIP[@]}" list --format=freeze >"$WORK/image_pip_list.txt" 2>&1
-  step install 90 "${PIP[@]}" install --no-deps --no-index --upgrade --no-compile "$CARRY"/wheels/*.whl
+  step install 90 bash -c '"$0" -m pip --disable-pip-version-check install --no-deps --no-index --upgrade \
+    --no-compile "$1"/wheels/*.whl && "$0" scripts/gpu_carry.py kept --carry "$1" --out "$2"' "$PY" "$CARRY" \
+    "$WORK/kept.txt"
   "${PIP[@]}" check >"$WORK/pip_check.txt" 2>&1  # for the record: the image's own packages are listed too
   for rows in "$CARRY"/gsm8k/*.jsonl.gz; do
     gunzip -c "$rows" >"$DATA/$(basename "${rows%.gz}")"
   done
 }
 
+choose() {  # the overrides of the levers and engine the bench found fastest, alone in $WORK/chosen.txt: GPU_CHOSEN
+  local bench
+  bench=$(ls "$RUNS"/bench/*.json 2>/dev/null | head -1)
+  # its last line: the overrides (a library may print a line of its own at import)
+  CHOSEN=$("$PY" -m gsm8k_lora.bench --choose "$bench" 2>/dev/null | tail -n 1)
+  echo "$CHOSEN" >"$WORK/chosen.txt"
+  echo "chosen from the bench: ${CHOSEN:-nothing (it measured no lever)}"
+}
+
 pack() {  # $OUT: the summary, the table, and one archive of the small files (no weights, no checkpoints)
-  "$PY" - "$WORK" "$OUT" <<'PYEOF' 2>"$WORK/summary.log" | tee "$OUT/gpu_check.txt" || tail -20 "$WORK/summary.log"
-import importlib, json, pathlib, shutil, subprocess, sys
-work, out = map(pathlib.Path, sys.argv[1:])
-steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
-versions = {}
-for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "tokenizers",
-             "kernels", "bitsandbytes"):
-    try:
-        versions[name] = importlib.import_module(name).__version__
-    except Exception as err:  # a failed import is a finding, not a reason to stop the summary
-        versions[name] = f"import failed: {type(err).__name__}: {err}"
-smi = shutil.which("nvidia-smi")
-gpu = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else "no nvidia-smi"
-bench = next(iter(sorted((work / "runs" / "bench").glob("*.json"))), None)
-figures = json.loads(bench.read_text()) if bench else {}
-kept = ("falcon3_", "gen_", "qlora", "eval_", "train_", "unmeasured")
-runs = {}  # each run of the recipe: its speed and memory, from its own files
-for run in sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").exists()):
-    metrics = json.loads((run / "metrics.json").read_text())
-    answers = json.loads((run / "eval_metrics.json").read_text()) if (run / "eval_metrics.json").exists() else {}
-    seconds, steps_done = metrics.get("train_runtime_s"), metrics.get("steps")
-    runs[run.name] = {"steps": steps_done, "max_steps": metrics.get("max_steps"), "train_runtime_s": seconds,
-                      "step_s": seconds / steps_done if seconds and steps_done else None,
-                      "tokens_seen": metrics.get("tokens_seen"),
-                      "trained_tokens_per_s": metrics.get("tokens_seen", 0) / seconds if seconds else None,
-                      "peak_memory_gib": metrics.get("peak_memory_gib"),
-                      "questions": answers.get("baseline_n"), "baseline_answer_s": answers.get("baseline_answer_s"),
-                      "finetuned_answer_s": answers.get("finetuned_answer_s"),
-                      "done": (run / "done.json").exists()}
-chosen = (work / "chosen.txt").read_text().strip() if (work / "chosen.txt").exists() else None
-summary = {"steps": steps, "environment": {"gpu": gpu, "python": sys.version.split()[0], **versions},
-           "chosen": chosen, "runs": runs, "bench": {k: v for k, v in figures.items() if k.startswith(kept)}}
-(out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
-print(f"\n{'':44s} {gpu}")
-for name, version in summary["environment"].items():
-    if name != "gpu":
-        print(f"{name:44s} {version}")
-for key, value in summary["bench"].items():
-    if isinstance(value, dict) and "real_tokens_per_s" in value:
-        print(f"{key:44s} {value['real_tokens_per_s']:10.0f} tok/s, MFU {value.get('mfu') or 0:.1%}, "
-              f"peak {value.get('peak_memory_gib') or 0:.1f} GiB")
-    elif isinstance(value, float):
-        print(f"{key:44s} {value:10.3f}")
-for name, figures in runs.items():
-    print(f"{'run ' + name:44s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in figures.items()))
-print(f"{'chosen':44s} {chosen}")
-for step in steps:
-    print(f"{'step ' + step['step']:44s} rc {step['rc']} in {step['seconds']} s (limit {step['limit_s']} s)")
-PYEOF
+  "$PY" scripts/gpu_summary.py "$WORK" "$OUT" 2>"$WORK/summary.log" | tee "$OUT/gpu_check.txt" \
+    || tail -20 "$WORK/summary.log"
   find "$WORK" -type f ! -path "$DATA/*" ! -path '*/checkpoint*' ! -name '*.safetensors' ! -name '*.bin' \
     ! -name '*.pt' ! -name '*.pth' ! -name '*.gguf' -size -8M -printf '%P\n' \
     | tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" -T -
@@ -136,17 +108,15 @@ run() {
   export PY RUNS DATA PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     GSM8K_LORA_CACHE=$CARRY/models GSM8K_LORA_TEST_CACHE=$CARRY/models GSM8K_LORA_BASELINE_CACHE=$WORK/baselines
+  local entry name limit command
+  { echo install; for entry in "$@"; do echo "${entry%% *}"; done; } >"$WORK/planned.txt"
   install_carried
   CHOSEN=${GPU_CHOSEN:-}
   export CHOSEN
-  local entry name limit command
   for entry in "$@"; do
     read -r name limit command <<<"${entry//$'\n'/ }"
     step "$name" "$limit" bash -c "$command"
-    if [ "$name" = bench ]; then  # the levers and engine the bench found fastest, for the runs after it
-      CHOSEN=$("$PY" -m gsm8k_lora.bench --choose "$(ls "$RUNS"/bench/*.json 2>/dev/null | head -1)" 2>/dev/null)
-      echo "chosen from the bench: ${CHOSEN:-nothing (it measured no lever)}" | tee "$WORK/chosen.txt"
-    fi
+    [ "$name" = bench ] && choose  # the levers and engine the bench found fastest, for the runs after it
   done
   pack
 }
@@ -178,6 +148,7 @@ dry_run() {
   exit "$checked"
 }
 
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # sourced (the test suite runs its functions): define, run nothing
 case "${1:-run}" in
 run) run "${STEPS[@]}" ;;
 --experiment) run "${EXPERIMENT_STEPS[@]}" ;;

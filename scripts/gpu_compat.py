@@ -127,6 +127,23 @@ def check(env: dict[str, Package], project: Package | None = None, unused: dict[
     return verdict
 
 
+def kept_problems(requirements: list[tuple[str, Requirement]],
+                  versions: dict[str, str | None]) -> list[tuple[str, str]]:
+    """(library, what is wrong) for each requirement (who needs it, what) on a library the image keeps (`versions`:
+    its version there, None where it has none) that this version does not meet. Markers: the image's Python."""
+    problems = []
+    for who, req in requirements:
+        name = canon(req.name)
+        if name not in versions or not applies(req):
+            continue
+        version = versions[name]
+        if version is None:
+            problems.append((name, f"{who} needs {req}, and the image has no {name}"))
+        elif not req.specifier.contains(Version(version), prereleases=True):
+            problems.append((name, f"{who} needs {req}, and the image has {name} {version}"))
+    return problems
+
+
 def wheel_requires(path: Path) -> Package:
     """A carried wheel: its name, version and Requires-Dist, read from the wheel itself."""
     name, version, _, _ = parse_wheel_filename(path.name)

@@ -2,12 +2,22 @@
 CPU with a scaled-down shape: the same building, loading (bf16 and 4-bit), training variants, FLOPs
 accounting and generation a CUDA machine runs at full size; those figures are only checked to be there and sane."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from gsm8k_lora.bench import unmeasured
-from gsm8k_lora.benchmarks.falcon3 import FALCON3_1B, bench_falcon3, matmul_param_count, param_count
+from gsm8k_lora.benchmarks.falcon3 import (
+    FALCON3_1B,
+    LEVERS,
+    NOT_REACHED,
+    PLAN,
+    bench_falcon3,
+    matmul_param_count,
+    param_count,
+)
 from gsm8k_lora.benchmarks.training import device_config
 from tests.conftest import compose, load_tiny, run_cli
 
@@ -131,8 +141,14 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
     every answer engine, each of which must answer as padded `generate` does (float32 here)."""
     pytest.importorskip("bitsandbytes")
     levers = {"package_default": [], "quiet_steps": ["trainer.step_metrics=false"]}
+    snapshots = []  # what the bench hands on after each measurement: what its JSON holds if stopped there
     out = bench_falcon3(tiny_model_dir, steps=2, quick=True, arch=SMALL, preset=("trainer=cpu_smoke",),
-                        training=True, prompts=8, levers=levers)
+                        training=True, prompts=8, levers=levers, progress=lambda f: snapshots.append(copy.deepcopy(f)))
+    first, after_one = snapshots[0], snapshots[1]
+    assert first["falcon3_package_default"]["skipped"] == first["gen_padded_skipped"] == NOT_REACHED
+    assert after_one["falcon3_package_default"]["real_tokens"] > 0
+    assert f"falcon3_quiet_steps: not run: {NOT_REACHED}" in unmeasured(after_one)
+    assert len(snapshots) >= 8 and snapshots[-1] == out
     assert out["falcon3_params"] == param_count(SMALL) and out["falcon3_matmul_params"] == matmul_param_count(SMALL)
     assert 0 < out["qlora_weights_gib_4bit"] < out["qlora_weights_gib_bf16"]
     for name in ("falcon3_trl_defaults", "falcon3_package_default", "falcon3_quiet_steps", "falcon3_qlora"):
@@ -150,6 +166,21 @@ def test_falcon3_shaped_benchmark_code_runs_on_a_small_shape(tiny_model_dir):
         assert out[f"gen_{engine}_same_answers_as_padded"] == 8, engine
         assert out[f"gen_{engine}_tokens"] == out["gen_padded_tokens"]  # each row stopped at its reference length
     assert unmeasured(out) == []
+
+
+def test_the_gpu_bench_plans_every_lever_and_engine_the_4bit_copy_last():
+    from gsm8k_lora.config import ENGINES
+
+    planned = {(kind, name) for kind, name in PLAN}
+    assert {("train", lever) for lever in LEVERS} <= planned and {("answer", e) for e in ENGINES} <= planned
+    assert PLAN[0] == ("train", "package_default") and PLAN[-2:] == (("train", "qlora"), ("memory", "qlora"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs --gpu-check")
+def test_the_gpu_check_bench_refuses_a_machine_without_cuda_in_one_line(tmp_path):
+    proc = run_cli("bench", "--gpu-check", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 2 and not list(tmp_path.iterdir())
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: --gpu-check measures the CUDA levers")
 
 
 def test_real_bench_counts_matmul_parameters_once_and_leaves_the_embedding_lookup_out():

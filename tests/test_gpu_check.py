@@ -4,10 +4,13 @@ there a typo, or a carried wheel that breaks the image's packages (scripts/gpu_c
 import base64
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -75,7 +78,8 @@ def test_the_check_passes_this_venvs_plan_which_carries_transformers_with_the_hu
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "check: holds: 0 broken requirements" in proc.stdout
     plan = run(sys.executable, "scripts/gpu_carry.py", "plan").stdout
-    assert "transformers==5.25.0" in plan and "huggingface-hub==2.4.0" in plan
+    hub, transformers = metadata.version("huggingface-hub"), metadata.version("transformers")  # as installed here
+    assert f"transformers=={transformers}" in plan and f"huggingface-hub=={hub}" in plan
     assert not any(line.startswith(("torch==", "nvidia-", "wandb==")) for line in plan.splitlines())
 
 
@@ -158,3 +162,128 @@ def test_bitsandbytes_keeps_the_images_cuda_libraries_and_a_record_that_matches(
     pip = subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "-q", "--no-deps", "--no-index",
                           "--target", str(target), str(wheel)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
+
+
+def test_a_kept_library_the_image_has_too_old_is_carried_and_one_new_enough_is_not(tmp_path, monkeypatch):
+    """The image's numpy, pandas, pyarrow, scipy and matplotlib stay, unless the version recorded for one is older
+    than a carried package needs (datasets 5.2 needs pyarrow>=24): then a newer one is carried."""
+    gpu_carry = script("gpu_carry")
+    lines = (ROOT / "scripts" / "gpu_image.txt").read_text().splitlines()
+    for recorded, carried_too in (("19.0.1", True), (metadata.version("pyarrow"), False)):
+        image_file = tmp_path / "image.txt"
+        image_file.write_text("\n".join(f"pyarrow=={recorded}" if line == "pyarrow" else line for line in lines))
+        monkeypatch.setattr(gpu_carry, "IMAGE", image_file)
+        plan = gpu_carry.plan()
+        assert ("pyarrow" in plan) is carried_too, plan.get("pyarrow")
+    needs = [str(req.specifier) for _, req in gpu_carry.kept_requirements() if req.name == "pyarrow"]
+    assert any(s.startswith(">=") for s in needs), needs  # what made 19.0.1 too old is read from the packages
+
+
+def fake_wheel(directory: Path, *requires: str) -> Path:
+    meta = "Metadata-Version: 2.1\nName: fake\nVersion: 1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    wheel = directory / "wheels" / "fake-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake-1.0.dist-info/METADATA", meta)
+    return wheel
+
+
+@pytest.mark.parametrize("requirement, holds", [("pyarrow>=1", True), ("pyarrow>=999", False)])
+def test_the_install_checks_the_images_kept_libraries_in_one_line(tmp_path, requirement, holds):
+    """After the install, each kept library of the machine (here: this venv's) against what the carried wheels need;
+    one line, written for the summary, and exit 1 (the install step fails) on one too old."""
+    fake_wheel(tmp_path, requirement, "numpy>=1")
+    out = tmp_path / "kept.txt"
+    proc = run(sys.executable, "scripts/gpu_carry.py", "kept", "--carry", str(tmp_path), "--out", str(out))
+    line = out.read_text().strip()
+    assert proc.stdout.strip() == line and "\n" not in line
+    assert proc.returncode == (0 if holds else 1), proc.stdout + proc.stderr
+    if holds:
+        assert line.startswith("kept image libraries hold") and f"pyarrow {metadata.version('pyarrow')}" in line
+    else:
+        assert line.startswith("kept image libraries FAIL: fake 1.0 needs pyarrow>=999, and the image has pyarrow "
+                               f"{metadata.version('pyarrow')}")
+
+
+def check_shell(tmp_path: Path, commands: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`commands` run after sourcing scripts/gpu_check.sh (its functions, nothing run), in a work folder of tmp_path."""
+    setup = (f"source scripts/gpu_check.sh && WORK={tmp_path}/work RUNS={tmp_path}/work/runs DATA={tmp_path}/data "
+             f"OUT={tmp_path}/out && mkdir -p $RUNS $DATA $OUT && deadline=$((SECONDS + TOTAL_S)) && export PY RUNS")
+    return subprocess.run(["bash", "-c", f"{setup}\n{commands}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)})
+
+
+def lever(tokens_per_s: float) -> dict:
+    return {"variant": "x", "real_tokens": 100, "computed_tokens": 100, "real_tokens_per_s": tokens_per_s}
+
+
+def test_the_check_hands_the_runs_only_the_overrides_the_bench_chose(tmp_path):
+    """chosen.txt, gpu_check.json's `chosen` and the table's row hold the overrides alone, as GPU_CHOSEN takes them:
+    a run composes with them."""
+    bench = tmp_path / "work" / "runs" / "bench" / "bench.json"
+    bench.parent.mkdir(parents=True)
+    bench.write_text(json.dumps({"falcon3_package_default": lever(10), "falcon3_flex_attention": lever(14),
+                                 "gen_padded_tokens_per_s": 800.0, "gen_slots_tokens_per_s": 900.0}))
+    proc = check_shell(tmp_path, "step bench 30 true && choose && pack")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = "model.attn_implementation=flex_attention eval.engine=slots"
+    assert (tmp_path / "work" / "chosen.txt").read_text().strip() == expected
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["chosen"] == expected
+    table = (tmp_path / "out" / "gpu_check.txt").read_text().splitlines()
+    (row,) = [line for line in table if line.startswith("chosen")]
+    assert row.split(None, 1)[1] == expected
+    composed = run(sys.executable, "-m", "gsm8k_lora.train", "experiment=falcon3_shape", *row.split()[1:],
+                   "--cfg", "job")
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    assert "attn_implementation: flex_attention" in composed.stdout and "engine: slots" in composed.stdout
+
+
+def test_the_summary_imports_the_package_before_bitsandbytes(tmp_path):
+    """The summary imports bitsandbytes (its version) after the package, so bitsandbytes loads under the package's
+    refusal of its Hub kernel (`BitsandbytesOffTheHub`) and, on a CPU with AVX512-BF16, asks the Hub for nothing:
+    a recorder stands in for `get_kernel`, as in tests/test_model.py."""
+    pytest.importorskip("bitsandbytes")
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    (work / "steps.jsonl").write_text('{"step": "install", "rc": 0, "seconds": 1, "limit_s": 90}\n')
+    code = f"""if True:
+        import json, runpy, sys, kernels
+        asked = []
+        def recorder(repo_id, *args, **kwargs):
+            asked.append(repo_id)
+            raise RuntimeError("recorded")
+        kernels.get_kernel = recorder
+        sys.argv = ["gpu_summary.py", {str(work)!r}, {str(tmp_path)!r}]
+        runpy.run_path("scripts/gpu_summary.py", run_name="__main__")
+        loader = sys.modules["bitsandbytes"].__spec__.loader
+        print(json.dumps({{"asked": asked, "refused": loader.exec_module.__name__ == "exec_off_the_hub"}}))"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"asked": [], "refused": True}
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["environment"]["bitsandbytes"] == metadata.version("bitsandbytes")
+
+
+@pytest.mark.slow
+def test_a_recipe_cut_off_by_its_time_limit_leaves_its_figures_so_far(tmp_path):
+    """The check's step runs the recipe under `timeout`; stopped before metrics.json, the run still leaves its
+    training figures (the checkpoint its stop saves), and gpu_check.json carries them."""
+    limit = 60  # past the run's start-up on a 2-core machine; its 10,000 steps take far longer
+    proc = check_shell(tmp_path, f"""step recipe {limit} $PY -m gsm8k_lora.train experiment=smoke logger=none \\
+        trainer.max_steps=10000 trainer.logging_steps=1 trainer.save_steps=10000 trainer.eval_on_start=false \\
+        hydra.run.dir=$RUNS/recipe && pack""", timeout=limit + 200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    log = (tmp_path / "work" / "recipe.log").read_text()
+    (step,) = summary["steps"]
+    # timeout's: cut off (124), or killed 10 s later where the step it was finishing took longer (137)
+    assert step["rc"] in (124, 137), log[-3000:]
+    run_figures = summary["runs"]["recipe"]
+    if run_figures["source"].startswith("nothing") and not re.search(r"Training:.*\b[1-9]\d*/10000", log):
+        pytest.skip(f"this machine was too busy to train one step in {limit} s: nothing to stop part-way")
+    assert run_figures["source"].startswith("checkpoints/checkpoint-"), (run_figures, log[-3000:])
+    assert run_figures["done"] is False and 1 <= run_figures["timed_steps"] <= run_figures["steps"] < 10000
+    assert run_figures["step_s"] > 0 and run_figures["trained_tokens_per_s"] > 0
+    assert "run recipe" in (tmp_path / "out" / "gpu_check.txt").read_text()

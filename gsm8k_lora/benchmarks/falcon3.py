@@ -2,8 +2,9 @@
 downloaded), where the package's speed levers are measured side by side.
 
 On any machine: the base weights' memory in bf16 and in 4-bit NF4, as `model=falcon3_1b_qlora` loads them. On a
-CUDA machine also, each as one variant of the GPU preset (`trainer=default`) changed in one setting, trained on the
-same rows for the same steps:
+CUDA machine also, each as one variant of the seed's experiment at this shape (`experiment=falcon3_shape`: the GPU
+preset `trainer=default`, and the eval settings it answers with) changed in one setting, trained on the same rows
+for the same steps, in the order of `PLAN`:
 - training levers (`LEVERS`): attention over padding-free batches (`flex_attention` against sdpa's dense
   block-diagonal mask), Liger's kernels, TRL's per-step figures left out (`trainer.step_metrics=false`), more rows
   a step, torch.compile, and the first three together; against TRL's plain defaults, and QLoRA: LoRA tokens/s,
@@ -11,10 +12,11 @@ same rows for the same steps:
 - answer engines (`eval.engine`, `eval.merge_adapter`) on GSM8K test questions with a LoRA adapter attached, each
   row stopped at its reference solution's token count (random weights never stop by themselves): seconds and
   tokens/s of each engine, and how many questions each answers as padded `model.generate` does, in bf16;
-- where the time of one training step and of the decode steps goes (CUDA kernels by kind, and the share of wall
-  time the GPU was busy: the rest is the host).
+- where the time of one training step and of the decode steps goes (`benchmarks/profiles.py`).
+The answer engines' side is `benchmarks/answers.py`.
 A `deadline` keeps the whole within the time the one-call GPU check gives it: what did not fit is named as not
-measured, in the order of value above. The test suite runs the same code on the CPU at a scaled-down shape.
+measured. `progress` is handed the figures after each measurement, so a bench stopped from outside keeps them.
+The test suite runs the same code on the CPU at a scaled-down shape.
 
 MFU = 4 * N * real tokens/s / peak bf16 FLOP/s, where N counts only the parameters that do a matmul:
 every Linear layer's weight, the LM head included (tied or not, counted once), but not the input
@@ -29,26 +31,26 @@ import dataclasses
 import importlib.util
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from gsm8k_lora.benchmarks.generation import same_answers, timed
+from gsm8k_lora.benchmarks.answers import Answers, answer_rows
+from gsm8k_lora.benchmarks.profiles import KernelProfile
 from gsm8k_lora.benchmarks.real import matmul_params
-from gsm8k_lora.benchmarks.training import bench_settings, gsm8k_like_rows, run_variant, synchronize, variants
-from gsm8k_lora.config import ENGINES, Config, compose
-from gsm8k_lora.evaluation.generation import build_prompt, generate
-from gsm8k_lora.model.loading import load, load_model, weight_memory
+from gsm8k_lora.benchmarks.training import bench_settings, gsm8k_like_rows, run_variant, variants
+from gsm8k_lora.config import Config, compose
+from gsm8k_lora.model.loading import load_model, weight_memory
 from gsm8k_lora.model.shaped import FALCON3_1B, build, ensure
 from gsm8k_lora.preflight import CUDA_ENGINES, four_bit_problem
-from gsm8k_lora.training.sft import build_lora_config, build_sft_config, trainer_class
+from gsm8k_lora.training.sft import build_sft_config, trainer_class
 
 # Dense bf16 peak of each GPU (vendor data sheets), for MFU.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.0}
-# Each training lever: the overrides that turn it on over the GPU preset, in the order they are measured.
+# Each training lever: the overrides that turn it on over the GPU preset.
 LEVERS = {
     "package_default": [],
     "quiet_steps": ["trainer.step_metrics=false"],
@@ -59,9 +61,19 @@ LEVERS = {
     "rows_32": ["trainer.per_device_train_batch_size=32"],
     "compile": ["trainer.torch_compile=true"],
 }
-KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "xmma", "cublas", "matmul")),
-                ("attention", ("flash", "fmha", "attention", "flex", "sdpa")),
-                ("dropout RNG", ("bernoulli", "dropout", "philox")), ("optimizer", ("adam", "multi_tensor")))
+# What the CUDA bench measures, in order of value: the package's preset first (every ratio's reference), then the
+# training levers and the answer engines in turns (each chooses a CUDA default), then what only informs (more rows a
+# step, TRL's defaults, the profiles), then what compiles for minutes before its first step (torch.compile), and
+# last the 4-bit copy (QLoRA, and the 4-bit weights' memory). Each runs while the deadline leaves it the time the
+# last measurement of its kind took, so a bench cut short has measured what chooses the defaults.
+PLAN = (("train", "package_default"), ("train", "flex_attention"), ("answer", "padded"), ("answer", "slots"),
+        ("answer", "paged"), ("train", "quiet_steps"), ("train", "liger"), ("train", "flex_liger_quiet"),
+        ("answer", "slots_merged"), ("answer", "static"), ("train", "rows_32"), ("train", "trl_defaults"),
+        ("profile", "train_step"), ("profile", "decode"), ("train", "compile"), ("train", "qlora"),
+        ("memory", "qlora"))
+FLOOR_S = {"train": 20, "answer": 30, "profile": 20, "memory": 20}  # the least a kind needs before one is timed
+NOT_REACHED = "not reached: the bench was stopped before it"
+Progress = Callable[[dict], None]
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -69,13 +81,19 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 class Deadline:
-    """Seconds left of the time the bench was given; None: no limit."""
+    """Seconds left of the time the bench was given (None: no limit), and whether a measurement fits in them: it
+    needs what the last of its kind took, or the kind's floor before any was timed."""
 
     def __init__(self, seconds: float | None):
         self.end = None if seconds is None else time.perf_counter() + seconds
+        self.took: dict[str, float] = {}
 
     def left(self) -> float:
         return float("inf") if self.end is None else self.end - time.perf_counter()
+
+    def problem(self, kind: str) -> str | None:
+        need, left = max(FLOOR_S[kind], self.took.get(kind, 0.0)), self.left()
+        return None if left >= need else f"out of time: {left:.0f} s left, about {need:.0f} s needed"
 
 
 def _meta_model(arch: dict):
@@ -128,146 +146,109 @@ def train_variant(name: str, cfg: Config, model_dir: Path, rows: list[dict], ste
     return {**result, "model_tflops": tflops, "mfu": tflops / peak if peak else None}
 
 
-class KernelProfile(TrainerCallback):
-    """CUDA kernel time of one optimizer step by kind, and the share of its wall time the GPU was busy."""
-
-    def __init__(self, step: int):
-        self.step, self.figures = step, {}
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step - 1:
-            synchronize()
-            self.profile = profile_kernels()
-            self.profile.__enter__()
-            self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            synchronize()
-            self.profile.__exit__(None, None, None)
-            self.figures = kernel_shares(self.profile, time.perf_counter() - self.start)
+def figure_key(kind: str, name: str) -> str:
+    """The key a measurement's figures (or the reason it has none) go under."""
+    return {"train": f"falcon3_{name}", "answer": f"gen_{name}", "memory": "qlora",
+            "profile": "falcon3_train_step_profile" if name == "train_step" else "gen_decode_profile"}[kind]
 
 
-def profile_kernels():
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    return torch.profiler.profile(activities=activities)
-
-
-def kernel_shares(profile, wall_s: float) -> dict:
-    """Each kind of CUDA kernel's time as a share of `wall_s`, and the GPU's busy share (all kernels)."""
-    spent = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other kernels"], 0.0)
-    for event in profile.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = event.key.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other kernels")
-        spent[kind] += event.self_device_time_total / 1e6
-    busy = sum(spent.values())
-    return {"wall_s": wall_s, "gpu_busy": busy / wall_s, **{k: v / wall_s for k, v in spent.items()}}
-
-
-def answer_rows(gsm8k_dir: Path | None, n: int) -> list[dict]:
-    """Test questions with reference solutions: GSM8K's own where a local copy is given, else GSM8K-like rows."""
-    if gsm8k_dir is not None and (gsm8k_dir / "test.jsonl").exists():
-        import json
-
-        lines = (gsm8k_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines[:n]]
-    return gsm8k_like_rows(n, seed=3)
-
-
-def bench_engines(model_dir: Path, cfg: Config, rows: list[dict], batch_size: int, deadline: Deadline) -> dict:
-    """Answers by each engine with a LoRA adapter attached (the fine-tuned pass), each row stopped at its reference
-    solution's token count (under `eval.max_new_tokens`), in bf16; and the slot loop on the adapter merged."""
-    model, tokenizer = load(dataclasses.replace(cfg.model, name_or_path=str(model_dir)))
-    model = get_peft_model(model.to("cuda" if torch.cuda.is_available() else "cpu"), build_lora_config(cfg.lora))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: an adapter that changes nothing would merge to nothing
-            torch.nn.init.normal_(param, std=0.02)
-    model.config.use_cache = True
-    ecfg = dataclasses.replace(cfg.eval, batch_size=batch_size, dtype="model")
-    prompts = [build_prompt(tokenizer, r["question"], ecfg, [], None) for r in rows]
-    limits = [len(tokenizer(r["answer"]).input_ids) + 1 for r in rows]  # the solution and its EOS
-    generate(model, tokenizer, prompts[:4], dataclasses.replace(ecfg, max_new_tokens=4))  # warm-up
-    out = {"gen_questions": len(rows), "gen_batch_size": batch_size, "gen_max_new_tokens": ecfg.max_new_tokens,
-           "gen_reference_tokens_mean": sum(min(n, ecfg.max_new_tokens) for n in limits) / len(limits),
-           "gen_note": "random weights never stop: each row is stopped at its reference solution's token count"}
-    results = {}
-    runs = [(engine, False) for engine in ("padded", *(e for e in ENGINES if e != "padded"))] + [("slots", True)]
-    for engine, merge in runs:
-        name = f"{engine}_merged" if merge else engine
-        if engine in CUDA_ENGINES and not torch.cuda.is_available():
-            out[f"gen_{name}_skipped"] = f"eval.engine={engine} {CUDA_ENGINES[engine]}"
-            continue
-        if deadline.left() < 30:
-            out[f"gen_{name}_skipped"] = "out of time"
-            continue
-        try:
-            synchronize()
-            results[name] = timed(model, tokenizer, prompts, dataclasses.replace(ecfg, engine=engine,
-                                                                                 merge_adapter=merge), limits)
-            synchronize()
-        except Exception as err:
-            out[f"gen_{name}_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
-            continue
-        out.update({f"gen_{name}_seconds": results[name]["seconds"], f"gen_{name}_tokens": results[name]["kept_tokens"],
-                    f"gen_{name}_tokens_per_s": results[name]["tokens_per_s"]})
-        if "padded" in results and name != "padded":
-            out[f"gen_{name}_same_answers_as_padded"] = same_answers(results[name], results["padded"])
-    if torch.cuda.is_available() and "slots" in results and deadline.left() > 20:
-        with profile_kernels() as profile:
-            start = time.perf_counter()
-            generate(model, tokenizer, prompts[:batch_size], dataclasses.replace(ecfg, max_new_tokens=32))
-            synchronize()
-        out["gen_decode_profile"] = kernel_shares(profile, time.perf_counter() - start)
-    return out
+def mark(out: dict, kind: str, name: str, why: str) -> None:
+    """Record that a measurement has no figures, and why (a training variant as its own entry)."""
+    if kind == "train":
+        out[figure_key(kind, name)] = {"variant": name, "skipped": why}
+    else:
+        out[f"{figure_key(kind, name)}_skipped"] = why
 
 
 def bench_falcon3(tiny_dir: Path, steps: int, quick: bool, arch: dict = FALCON3_1B,
-                  preset: tuple[str, ...] = ("trainer=default",), training: bool | None = None,
+                  preset: tuple[str, ...] = ("experiment=falcon3_shape",), training: bool | None = None,
                   prompts: int | None = None, gsm8k_dir: Path | None = None, deadline_s: float | None = None,
-                  levers: dict[str, list[str]] | None = None) -> dict:
-    """Weight memory everywhere; where `training` (default: on CUDA) the training levers, the answer engines, the
-    profiles, TRL's defaults and QLoRA. `preset`: the overrides every lever starts from (the GPU preset a run
-    composes); `levers`: the training variants (default `LEVERS`)."""
+                  levers: dict[str, list[str]] | None = None, progress: Progress | None = None) -> dict:
+    """Weight memory everywhere; where `training` (default: on CUDA) the measurements of `PLAN`. `preset`: the
+    overrides every variant starts from (what the runs compose); `levers`: the training variants (default
+    `LEVERS`); `progress`: handed the figures so far after each measurement."""
     cuda = torch.cuda.is_available()
     training = cuda if training is None else training
-    deadline = Deadline(deadline_s)
+    levers = LEVERS if levers is None else levers
+    progress = progress or (lambda figures: None)
+    deadline = Deadline(deadline_s)  # building the model counts: a run that finds it cached saves that time
     n_matmul = matmul_param_count(arch)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = peak_tflops(name) if cuda else None
     out: dict = {"falcon3_device": name, "falcon3_params": param_count(arch), "falcon3_matmul_params": n_matmul,
-                 "peak_bf16_tflops": peak}
-    cfg = compose(list(preset))
+                 "peak_bf16_tflops": peak_tflops(name) if cuda else None}
     no_4bit = four_bit_problem(use_cpu=not cuda)
     with tempfile.TemporaryDirectory() as tmp:
         # Falcon3's own shape is the one a run builds (and keeps) for `builtin:falcon3_1b_shape`; others are built here
         model_dir = ensure() if arch == FALCON3_1B else build(Path(tmp) / "shaped", tiny_dir, arch)
-        if no_4bit is None:
-            out.update(weight_memory_4bit(model_dir, compose(["model=falcon3_1b_qlora"])))
-        else:
-            out["qlora_skipped"] = f"model.load_in_4bit {no_4bit}"
-        if not training:
+        if not training:  # the weights' memory only
+            if no_4bit is None:
+                out.update(weight_memory_4bit(model_dir, compose(["model=falcon3_1b_qlora"])))
+            else:
+                mark(out, "memory", "qlora", f"model.load_in_4bit {no_4bit}")
             return out
-        rows = gsm8k_like_rows(64 * steps)
-        for lever, overrides in (LEVERS if levers is None else levers).items():
-            problem = lever_problem(overrides) or ("out of time" if deadline.left() < 20 else None)
-            out[f"falcon3_{lever}"] = ({"variant": lever, "skipped": problem} if problem else
-                                       train_variant(lever, compose([*preset, *overrides]), model_dir, rows, steps,
-                                                     peak, n_matmul))
         n = prompts or (64 if quick else 1319)
-        out.update(bench_engines(model_dir, cfg, answer_rows(gsm8k_dir, n), min(256, n), deadline))
-        if cuda and deadline.left() > 20:
-            profiler = KernelProfile(step=2)
-            train_variant("profile", cfg, model_dir, rows, 3, peak, n_matmul, callbacks=[profiler])
-            out["falcon3_train_step_profile"] = profiler.figures
-        for variant in ("trl_defaults", "qlora"):
-            if variant == "qlora" and no_4bit is not None:
+        cfg = compose(list(preset))
+        answers = Answers(model_dir, cfg, answer_rows(gsm8k_dir, n), min(256, n))
+        bench = Falcon3Bench(model_dir, cfg, list(preset), steps, out["peak_bf16_tflops"], n_matmul, answers)
+        plan = [(kind, what) for kind, what in PLAN
+                if (kind != "train" or what in levers or what in ("trl_defaults", "qlora"))
+                and (kind != "profile" or cuda)]
+        for kind, what in plan:
+            mark(out, kind, what, NOT_REACHED)
+        progress(out)
+        for kind, what in plan:
+            problem = bench.problem(kind, what, no_4bit) or deadline.problem(kind)
+            if problem:
+                mark(out, kind, what, problem)
                 continue
-            if deadline.left() < 20:
-                out[f"falcon3_{variant}"] = {"variant": variant, "skipped": "out of time"}
-                continue
-            make_args = variants(cfg, steps)["trl_defaults"] if variant == "trl_defaults" else None
-            out[f"falcon3_{variant}"] = train_variant(variant, cfg, model_dir, rows, steps, peak, n_matmul,
-                                                      four_bit=variant == "qlora", make_args=make_args)
+            start = time.perf_counter()
+            figures = bench.measure(kind, what, levers.get(what, []))
+            deadline.took[kind] = time.perf_counter() - start
+            out.pop(f"{figure_key(kind, what)}_skipped", None)
+            out.update(figures)
+            progress(out)
     return out
+
+
+class Falcon3Bench:
+    """The measurements of `PLAN` on one model directory: each training variant trains a freshly loaded model, the
+    answer engines share one (`Answers`)."""
+
+    def __init__(self, model_dir: Path, cfg: Config, preset: list[str], steps: int, peak: float | None,
+                 n_matmul: int, answers: Answers):
+        self.model_dir, self.cfg, self.preset, self.steps, self.peak = model_dir, cfg, preset, steps, peak
+        self.n_matmul, self.answers = n_matmul, answers
+        self.rows = gsm8k_like_rows(64 * steps)
+
+    def problem(self, kind: str, what: str, no_4bit: str | None) -> str | None:
+        """Why a measurement cannot run on this machine, or None."""
+        if kind == "answer" and what in CUDA_ENGINES and not torch.cuda.is_available():
+            return f"eval.engine={what} {CUDA_ENGINES[what]}"
+        if what == "qlora" and no_4bit is not None:
+            return f"model.load_in_4bit {no_4bit}"
+        return lever_problem(LEVERS.get(what, [])) if kind == "train" else None
+
+    def measure(self, kind: str, what: str, overrides: list[str]) -> dict:
+        if kind == "answer":
+            try:
+                return self.answers.measure(what)
+            except Exception as err:  # an engine that fails here is a finding, not the end of the bench
+                return {f"gen_{what}_error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
+        if kind == "profile":
+            return self.answers.profile() if what == "decode" else self.profile_step()
+        if kind == "memory":
+            return weight_memory_4bit(self.model_dir, compose(["model=falcon3_1b_qlora"]))
+        if what == "trl_defaults":
+            make_args = variants(self.cfg, self.steps)["trl_defaults"]
+            return {f"falcon3_{what}": self.train(what, self.cfg, make_args=make_args)}
+        if what == "qlora":
+            return {f"falcon3_{what}": self.train(what, self.cfg, four_bit=True)}
+        return {f"falcon3_{what}": self.train(what, compose([*self.preset, *overrides]))}
+
+    def train(self, name: str, cfg: Config, **kwargs) -> dict:
+        return train_variant(name, cfg, self.model_dir, self.rows, self.steps, self.peak, self.n_matmul, **kwargs)
+
+    def profile_step(self) -> dict:
+        profiler = KernelProfile(step=2)
+        train_variant("profile", self.cfg, self.model_dir, self.rows, 3, self.peak, self.n_matmul, callbacks=[profiler])
+        return {"falcon3_train_step_profile": profiler.figures}

@@ -124,13 +124,14 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
                 trainer_class: type[SFTTrainer] | None = None) -> dict:
     """Train a freshly loaded model (loaded as a run loads it: `cfg.model` with this directory) with the
     variant's SFTConfig (`steps` optimizer steps), the run's LoRA config and trainer class (TRL's SFTTrainer unless
-    given); real tokens/s after one warm-up step."""
+    given); real tokens/s after one warm-up step, and the most GPU memory it held at once."""
     if steps < 2:
         raise ValueError(f"steps={steps} is invalid: must be >= 2, the first step is an untimed warm-up")
     cuda = torch.cuda.is_available()
     gc.collect()  # the previous variant's model and trainer hold reference cycles; free them before measuring
     if cuda:
         torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated() if cuda else 0  # what others hold (a model answering beside), left out
     model_cfg = dataclasses.replace(cfg.model, name_or_path=model_dir, load_in_4bit=load_in_4bit, gguf_file=None,
                                     source="hub")
     tokenizer = load_tokenizer(model_dir, model_cfg)
@@ -156,7 +157,7 @@ def run_variant(name: str, make_args: ArgsFactory, cfg: Config, model_dir: str, 
             "computed_tokens": counter.computed,
             "padding_efficiency": counter.real / counter.computed if counter.computed else None,
             "real_tokens_per_s": (counter.real - warmup.real) / seconds,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            "peak_memory_gib": (torch.cuda.max_memory_allocated() - held) / 2**30 if cuda else None}
 
 
 def collator(padding_free: bool):
