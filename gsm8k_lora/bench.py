@@ -11,6 +11,8 @@ Figures on any machine (tiny model; CPU unless a GPU is present):
   --adapter);
 - padding efficiency (real / computed tokens) over a GSM8K-size epoch, default against TRL's plain
   defaults (target >= 0.95), and real tokens/s of the two in the same run (target >= 1.5x);
+- the answer pass of 2 processes against 1 (`benchmarks/parallel.py`, full mode; target <= 0.6x the time), and
+  whether the two gave the same answers;
 - the base-weight memory of a Falcon3-1B-shaped model in bf16 and in 4-bit (full mode);
 on a CUDA machine also the Falcon3-1B-shaped training and generation figures of `benchmarks/falcon3.py`;
 and, with a local GSM8K (`--gsm8k`) where SmolLM2-135M-Instruct can be had (`benchmarks/real.py`, full mode):
@@ -35,6 +37,7 @@ from peft import PeftModel
 
 from gsm8k_lora.benchmarks.falcon3 import LEVERS, bench_falcon3
 from gsm8k_lora.benchmarks.generation import NO_ANSWER, bench_eval
+from gsm8k_lora.benchmarks.parallel import bench_parallel
 from gsm8k_lora.benchmarks.real import bench_real
 from gsm8k_lora.benchmarks.training import bench_training, device_config
 from gsm8k_lora.config import BUILTIN_TINY, ENGINES
@@ -47,6 +50,7 @@ from gsm8k_lora.rundir import resolve_adapter, write_json
 
 TARGETS = {"eval_batched_speedup_x": (">=", 5.0), "eval_generated_over_needed_x": ("<=", 1.2),
            "train_padding_efficiency_default": (">=", 0.95), "train_speedup_x": (">=", 1.5),
+           "parallel_answer_time_ratio": ("<=", 0.6),
            "real_train_speedup_x": (">=", 1.5), "real_train_share_of_matmul_rate": (">=", 0.5),
            "real_generation_speedup_x": (">=", 3.0), "real_generation_share_of_matmul_rate": (">=", 0.5),
            "real_eval_generated_over_needed_x": ("<=", 1.2)}
@@ -60,6 +64,9 @@ REFERENCES = {
 }
 
 
+MACHINE_SKIPS = ("real_skipped", "parallel_skipped")  # no local GSM8K; a single GPU: said, not a failure
+
+
 def unmeasured(results: dict) -> list[str]:
     """The figures this run did not measure: a training variant that failed, was left out, or counted no token (its
     rates would print 0), an engine that failed or was left out, a rate that is not a number, an MFU on a GPU whose
@@ -70,7 +77,7 @@ def unmeasured(results: dict) -> list[str]:
     for key, value in results.items():
         if isinstance(value, float) and not math.isfinite(value):
             found.append(f"{key}: {value}")
-        if key.endswith("_error") or (on_gpu and key.endswith("_skipped") and key != "real_skipped"):
+        if key.endswith("_error") or (on_gpu and key.endswith("_skipped") and key not in MACHINE_SKIPS):
             found.append(f"{key.rpartition('_')[0]}: {value}")
         listed = isinstance(value, list)
         variants = value if listed else [value] if isinstance(value, dict) and "variant" in value else []
@@ -209,6 +216,9 @@ def measure(args: argparse.Namespace, cuda: bool, save) -> dict:
         results.update(bench_training(tiny.path, cfg, steps=3 if args.quick else 20,
                                       epoch_rows=400 if args.quick else 6726))
         save(results)
+        if not args.quick:  # two launches of torchrun: a minute on a CPU
+            results.update(bench_parallel(64, torch.cuda.device_count() if cuda else 0))
+            save(results)
     if cuda or not args.quick:  # on a CPU, the weight memory only
         steps = 6 if args.gpu_check else (5 if args.quick else 30)
         results.update(bench_falcon3(Path(tiny.path), steps=steps, quick=args.quick,
