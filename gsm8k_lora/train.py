@@ -56,6 +56,7 @@ def help_text() -> str:
         "overrides people use most:", *overrides,
         "",
         "a sweep: python -m gsm8k_lora.train -m trainer.learning_rate=1e-4,2e-4  (or make sweep)",
+        "several GPUs: torchrun --nproc_per_node 8 -m gsm8k_lora.train hydra.run.dir=outputs/runs/NAME",
         "every key and its value: --cfg job;  Hydra's own help: --hydra-help;  the menu of the Makefile: make help",
     ])
 
