@@ -226,6 +226,7 @@ class LoggerConfig:
     tags: list[str] = MISSING
     mode: str = MISSING
     init_timeout_s: float = MISSING
+    log_adapter: bool = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("logger.backend", self.backend, ("wandb", "none"))

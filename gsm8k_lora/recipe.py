@@ -88,7 +88,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
     # A run whose training ended and was written (stopped later, while answering) is not trained again.
     finished = run_dir.finished_training() if cfg.trainer.resume == "auto" else None
     name = run_naming.name
-    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None)}
+    logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None),
+              **({"setting": run_naming.setting} if run_naming.setting else {})}
     tracker = tracking.start(cfg.logger, run_dir.path, run_naming, logged) if main_process else tracking.Tracker()
     exit_code = 1
     try:
@@ -108,6 +109,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
             history = trainer.state.log_history
             run_dir.write_training(metrics, history, {"loss": plots.loss_curves(history, f"Loss: {name}")})
         tracker.summary(metrics)
+        if cfg.logger.log_adapter and tracker.on:  # before the answers: an adapter is traceable even if they fail
+            tracker.adapter(run_dir.path / "adapter", run_dir.path, adapter_metadata(cfg, facts, identity))
         eval_figures = {}
         if asked:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             try:
@@ -134,6 +137,15 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
         return {**metrics, **eval_figures}
     finally:
         tracker.finish(exit_code)
+
+
+def adapter_metadata(cfg: Config, facts: dict, identity: dict) -> dict:
+    """What the adapter's W&B artifact says of the base it was trained on: its name, revision, which weights, and a
+    hash of their content (`baseline_cache.weights_sha256`)."""
+    return {"base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision,
+            "base_weights": facts["model_weights"],
+            "base_weights_sha256": baseline_cache.weights_sha256(identity["path"], cfg.model.revision),
+            "trainer_seed": cfg.trainer.seed}
 
 
 def answer_and_record(cfg: Config, model, tokenizer, splits: Splits, asked: list[dict], adapters: bool,
