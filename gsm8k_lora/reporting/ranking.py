@@ -42,7 +42,7 @@ class Ranking:
     questions: int = 0
     discordance: float | None = None  # share of pairs answered differently, mean over the settings compared
     pairs: int = 0  # pairs of a comparison (questions x seeds), as tested
-    detectable: float | None = None  # the smallest difference found with 80% power at the Holm's first level
+    detectable: float | None = None  # the smallest difference found with 80% power at Holm's first level
     compared: int = 0  # settings tested against the reference
 
     @property
