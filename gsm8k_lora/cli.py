@@ -190,7 +190,8 @@ def compose(argv: list[str]) -> Composed | None:
         raise ConfigError(describe(err, app)) from None
 
 
-GRID = {"grid.epochs": "trainer.num_train_epochs", "grid.learning_rates": "trainer.learning_rate"}
+GRID = {"grid.epochs": "trainer.num_train_epochs", "grid.learning_rates": "trainer.learning_rate",
+        "grid.seeds": "trainer.seed"}
 
 
 def grid_problem(overrides: list[str]) -> str | None:
@@ -350,6 +351,9 @@ def sweep_jobs(master) -> list[list[str]]:
 def describe(err: Exception, app=None) -> str:
     """Hydra's or OmegaConf's composition error as one line that names the key and what is allowed."""
     cause = err.__cause__ if err.__cause__ is not None else err
+    raised = _raised_within(err, ConfigError)
+    if raised is not None:  # a resolver's own check (`config.seed_list`), already one line
+        return str(raised)
     if isinstance(err, MissingConfigException):
         group, _, name = (err.missing_cfg_file or "").rpartition("/")
         options = err.options if err.options is not None else _options(app, group)
@@ -368,6 +372,18 @@ def describe(err: Exception, app=None) -> str:
         return f"{override} is invalid: {_first_line(cause)}" + (f"; allowed: {kind}" if kind else "")
     return "; ".join(line.strip() for line in str(err).splitlines()
                      if line.strip() and not line.lstrip().startswith(("See https", "Set the environment")))
+
+
+def _raised_within(err: BaseException, kind: type) -> BaseException | None:
+    """The exception of `kind` that `err` was raised from or while handling, if any (OmegaConf re-raises a resolver's
+    error as its own, keeping it only in the chain)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _options(app, group: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Compare the runs of a sweep: `python -m gsm8k_lora.compare outputs/multirun/<sweep dir>`.
 
-Reads only what each job wrote in its directory, prints a table, marks the best run, and writes
+Reads only what each job wrote in its directory, prints a table, ranks the settings (the best tested against every
+other on the same questions, a tie said as one), and writes
 `comparison.csv`, `comparison.md`, `accuracy_grid.png` and `val_loss_curves.png` into the sweep directory
 (the comparison itself is built in `reporting/compare.py`).
 """
@@ -39,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if row["status"] != "done":
             print(f"job {row['job']} {row['status']}: {row['error'] or 'no result (see its directory)'}")
     failed = sum(r["status"] != "done" for r in comparison.rows)
-    best = "; ".join(f"{job} ({name})" for name, job in comparison.best.items()) or "none"
-    print(f"{len(comparison.rows)} runs, {failed} not done; best: {best}; written to {args.sweep_dir}")
+    print(f"{len(comparison.rows)} runs, {failed} not done; best: {comparison.headline}; written to {args.sweep_dir}")
     if args.save_view:
         logger = read_config(comparison.jobs[0]["dir"]).get("logger") or {}
         cfg = LoggerConfig(**{**logger, **({"entity": args.entity} if args.entity else {})})

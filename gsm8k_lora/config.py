@@ -228,6 +228,7 @@ class LoggerConfig:
     tags: list[str] = MISSING
     mode: str = MISSING
     init_timeout_s: float = MISSING
+    log_adapter: bool = MISSING
 
     def __post_init__(self) -> None:
         _check_choice("logger.backend", self.backend, ("wandb", "none"))
@@ -290,6 +291,22 @@ class GridConfig:
 
     epochs: str = MISSING
     learning_rates: str = MISSING
+    seeds: int = MISSING
+
+    def __post_init__(self) -> None:
+        _check_seeds(self.seeds)
+
+
+def _check_seeds(count: Any) -> None:
+    _check(isinstance(count, int) and count >= 1, "grid.seeds", count, "must be a positive integer (seeds per setting)")
+
+
+def seed_list(first: int, count: int) -> str:
+    """`${seeds:${trainer.seed},${grid.seeds}}` in sweeps/*.yaml: `count` seeds from `first` on, as the comma list
+    Hydra's sweeper expands (`42,43,44`); OmegaConf's interpolation cannot add. Checked here too: the sweeper
+    reads it before any job's config is validated."""
+    _check_seeds(count)
+    return ",".join(str(first + i) for i in range(count))
 
 
 DURING_TRAINING_ACCURACY = F.figure(F.DURING_TRAINING, F.HEADLINE.figure)  # eval_gsm8k_by_value
@@ -333,7 +350,8 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register each schema as `base_<group>` so YAML files can start from it."""
+    """Register each schema as `base_<group>` so YAML files can start from it, and the sweep files' resolver."""
+    OmegaConf.register_new_resolver("seeds", seed_list, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig),

@@ -172,6 +172,22 @@ def column_interval(model: str) -> tuple[str, str]:
 COMPARISON = (*(c for model in MODELS for c in (model, *column_interval(model))), "difference", "mcnemar_p",
               "finetuned_strict_match", "finetuned_flexible_extract", "finetuned_loop_rate", "eval_loss_best",
               "train_runtime_s")
+# A setting (the swept values but the seed) over its seeds: each figure's mean in the figure's column, and for these
+# its standard deviation over the seeds beside it.
+SPREAD = ("baseline", "finetuned", "difference", "finetuned_strict_match", "finetuned_flexible_extract",
+          "finetuned_loop_rate", "eval_loss_best", "train_runtime_s")
+
+
+def spread(column: str) -> str:
+    """The comparison's column of a figure's standard deviation over a setting's seeds."""
+    assert column in SPREAD, column
+    return f"{column}_std"
+
+
+# A setting against the sweep's best (`reporting/ranking.py`), paired on the same questions (and seeds): accuracy
+# difference (setting minus best) with its 95% interval, exact McNemar p, Holm's adjusted p, pairs compared.
+VS_BEST = ("vs_best_difference", *(f"vs_best_{bound}" for bound in CI), "vs_best_mcnemar_p", "vs_best_p_holm",
+           "vs_best_pairs")
 
 
 # --- log_history.json: the Trainer's names (transformers, TRL), and the accuracies the package adds ------------

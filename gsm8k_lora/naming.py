@@ -5,6 +5,7 @@ and group by. Pure functions of the config and the command line (cheap to import
   single run, the command line's own overrides without the constants every run of its kind shares (the
   experiment, the grid, hydra.* and logger.* settings); the experiment's name when nothing is left.
 - Group: the sweep's name and start time (`lr_epochs 2026-12-01 18:30`), the same for every job of a multirun.
+- Setting: in a sweep, the name without the seed (`lr=1e-4 epochs=2`), shared by a setting's seeds.
 - Identifying settings: a flat block (lr, epochs, LoRA r / alpha / dropout, model, data, training rows, the
   evaluation's protocol and n, seed) beside the nested resolved config, because W&B's grouping and parallel
   coordinates work most simply on flat top-level keys.
@@ -12,6 +13,7 @@ and group by. Pure functions of the config and the command line (cheap to import
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ class RunNaming:
     group: str | None
     job_type: str  # train | evaluate | sweep_summary
     tags: list[str] = field(default_factory=list)
+    setting: str | None = None  # in a sweep, the swept values but the seed (`setting_name`): W&B groups seeds by it
 
 
 def short(key: str) -> str:
@@ -63,6 +66,16 @@ def run_name(overrides: list[str], swept: list[str] | None, fallback: str) -> st
             return " ".join(shown)
     own = [o for o in overrides if not override_key(o).startswith(CONSTANTS)]
     return " ".join(own) if own else fallback
+
+
+SEED = "trainer.seed"  # a sweep's seeds (`grid.seeds`): runs of one setting, not settings of their own
+
+
+def setting_name(overrides: list[str], swept: list[str] | None, fallback: str) -> str:
+    """The setting a job ran: its run name without its seed, the same for each seed of the setting (W&B's
+    `setting`, the comparison's `setting` column)."""
+    return run_name([o for o in overrides if override_key(o) != SEED], [k for k in swept or [] if k != SEED],
+                    fallback)
 
 
 def swept_values(master: DictConfig) -> dict[str, list[str]] | None:
@@ -97,6 +110,13 @@ def _final_overrides(master: DictConfig) -> list:
     params = OmegaConf.to_container(params, resolve=True) if params else {}
     lines = [f"{key}={value}" for key, value in params.items()] + list(master.hydra.overrides.task)
     return OverridesParser.create().parse_overrides(lines)
+
+
+def adapter_artifact(group: str | None, run_id: str) -> str:
+    """The W&B artifact name of a run's adapter: one per sweep (`adapter-lr_epochs-2026-12-01-18-30`), a version per
+    job, so the sweep's best can carry the alias `best`; a single run's own (`adapter-<run id>`). W&B allows letters,
+    digits, `-`, `_` and `.` in the name."""
+    return "adapter-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", group).strip("-") if group else run_id)
 
 
 def sweep_group(name: str, started: datetime) -> str:

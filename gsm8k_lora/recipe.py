@@ -96,7 +96,7 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
     finished = run_dir.finished_training() if cfg.trainer.resume == "auto" else None
     name = run_naming.name
     logged = {**resolved, **naming.identifying(cfg, splits.stats["rows_train"], len(asked) or None),
-              **naming.scale_keys(scale)}
+              **naming.scale_keys(scale), **({"setting": run_naming.setting} if run_naming.setting else {})}
     tracker = tracking.start(cfg.logger, run_dir.path, run_naming, logged)
     exit_code = 1
     try:
@@ -111,6 +111,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
             model, metrics = trainer.model, {**sft.training_metrics(trainer, splits, cfg.trainer), **facts}
             record_training(run_dir, tokenizer, metrics, trainer.state.log_history, name)
         tracker.summary(metrics)
+        if cfg.logger.log_adapter and tracker.on:  # before the answers: an adapter is traceable even if they fail
+            tracker.adapter(run_dir.path / "adapter", run_dir.path, adapter_metadata(cfg, facts, identity))
         eval_figures = {}
         if asked:  # GSM8K accuracy from generated answers, baseline and fine-tuned on the same questions
             try:
@@ -151,6 +153,15 @@ def finish(cfg: Config, model, tokenizer, run_dir: RunDirectory, tracker: tracki
         tracker.images(sorted(run_dir.path.glob("*.png")))
     print_summary(metrics, eval_figures, cfg)
     print(f"run directory: {run_dir.path}" + (f" (report: {report.name})" if report else ""))
+
+
+def adapter_metadata(cfg: Config, facts: dict, identity: dict) -> dict:
+    """What the adapter's W&B artifact says of the base it was trained on: its name, revision, which weights, and a
+    hash of their content (`baseline_cache.weights_sha256`)."""
+    return {"base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision,
+            "base_weights": facts["model_weights"],
+            "base_weights_sha256": baseline_cache.weights_sha256(identity["path"], cfg.model.revision),
+            "trainer_seed": cfg.trainer.seed}
 
 
 def answer_and_record(cfg: Config, model, tokenizer, splits: Splits, asked: list[dict], adapters: bool,

@@ -13,8 +13,12 @@ What a dashboard gets from a run (`naming.py` says how it is named and grouped):
 - metrics: the live curves (`train/*`, `eval/*`), and the headline figures once, as metrics in their own
   section (`results/...`, named as in eval_metrics.json and metrics.json) so default panels draw them;
 - summary: numbers only; text and local paths stay in the run directory.
-A sweep ends with a summary run in its group (`log_sweep_summary`): the comparison's table and plots, and
-a saved dashboard view built with wandb-workspaces (`sweep_view`).
+- artifact: the trained adapter with its tokenizer (`adapter`, type `model`; `logger.log_adapter`), with the base
+  model's name, revision and weights hash as metadata; one collection per sweep (a version per job, named by
+  `naming.adapter_artifact`), so that the sweep's best can carry the alias `best`.
+A sweep ends with a summary run in its group (`log_sweep_summary`): the comparison's table and plots, what it
+concludes (the run's notes, and numbers in its summary), the alias `best` on the best job's adapter, and a saved
+dashboard view built with wandb-workspaces (`sweep_view`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sys
 from pathlib import Path
 
 from gsm8k_lora import figures as F
-from gsm8k_lora import parallel
+from gsm8k_lora import naming, parallel
 from gsm8k_lora.config import LoggerConfig
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.rundir import WANDB_RUN, read_json, write_json, write_text
@@ -69,6 +73,10 @@ class Tracker:
     def __init__(self, run=None):
         self.run = run
 
+    @property
+    def on(self) -> bool:
+        return self.run is not None
+
     def callback(self):
         """transformers' W&B callback for the Trainer, guarded (`safe_wandb_callback`); None when off."""
         return safe_wandb_callback() if self.run is not None else None
@@ -90,6 +98,17 @@ class Tracker:
             rows = [[r[c] for c in F.PREDICTION_TABLE] for answers in predictions.values() for r in answers]
             self.run.log({"eval/predictions": _wandb().Table(columns=list(F.PREDICTION_TABLE), data=rows)})
 
+    def adapter(self, directory: Path, run_dir: Path, metadata: dict) -> None:
+        """The trained adapter and its tokenizer (`directory`) as a W&B artifact; its name, digest and metadata go
+        to wandb_run.json, from which the sweep's summary run aliases the best (`alias_best`). Offline, W&B keeps
+        a copy of the files in its staging directory for `wandb sync`."""
+        if self.run is not None:
+            name = naming.adapter_artifact(self.run.group or None, self.run.id)
+            logged = self.run.log_artifact(_adapter_artifact(name, directory, metadata))
+            record = read_json(run_dir / WANDB_RUN)
+            write_json(run_dir / WANDB_RUN, {**record, "artifact": {"name": name, "digest": logged.digest,
+                                                                     "metadata": metadata}})
+
     def images(self, paths: list[Path]) -> None:
         if self.run is not None:
             self.run.log({f"plots/{p.stem}": _wandb().Image(str(p)) for p in paths})
@@ -99,6 +118,20 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+# The Trainer's pickled TrainingArguments: local paths, and a pickle is code to whoever loads it; config.yaml in the
+# run directory says the same settings as text.
+NOT_IN_ARTIFACT = ("training_args.bin",)
+
+
+def _adapter_artifact(name: str, directory: Path, metadata: dict):
+    artifact = _wandb().Artifact(name, type="model", metadata=metadata,
+                                 description="a LoRA adapter (PEFT) and its tokenizer; metadata: its base model")
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.name not in NOT_IN_ARTIFACT:
+            artifact.add_file(str(file), name=file.name)
+    return artifact
 
 
 def headline_figures(metrics: dict, eval_figures: dict) -> dict:
@@ -193,8 +226,9 @@ def _guarded(original):
 
 
 def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, comparison, plots: list[Path]) -> None:
-    """The sweep's summary run in its group: every job's row of the comparison as a W&B Table, and the plots;
-    then its dashboard view. Nothing with logger=none."""
+    """The sweep's summary run in its group: the comparison's rows as a W&B Table, its plots, what it concludes (the
+    run's notes; numbers in its summary), the alias `best` on the best job's adapter; then its dashboard view.
+    Nothing with logger=none."""
     if cfg.backend != "wandb":
         return
     mode = resolve_mode(cfg)
@@ -203,7 +237,7 @@ def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, compariso
     name = f"{sweep.get('name', sweep_dir.name)} summary"
     group = sweep.get("group") or sweep_dir.name
     init = dict(project=cfg.project, entity=cfg.entity, group=group, job_type="sweep_summary", name=name,
-                tags=list(cfg.tags), dir=str(sweep_dir), reinit="finish_previous",
+                tags=list(cfg.tags), dir=str(sweep_dir), reinit="finish_previous", notes=comparison.conclusion,
                 config={"sweep": sweep.get("name"), "swept": comparison.swept, "jobs": len(comparison.rows)})
     try:
         run = _wandb().init(mode=mode, settings=_settings(cfg), **init)
@@ -211,10 +245,13 @@ def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, compariso
         print(f"W&B summary run not started ({type(err).__name__}); the comparison is in {sweep_dir}", file=sys.stderr)
         return
     columns = comparison.columns
-    table = _wandb().Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.rows])
+    table = _wandb().Table(columns=columns, data=[[_cell(row[c]) for c in columns] for row in comparison.table])
     run.log({"sweep/jobs": table, **{f"sweep/{p.stem}": _wandb().Image(str(p)) for p in plots}})
     run.summary.update({"sweep/jobs_done": sum(r["status"] == "done" for r in comparison.rows),
-                        "sweep/jobs_failed": sum(r["status"] != "done" for r in comparison.rows)})
+                        "sweep/jobs_failed": sum(r["status"] != "done" for r in comparison.rows),
+                        **comparison.summary_figures})
+    if cfg.log_adapter:
+        alias_best(run, comparison)
     online = mode == "online"
     url = run.url if online else None
     run.finish()
@@ -223,14 +260,34 @@ def log_sweep_summary(cfg: LoggerConfig, sweep_dir: Path, sweep: dict, compariso
     save_view(cfg, sweep_dir, group, comparison.swept, online)
 
 
+def alias_best(run, comparison) -> None:
+    """The alias `best` on the adapter of each protocol's best job. Offline runs can neither use nor link an
+    artifact (wandb 0.31: `use_artifact` raises TypeError, `link_artifact` NotImplementedError), so the summary run
+    logs the same files again under the same name: W&B checks a logged artifact's contents, and the same contents
+    are the same version (the digest below equals the job's), which gets the alias when synced."""
+    for name, ranked in comparison.rankings.items():
+        job = comparison.best_job(name)
+        if job is None:
+            if ranked.tied:
+                print(f"W&B: no adapter aliased `best` ({name}): {', '.join(ranked.top)} tie")
+            continue
+        logged = read_json(Path(job["dir"]) / WANDB_RUN).get("artifact")
+        if not logged or not (Path(job["dir"]) / "adapter").is_dir():
+            continue
+        artifact = _adapter_artifact(logged["name"], Path(job["dir"]) / "adapter", logged["metadata"])
+        run.log_artifact(artifact, aliases=["best"])
+        print(f"W&B: the adapter of job {job['job']} ({job['setting']}) is {logged['name']}:best")
+
+
 def _cell(value):
     return value if value is None or isinstance(value, (int, float, str)) else str(value)
 
 
 def sweep_view(entity: str, project: str, group: str, swept: list[str]):
-    """The sweep's saved dashboard view, as code (wandb-workspaces, an optional extra): the group's runs; the
-    swept settings to fine-tuned accuracy in parallel coordinates; fine-tuned accuracy against learning rate
-    (epochs as the third axis); the summary run's table; validation loss. Built without a server."""
+    """The sweep's saved dashboard view, as code (wandb-workspaces, an optional extra): the group's runs, grouped by
+    setting where the sweep ran several seeds; the swept settings to fine-tuned accuracy in parallel coordinates;
+    fine-tuned accuracy against learning rate (epochs as the third axis); the summary run's table; validation
+    loss. Built without a server."""
     import wandb_workspaces.reports.v2 as wr  # an optional extra (.[dashboard]), imported for sweeps only
     import wandb_workspaces.workspaces as ws
 
@@ -246,9 +303,11 @@ def sweep_view(entity: str, project: str, group: str, swept: list[str]):
         wr.WeavePanelSummaryTable(table_name="sweep/jobs"),
         wr.LinePlot(title="validation loss", x="train/global_step", y=["eval/loss"]),
     ]
+    seeded = naming.short(naming.SEED) in swept  # a setting's seeds as one line, their mean and spread
     return ws.Workspace(entity=entity, project=project, name=f"sweep {group}",
                         sections=[ws.Section(name=f"sweep {group}", panels=panels, is_open=True)],
-                        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group") == group]))
+                        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group") == group],
+                                                          groupby=[ws.Config("setting")] if seeded else []))
 
 
 def save_view(cfg: LoggerConfig, sweep_dir: Path, group: str, swept: list[str], online: bool) -> None:

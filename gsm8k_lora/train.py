@@ -110,7 +110,8 @@ def job_naming(config: Config, overrides: list[str], multirun: bool) -> naming.R
     swept = record.get("swept") if multirun else None
     group = config.logger.group or (record.get("group") or Path(HydraConfig.get().sweep.dir).name if multirun else None)
     return naming.RunNaming(naming.run_name(overrides, swept, config.experiment_name), group, "train",
-                            naming.tags(config))
+                            naming.tags(config),
+                            naming.setting_name(overrides, swept, config.experiment_name) if multirun else None)
 
 
 def command() -> str:

@@ -28,6 +28,8 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
+    # where an offline run's artifacts (adapters) are staged for `wandb sync`: this session's own, not the home's
+    "WANDB_DATA_DIR": tempfile.mkdtemp(prefix="gsm8k_lora-wandb-data-"),
     "TOKENIZERS_PARALLELISM": "false",
 }
 # Under pytest-xdist (`make test`), the cores are shared out between the workers and the processes they start,

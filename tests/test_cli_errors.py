@@ -48,6 +48,15 @@ def test_a_mistake_in_one_value_of_a_sweep_stops_it_before_any_job(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_asked_for_no_seeds_stops_before_any_job(tmp_path):
+    # the sweep file turns grid.seeds into trainer.seed's values (config.seed_list) while its sweeper reads them
+    proc = run_cli("train", "-m", "--config-dir", "sweeps", "--config-name", "lr_epochs", "experiment=smoke",
+                   "grid.seeds=0", f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
+    said = one_line_error(proc)
+    assert said == "config error: grid.seeds=0 is invalid: must be a positive integer (seeds per setting)"
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_hydra_is_held_below_the_version_whose_private_api_cli_uses():
     # cli.py composes every job of a sweep through hydra._internal (its docstring says why); a hydra-core that
     # changes those calls must be a deliberate upgrade, not what a fresh install happens to pick

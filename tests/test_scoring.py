@@ -6,9 +6,13 @@ import pytest
 
 from gsm8k_lora.evaluation.scoring import (
     eval_metrics,
+    holm,
     majority_vote,
     mcnemar_exact,
+    mcnemar_power,
+    minimum_detectable_difference,
     paired_comparison,
+    paired_difference_interval,
     score,
     summarize,
     wilson_interval,
@@ -83,3 +87,53 @@ def test_metrics_compare_baseline_and_finetuned_on_the_same_questions():
     assert m["baseline_gsm8k_by_value"] == 0.25 and m["finetuned_gsm8k_by_value"] == 1.0
     assert m["baseline_gsm8k_by_value_strict"] == 0.0 and m["paired_by_value_only_finetuned_correct"] == 3
     assert m["paired_by_value_difference"] == 0.75 and m["paired_by_value_strict_mcnemar_p"] == pytest.approx(0.125)
+
+
+# --- a sweep's ranking: several settings against the best -------------------------------------------------------
+def test_holm_adjusts_as_the_textbook_does():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> kept from falling: 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.9]) == pytest.approx([0.8, 0.9]) and holm([]) == []
+
+
+def simulate_pairs(rng, n: int, discordance: float, difference: float) -> tuple[int, int]:
+    """Discordant counts (only a right, only b right) of n paired questions with these true rates."""
+    only_a = only_b = 0
+    for _ in range(n):
+        u = rng.random()
+        if u < (discordance + difference) / 2:
+            only_a += 1
+        elif u < discordance:
+            only_b += 1
+    return only_a, only_b
+
+
+def test_the_paired_interval_covers_the_true_difference_95_times_in_100():
+    import random
+
+    rng = random.Random(0)
+    draws = [simulate_pairs(rng, 200, 0.20, 0.05) for _ in range(1000)]
+    covered = sum(low <= 0.05 <= high for low, high in (paired_difference_interval(a, b, 200) for a, b in draws))
+    assert 0.93 <= covered / 1000 <= 0.97
+    low, high = paired_difference_interval(0, 0, 24)  # no answer differs on 24 questions: still wide, not a point
+    assert low == pytest.approx(-high) and high > 0.05
+
+
+def test_the_exact_mcnemar_power_is_what_simulated_sweeps_find():
+    import random
+
+    n, discordance, alpha = 300, 0.20, 0.05
+    detectable = minimum_detectable_difference(n, discordance, alpha)
+    rng = random.Random(1)
+    found = sum(mcnemar_exact(*simulate_pairs(rng, n, discordance, detectable)) <= alpha for _ in range(1000))
+    assert 0.76 <= found / 1000 <= 0.84  # 80% power, within the simulation's own noise
+    assert mcnemar_power(n, discordance, 0.0, alpha) <= alpha  # no difference: rejected at most alpha of the time
+    # the rejection region is the test's own: every question discordant (m = 31), the split is rejected exactly
+    # where mcnemar_exact says p <= alpha
+    rejected = [b for b in range(32) if mcnemar_exact(b, 31 - b) <= alpha]
+    assert mcnemar_power(31, 1.0, 0.0, alpha) == pytest.approx(sum(math.comb(31, b) for b in rejected) / 2 ** 31)
+
+
+def test_no_detectable_difference_where_answers_never_differ():
+    assert minimum_detectable_difference(1319, 0.0, 0.05) is None
+    assert minimum_detectable_difference(24, 0.05, 0.05) is None  # about one differing answer: nothing findable

@@ -1,8 +1,11 @@
-"""Sweeps: a real multirun on the tiny model, read back as the W&B dashboard gets it (wandb's own reader of the
-offline run files), compared locally, run again, run side by side, and with a job that fails."""
+"""Sweeps: a real multirun on the tiny model (2 learning rates x 2 seeds), read back as the W&B dashboard gets it
+(wandb's own reader of the offline run files), compared locally, run again, run side by side, and with a job that
+fails."""
 
 import csv
+import hashlib
 import json
+import statistics
 from datetime import datetime
 
 import pytest
@@ -16,8 +19,8 @@ pytestmark = pytest.mark.slow
 TINY = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_steps=3", "trainer.save_steps=3",
         "trainer.logging_steps=3", "eval.limit=6", "eval.max_new_tokens=48", "data.num_train=120", "data.num_test=10"]
 # The README's form: the command line's values replace the sweep file's (its lr 1e-3,2e-3 in the smoke experiment);
-# the file's epochs (1, 2) stay.
-ASKED = ["trainer.learning_rate=1e-3,3e-3"]
+# one epoch, no longer swept; each setting with two seeds (make sweep SEEDS=2).
+ASKED = ["trainer.learning_rate=1e-3,3e-3", "trainer.num_train_epochs=1", "grid.seeds=2"]
 
 
 def sweep(sweep_dir, *extra, name="lr_epochs"):
@@ -39,11 +42,17 @@ def smoke_sweep(tmp_path_factory, tiny_model_dir):
 
 def test_each_job_trains_what_was_asked(smoke_sweep):
     sweep_dir, _ = smoke_sweep
-    trained = set()
+    trained, split = set(), set()
     for job in jobs(sweep_dir):
-        trainer = yaml.safe_load((job / "config.yaml").read_text())["trainer"]  # what SFTConfig was given
-        trained.add((trainer["num_train_epochs"], trainer["learning_rate"]))
-    assert trained == {(1, 1e-3), (1, 3e-3), (2, 1e-3), (2, 3e-3)}
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        trainer = config["trainer"]  # what SFTConfig was given
+        trained.add((trainer["num_train_epochs"], trainer["learning_rate"], trainer["seed"]))
+        split.add((config["data"]["split_seed"], config["data"]["synthetic_seed"]))
+    assert trained == {(1, 1e-3, 42), (1, 1e-3, 43), (1, 3e-3, 42), (1, 3e-3, 43)}
+    assert len(split) == 1  # the seeds vary training only: every job answers the same questions
+    questions = [[json.loads(line)["id"] for line in (job / "predictions.jsonl").read_text().splitlines()]
+                 for job in jobs(sweep_dir)]
+    assert all(q == questions[0] for q in questions)
 
 
 def test_a_comma_list_for_a_grid_key_is_refused_with_the_form_that_works(tmp_path):
@@ -61,10 +70,11 @@ def test_each_run_reads_well_on_the_dashboard(smoke_sweep):
     for job in jobs(sweep_dir):
         run = read_run(job)
         trainer = yaml.safe_load((job / "config.yaml").read_text())["trainer"]
-        assert run["name"] == f"epochs={trainer['num_train_epochs']:g} lr={trainer['learning_rate']}"
+        assert run["name"] == f"lr={trainer['learning_rate']} seed={trainer['seed']}"
         assert (run["group"], run["job_type"]) == (group, "train") and {"smoke", "tiny"} <= set(run["tags"])
         names.add(run["name"])
         config = run["config"]
+        assert config["setting"] == f"lr={trainer['learning_rate']}"  # a setting's seeds share it: W&B groups by it
         # the resolved config once, the identifying settings flat beside it, no copy of the TrainingArguments
         assert config["trainer"]["learning_rate"] == config["lr"] == trainer["learning_rate"]
         assert {"epochs", "lora_r", "lora_alpha", "lora_dropout", "model", "data", "rows_train", "eval_prompt",
@@ -91,21 +101,82 @@ def test_the_sweep_ends_with_a_summary_run_the_local_comparison_matches(smoke_sw
     assert (summary["job_type"], summary["group"]) == ("sweep_summary", group)
     table = summary["tables"]["sweep/jobs"]
     rows = list(csv.DictReader((sweep_dir / "comparison.csv").open()))
-    assert len(table["data"]) == len(rows) == 4
-    assert table["columns"] == list(rows[0].keys())[:-1]  # the same columns, the CSV's best flag aside
+    assert len(table["data"]) == len(rows) == 2 + 4  # a row per setting, then the per-seed rows
+    assert table["columns"] == list(rows[0].keys())
     for logged, local in zip(table["data"], rows, strict=True):
         cells = dict(zip(table["columns"], logged, strict=True))
-        job = sweep_dir / local["job"]
-        evaluated = json.loads((job / "eval_metrics.json").read_text())
-        assert cells["finetuned"] == pytest.approx(float(local["finetuned"])) == evaluated["finetuned_gsm8k_by_value"]
-        assert cells["finetuned_ci95_high"] == evaluated["finetuned_gsm8k_by_value_ci95_high"]
-        assert cells["lr"] == local["lr"]
-        assert cells["wandb_run"] == json.loads((job / "wandb_run.json").read_text())["id"]
+        assert (cells["level"], cells["setting"], cells["lr"]) == (local["level"], local["setting"], local["lr"])
+        assert cells["finetuned"] == pytest.approx(float(local["finetuned"]))
+        seeds = [sweep_dir / number for number in local["job"].split()]
+        evaluated = [json.loads((job / "eval_metrics.json").read_text()) for job in seeds]
+        assert cells["finetuned"] == pytest.approx(statistics.mean(e["finetuned_gsm8k_by_value"] for e in evaluated))
+        if local["level"] == "job":
+            (job,) = seeds
+            assert cells["finetuned_ci95_high"] == evaluated[0]["finetuned_gsm8k_by_value_ci95_high"]
+            assert cells["wandb_run"] == json.loads((job / "wandb_run.json").read_text())["id"]
+        else:
+            assert (cells["seeds"], cells["seed"]) == (2, "42 43")
+            assert cells["finetuned_std"] == pytest.approx(statistics.stdev(e["finetuned_gsm8k_by_value"]
+                                                                            for e in evaluated))
     assert {"sweep/accuracy_grid", "sweep/val_loss_curves"} <= summary["images"]
     report = (sweep_dir / "report.md").read_text()
     for name in ("accuracy_grid", "val_loss_curves"):  # linked where drawn
         assert (sweep_dir / f"{name}.png").exists() and f"]({name}.png)" in report
     assert "sweep: 4 of 4 jobs done" in proc.stdout
+
+
+def test_the_report_and_the_summary_run_say_what_the_ranking_allows(smoke_sweep):
+    sweep_dir, _ = smoke_sweep
+    report, summary = (sweep_dir / "report.md").read_text(), read_run(sweep_dir)
+    accuracy = {label: statistics.mean(json.loads((sweep_dir / str(job) / "eval_metrics.json").read_text())
+                                       ["finetuned_gsm8k_by_value"] for job in numbers)
+                for label, numbers in (("lr=0.001", (0, 1)), ("lr=0.003", (2, 3)))}
+    if accuracy["lr=0.001"] == accuracy["lr=0.003"]:  # the tiny model often answers nothing right: a tie
+        assert "**No single best:** lr=0.001, lr=0.003 tie" in report and "(best)" not in report
+        assert "not distinguishable: they tie" in report
+    else:
+        best, second = sorted(accuracy, key=accuracy.get, reverse=True)
+        assert f"**Best:** {best}" in report and f"distinguishable from the runner-up {second}" in report
+    assert "**Smallest detectable difference:**" in report and "**Seeds:** 2 per setting" in report
+    assert summary["notes"].splitlines()[0] in report  # the summary run's notes: the same sentences
+    assert summary["summary"]["sweep/seeds"] == 2 and summary["summary"]["sweep/settings"] == 2
+
+
+def test_each_adapter_is_an_artifact_and_the_predictions_carry_question_ids(smoke_sweep, tiny_model_dir):
+    sweep_dir, _ = smoke_sweep
+    group = json.loads((sweep_dir / "sweep.json").read_text())["group"]
+    base = hashlib.sha256(f"model.safetensors {sha256(tiny_model_dir / 'model.safetensors')}\n".encode()).hexdigest()
+    digests = {}
+    for job in jobs(sweep_dir):
+        run = read_run(job)
+        (artifact,) = [a for a in run["artifacts"] if a["type"] == "model"]  # (W&B keeps tables as artifacts too)
+        collection = "adapter-" + group.replace(" ", "-").replace(":", "-")  # one per sweep, a version per job
+        assert (artifact["type"], artifact["name"]) == ("model", collection)
+        metadata = json.loads(artifact["metadata"])
+        assert (metadata["base_model"], metadata["base_model_revision"]) == ("builtin:tiny", None)
+        assert metadata["base_weights_sha256"] == base  # the tiny model's weights, hashed here independently
+        files = {entry["path"]: entry for entry in artifact["manifest"]["contents"]}
+        assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files.keys()
+        assert "training_args.bin" not in files  # a pickle holding local paths stays home
+        weights = job / "adapter" / "adapter_model.safetensors"
+        assert int(files["adapter_model.safetensors"]["size"]) == weights.stat().st_size
+        assert json.loads((job / "wandb_run.json").read_text())["artifact"]["digest"] == artifact["digest"]
+        digests[job.name] = artifact["digest"]
+        # the predictions table, question by question: the ids the run directory holds
+        table = run["tables"]["eval/predictions"]
+        ids = [row[table["columns"].index("id")] for row in table["data"]]
+        assert ids == [json.loads(line)["id"] for line in (job / "predictions.jsonl").read_text().splitlines()]
+    assert len(set(digests.values())) == 4  # four trainings, four versions of the sweep's adapter
+    aliased = [a for a in read_run(sweep_dir)["artifacts"] if a["type"] == "model" and "best" in a["aliases"]]
+    rows = list(csv.DictReader((sweep_dir / "comparison.csv").open()))
+    if any(r["best"] == "best" for r in rows):  # the best job's adapter again: the same digest, one version
+        assert [a["digest"] for a in aliased] and aliased[0]["digest"] in digests.values()
+    else:  # a tie: no winner, no alias
+        assert aliased == []
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_the_dashboard_view_spec_reads_back_with_the_librarys_own_model(smoke_sweep):
@@ -118,9 +189,10 @@ def test_the_dashboard_view_spec_reads_back_with_the_librarys_own_model(smoke_sw
     kinds = [type(panel).__name__ for panel in section.panels]
     assert kinds == ["ParallelCoordinatesPlot", "ScatterPlot", "WeavePanelSummaryTable", "LinePlot"]
     axes = [column.metric for column in section.panels[0].columns]
-    assert [getattr(a, "name", a) for a in axes] == ["epochs", "lr", "lora_r", "results/finetuned_gsm8k_by_value"]
+    assert [getattr(a, "name", a) for a in axes] == ["lr", "epochs", "lora_r", "results/finetuned_gsm8k_by_value"]
     assert section.panels[2].table_name == "sweep/jobs"
     assert group in str(view.runset_settings.filters)
+    assert [getattr(g, "name", g) for g in view.runset_settings.groupby] == ["setting"]  # a setting's seeds as one
 
 
 def test_the_baseline_is_generated_once_for_the_whole_sweep(smoke_sweep):

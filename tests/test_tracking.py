@@ -85,3 +85,46 @@ def test_a_wandb_failure_mid_run_turns_wandb_off_instead_of_ending_training(caps
     callback.on_log(None, State(), None, logs={"loss": 0.9})  # and stays quiet once off
     assert callback.failed
     assert capsys.readouterr().err.count("training goes on without W&B") == 1
+
+
+def test_the_summary_run_aliases_the_best_adapter_by_logging_the_same_contents(tmp_path):
+    """Offline W&B can neither use nor link an artifact; the summary run logs the best job's adapter again, under
+    the same name: the same contents are the same version, which gets the alias `best` when synced."""
+    import random
+
+    from gsm8k_lora import tracking
+    from gsm8k_lora.naming import RunNaming
+    from gsm8k_lora.reporting.compare import compare
+    from tests.test_compare import fake_job, planted
+
+    better, worse = planted(300, 0.30, 0.30, 0.40, random.Random(0))
+    sweep, cfg = tmp_path / "sweep", compose("logger=wandb").logger
+    for job, (lr, verdicts) in enumerate((("1e-4", worse), ("2e-4", better))):
+        job_dir = sweep / str(job)
+        fake_job(sweep, job, lr, "done", 1.0, None, verdicts=verdicts)
+        (job_dir / "adapter").mkdir()
+        (job_dir / "adapter" / "adapter_model.safetensors").write_bytes(random.Random(job).randbytes(4096))
+        tracker = tracking.start(cfg, job_dir, RunNaming(f"lr={lr}", "lr sweep 2026-12-07 10:00", "train"), {})
+        tracker.adapter(job_dir / "adapter", job_dir, {"base_model": "builtin:tiny", "trainer_seed": 42})
+        tracker.finish()
+    comparison = compare(sweep)
+    tracking.log_sweep_summary(cfg, sweep, {"name": "lr sweep", "group": "lr sweep 2026-12-07 10:00"}, comparison, [])
+    (aliased,) = adapters(sweep)
+    (best,) = adapters(sweep / "1")
+    assert "best" in aliased["aliases"] and "best" not in best["aliases"]
+    assert (aliased["name"], aliased["digest"], aliased["metadata"]) == (best["name"], best["digest"],
+                                                                         best["metadata"])
+    assert best["name"] == "adapter-lr-sweep-2026-12-07-10-00"
+    assert adapters(sweep / "0")[0]["digest"] != best["digest"]
+    # logger.log_adapter=false: no adapter, so no alias either
+    (sweep / "wandb").rename(tmp_path / "first-summary")
+    off = compose("logger=wandb", "logger.log_adapter=false").logger
+    tracking.log_sweep_summary(off, sweep, {"name": "lr sweep", "group": "lr sweep 2026-12-07 10:00"}, comparison, [])
+    assert adapters(sweep) == []
+
+
+def adapters(directory: Path) -> list[dict]:
+    """The adapters an offline run logged (W&B keeps its tables as artifacts too)."""
+    from tests.wandb_offline import read_run
+
+    return [a for a in read_run(directory)["artifacts"] if a["type"] == "model"]

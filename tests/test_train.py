@@ -98,6 +98,8 @@ def test_wandb_offline_run_holds_config_and_summary_and_no_secret(smoke_run):
     assert {"train/loss", "eval/loss", "train/mean_token_accuracy"} <= history(run_dir).keys()  # the live curves
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
     assert logged["summary"]["results/finetuned_gsm8k_by_value"] == evaluated["finetuned_gsm8k_by_value"]
+    (adapter,) = [a for a in logged["artifacts"] if a["type"] == "model"]  # a single run's own adapter
+    assert adapter["name"] == f"adapter-{json.loads((run_dir / 'wandb_run.json').read_text())['id']}"
     for path in run_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             content = path.read_bytes()

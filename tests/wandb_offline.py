@@ -27,19 +27,23 @@ def records(directory: Path) -> list[dict]:
 
 
 def read_run(directory: Path) -> dict:
-    """name, group, job_type, tags, config, summary; tables (summary key -> columns and data) and images (keys)."""
+    """name, group, job_type, tags, notes, config, summary; tables (summary key -> columns and data), images (keys)
+    and artifacts (each logged artifact's record: name, type, digest, aliases, metadata as text, manifest)."""
     path = run_file(directory)
     state = json.loads(_inspect(path, "--summary"))
-    (run,) = [r["run"] for r in records(directory) if r["type"] == "run"][:1]
+    logged = records(directory)
+    (run,) = [r["run"] for r in logged if r["type"] == "run"][:1]
     summary = state["summary"]
     tables = {}
     for key, value in summary.items():
         if isinstance(value, dict) and value.get("_type") == "table-file":
             tables[key] = json.loads((path.parent / "files" / value["path"]).read_text())
     images = {key for key, value in summary.items() if isinstance(value, dict) and value.get("_type") == "image-file"}
+    artifacts = [r["artifact"] for r in logged if r["type"] == "artifact"]
     return {"name": run.get("display_name"), "group": run.get("run_group"), "job_type": run.get("job_type"),
-            "tags": run.get("tags", []), "config": {k: v for k, v in state["config"].items() if k != "_wandb"},
-            "summary": summary, "tables": tables, "images": images}
+            "tags": run.get("tags", []), "notes": state.get("notes", ""),
+            "config": {k: v for k, v in state["config"].items() if k != "_wandb"},
+            "summary": summary, "tables": tables, "images": images, "artifacts": artifacts}
 
 
 def history(directory: Path) -> dict[str, list]:

@@ -30,6 +30,7 @@ from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
 
 from gsm8k_lora import parallel
+from gsm8k_lora.model import sources
 
 VERSION = 2  # bump when what an entry holds, or how answers are generated, changes
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja", "*.gguf")
@@ -42,15 +43,43 @@ def _files(directory: Path) -> list[list]:
     return [[p.name, p.resolve().name, p.stat().st_size, p.stat().st_mtime_ns] for p in found]
 
 
-def weights_identity(path: str, revision: str | None = None, hub_kernels: dict | None = None) -> dict:
-    """The base weights `path` (a local directory or a hub id) names, as files, and the Hub kernels pinned to run
-    them (`model.hub_kernels`: other kernels, other numbers)."""
+def _local(path: str, revision: str | None) -> Path:
+    """The directory holding the weights `path` names: itself, or a hub id's snapshot in the local cache."""
     local = Path(path)
     if not local.is_dir():
         cached = try_to_load_from_cache(path, "config.json", revision=revision)
         local = Path(cached).parent if isinstance(cached, str) else local
+    return local
+
+
+def weights_identity(path: str, revision: str | None = None, hub_kernels: dict | None = None) -> dict:
+    """The base weights `path` (a local directory or a hub id) names, as files, and the Hub kernels pinned to run
+    them (`model.hub_kernels`: other kernels, other numbers)."""
+    local = _local(path, revision)
     return {"path": path, "revision": revision, "files": _files(local) if local.is_dir() else [],
             "hub_kernels": dict(sorted((hub_kernels or {}).items()))}
+
+
+TENSOR_FILES = ("*.safetensors", "*.bin", "*.gguf")
+_DIGESTS: dict[tuple, str] = {}  # (file, size, mtime) -> sha256: a sweep's jobs, one process, hash the base once
+
+
+def weights_sha256(path: str, revision: str | None = None) -> str | None:
+    """sha256 over the base weights' tensor files, by content (each file's name and sha256, in name order): which
+    weights an adapter was trained on, wherever they were loaded from. None where no tensor file is found."""
+    local = _local(path, revision)
+    found = sorted({p for pattern in TENSOR_FILES for p in local.glob(pattern) if p.is_file()} if local.is_dir()
+                   else set())
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    for file in found:
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = sources.sha256(file)
+        digest.update(f"{file.name} {_DIGESTS[key]}\n".encode())
+    return digest.hexdigest()
 
 
 def loaded_identity(model) -> dict:

@@ -34,13 +34,32 @@ def job_label(row: dict, swept: list[str]) -> str:
     return " ".join(f"{k}={row[k]}" for k in swept if row.get(k) is not None) or f"job {row['job']}"
 
 
-def accuracy_grid(rows: list[dict], swept: list[str]) -> Figure | None:
-    """Fine-tuned GSM8K accuracy of every job (its protocol's headline figure) with its 95% interval: a heat map
-    over learning rate x epochs where the sweep varied both, else a bar per job beside its baseline."""
-    scored = [r for r in rows if r["finetuned"] is not None]
+def _bounds(row: dict, model: str) -> tuple[float, float]:
+    """How far below and above a setting's accuracy its bar reaches: its 95% interval, or over several seeds one
+    standard deviation each way."""
+    low, high = (row[c] for c in F.column_interval(model))
+    if low is not None:
+        return (row[model] - low, high - row[model])
+    std = row.get(F.spread(model)) or 0.0
+    return (std, std)
+
+
+def _cell_text(row: dict) -> str:
+    low, high = (row[c] for c in F.column_interval("finetuned"))
+    if low is not None:
+        return f"{row['finetuned']:.1%}\n[{low:.1%}, {high:.1%}]"
+    std = row.get(F.spread("finetuned"))
+    return f"{row['finetuned']:.1%}" + ("" if std is None else f"\n± {std:.1%}")
+
+
+def accuracy_grid(settings: list[dict], swept: list[str]) -> Figure | None:
+    """Fine-tuned GSM8K accuracy of every setting (its protocol's headline figure) with its 95% interval, or over
+    several seeds its mean +- standard deviation: a heat map over learning rate x epochs where the sweep varied
+    both, else a bar per setting beside its baseline. `swept`: the swept keys but the seed."""
+    scored = [r for r in settings if r["finetuned"] is not None]
     if not scored:
         return None
-    rule, n = scored[0]["rule"], scored[0]["n"]
+    rule, n, seeds = scored[0]["rule"], scored[0]["n"], max(r.get("seeds") or 1 for r in scored)
     fig = Figure(figsize=(7.5, 4.5), dpi=120)
     ax = fig.subplots()
     lrs = sorted({r["lr"] for r in scored if r.get("lr")}, key=float) if "lr" in swept else []
@@ -51,30 +70,28 @@ def accuracy_grid(rows: list[dict], swept: list[str]) -> Figure | None:
             grid[epochs.index(r["epochs"])][lrs.index(r["lr"])] = r["finetuned"]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0.0)
         for r in scored:
-            ax.text(lrs.index(r["lr"]), epochs.index(r["epochs"]),
-                    f"{r['finetuned']:.1%}\n[{r['finetuned_ci95_low']:.1%}, {r['finetuned_ci95_high']:.1%}]",
-                    ha="center", va="center", color="w", fontsize=8)
+            ax.text(lrs.index(r["lr"]), epochs.index(r["epochs"]), _cell_text(r), ha="center", va="center",
+                    color="w", fontsize=8)
         ax.set_xticks(range(len(lrs)), lrs)
         ax.set_yticks(range(len(epochs)), epochs)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("epochs")
-        fig.colorbar(image, ax=ax, label=f"fine-tuned GSM8K accuracy ({rule})")
+        fig.colorbar(image, ax=ax, label="fine-tuned GSM8K accuracy")
     else:
-        x = range(len(scored))  # positions, labelled with each job's swept values
+        x = range(len(scored))  # positions, labelled with each setting's swept values
         for offset, model in ((-0.2, "baseline"), (0.2, "finetuned")):
             have = [(i, r) for i, r in zip(x, scored, strict=True) if r[model] is not None]
             if have:
-                bounds = [tuple(r[c] for c in F.column_interval(model)) for _, r in have]
+                errors = [_bounds(r, model) for _, r in have]
                 ax.bar([i + offset for i, _ in have], [r[model] for _, r in have], 0.4, label=model,
-                       yerr=[[r[model] - (low if low is not None else r[model]) for (_, r), (low, _) in
-                              zip(have, bounds, strict=True)],
-                             [(high if high is not None else r[model]) - r[model] for (_, r), (_, high) in
-                              zip(have, bounds, strict=True)]], capsize=3)
+                       yerr=[[e[0] for e in errors], [e[1] for e in errors]], capsize=3)
         ax.set_xticks(list(x), [job_label(r, swept) for r in scored], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel(f"GSM8K accuracy ({rule})")
+        ax.set_ylabel("GSM8K accuracy")
         ax.set_ylim(0, 1.05)
         ax.legend()
-    ax.set_title(f"Fine-tuned GSM8K accuracy over the sweep ({rule}, n={n}, 95% intervals)")
+    spread = "95% intervals" if seeds == 1 else f"mean ± std over {seeds} seeds"
+    # two lines: one holding the rule, n and the spread ran past the figure's right edge beside the colour bar
+    ax.set_title(f"Fine-tuned GSM8K accuracy over the sweep\n{rule}, n={n}, {spread}", fontsize=10)
     fig.tight_layout()
     return fig
 
