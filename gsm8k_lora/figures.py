@@ -57,7 +57,11 @@ HEADLINE = BY_VALUE  # of a greedy protocol; a sampled one is judged by maj@k (`
 # --- the fields of one graded answer (predictions.jsonl; the grade CLI's output) -------------------------------
 EXPLICIT_ANSWER = "explicit_answer"  # the answer came from `####` or a final statement, not the last number
 GRADED = (*BY_VALUE.fields, *BY_VALUE_STRICT.fields, EXPLICIT_ANSWER, *STRICT_MATCH.fields, *FLEXIBLE_EXTRACT.fields)
-ANSWER = ("id", "model", "question", "gold", "completion", *GRADED, "generated_tokens", "hit_token_limit",
+# How the model's context bounded an answer (`evaluation/generation.py`): tokens cut from the prompt's start
+# (lm-eval's protocols, as lm-eval cuts them), the answer stopped at the model's last position (the package's own
+# protocols), the prompt left no room for an answer (the package's own protocols: not answered, graded wrong).
+CONTEXT = ("prompt_tokens_cut", "stopped_at_context_end", "prompt_did_not_fit")
+ANSWER = ("id", "model", "question", "gold", "completion", *GRADED, "generated_tokens", "hit_token_limit", *CONTEXT,
           "repetition_loop", "num_steps", "problem_type", "error_category")
 SAMPLED = ("samples", "sample_preds", "majority_pred", "majority_correct", "any_correct")  # self-consistency only
 PREDICTION_TABLE = ("id", "model", "question", "gold", "completion", BY_VALUE.extracted, BY_VALUE.verdict,
@@ -68,6 +72,9 @@ PREDICTION_TABLE = ("id", "model", "question", "gold", "completion", BY_VALUE.ex
 RATES = {  # the graded answer's field each rate counts
     "answer_format_rate": EXPLICIT_ANSWER, "hit_token_limit_rate": "hit_token_limit",
     "repetition_loop_rate": "repetition_loop"}
+COUNTS = {  # the graded answer's field each count counts (answers where it is set)
+    "prompts_cut": "prompt_tokens_cut", "answers_stopped_at_context_end": "stopped_at_context_end",
+    "prompts_not_fitting": "prompt_did_not_fit"}
 GENERATED_TOKENS_MEAN = "generated_tokens_mean"
 ANSWER_SECONDS = "answer_s"  # wall seconds a model took to answer (a baseline read from the cache: not written)
 ANSWER_PROCESSES = "answer_processes"  # how many processes answered a share of the questions (data-parallel runs)
@@ -134,6 +141,7 @@ def eval_names(k: int | None = None) -> list[str]:
         for accuracy in accuracy_names(k):
             names += [figure(model, accuracy), *interval(model, accuracy)]
         names += [figure(model, rate) for rate in RATES] + [figure(model, GENERATED_TOKENS_MEAN)]
+        names += [figure(model, count) for count in COUNTS]
         names += [figure(model, ANSWER_SECONDS), figure(model, ANSWER_PROCESSES)]
     names += [paired(p, stat) for p in pairs for stat in PAIRED_STATS]
     return names

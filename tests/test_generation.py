@@ -150,3 +150,50 @@ def test_answers_of_the_merged_adapter_are_those_of_the_adapter(smoke):
         assert not any("lora_" in name for name, _ in folded.named_parameters())
         assert generate(folded, tokenizer, prompts, ecfg) == adapter != base
     assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def near_the_end(smoke):
+    """(eval config, prompts, the room each leaves before the tiny model's last position): training-protocol prompts
+    made long by a system prompt of generated GSM8K questions, leaving room to spare, 5 tokens, 2, none, and less."""
+    cfg, model, tokenizer = smoke
+    ecfg = dataclasses.replace(cfg.eval, max_new_tokens=32, batch_size=2)
+    positions = model.config.max_position_embeddings
+    filler = tokenizer(" ".join(r["question"] for r in synthetic.generate(120, seed=4))).input_ids
+
+    def leaving(room: int) -> str:
+        def prompt(n: int) -> str:
+            return build_prompt(tokenizer, "What is 2 + 3?", ecfg, [], tokenizer.decode(filler[:n]))
+
+        guess, wanted = positions - room - len(tokenizer(prompt(0)).input_ids), positions - room
+        found = [p for n in range(guess - 8, guess + 8) if len(tokenizer(p := prompt(n)).input_ids) == wanted]
+        assert found, f"no prompt leaves {room} tokens"
+        return found[0]
+
+    rooms = [60, 5, 2, 0, -3]
+    return ecfg, [leaving(room) for room in rooms], rooms
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_no_token_is_generated_past_the_model_s_last_position(smoke, near_the_end, engine):
+    """The package's own protocols never cut a prompt: an answer stops at the context's end, with the tokens it would
+    have written there, and a prompt that leaves no room is not answered; under every engine."""
+    from gsm8k_lora.evaluation import engines
+    from gsm8k_lora.evaluation.generation import completion, requests, stop_token_ids
+
+    _, model, tokenizer = smoke
+    ecfg, prompts, rooms = near_the_end
+    out = generate(model, tokenizer, prompts, dataclasses.replace(ecfg, engine=engine))
+    unbounded = engines.run("slots", model, requests(tokenizer, prompts, ecfg), 2, ecfg.max_new_tokens,
+                            set(stop_token_ids(tokenizer)), tokenizer.pad_token_id, None, lambda n: None)
+    spare, *bounded, no_room, less = zip(rooms, out, unbounded, strict=True)
+    assert spare[1]["generated_tokens"] == [len(spare[2])] < [spare[0]]  # it stopped on its own, as without a bound
+    assert spare[1]["stopped_at_context_end"] == [False]
+    for room, answer, free in bounded:
+        assert len(free) > room  # the case: unbounded, it writes past the model's last position
+        assert answer["generated_tokens"] == [room] and answer["stopped_at_context_end"] == [True]
+        assert answer["completions"] == [completion(tokenizer, free[:room], ecfg)]
+    for _, answer, _ in (no_room, less):
+        assert answer == {"completions": [""], "generated_tokens": [0], "prompt_tokens_cut": 0,
+                          "stopped_at_context_end": [False], "prompt_did_not_fit": True}
+    assert all(answer["prompt_tokens_cut"] == 0 for answer in out)  # the training prompt is never cut

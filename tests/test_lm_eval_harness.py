@@ -27,7 +27,7 @@ import pytest
 from gsm8k_lora.config import ENGINES as ENGINE_NAMES
 from gsm8k_lora.data import synthetic
 from gsm8k_lora.evaluation.grading import LM_EVAL_FALLBACK
-from gsm8k_lora.figures import FLEXIBLE_EXTRACT, STRICT_MATCH, figure
+from gsm8k_lora.figures import CONTEXT, FLEXIBLE_EXTRACT, STRICT_MATCH, figure
 from gsm8k_lora.preflight import CUDA_ENGINES
 from tests.conftest import CACHE, ROOT, compose, requires_cuda, write_jsonl
 
@@ -87,8 +87,8 @@ def batch_size(label: str, default: int) -> int:
 
 @pytest.fixture(scope="module")
 def lm_eval_run(tmp_path_factory, default_batch):
-    """lm-eval's answers for (model directory, data directory, eval.prompt, batch label): one record per test
-    question (FIELDS), and its scores. Each run is made once, when first asked for."""
+    """lm-eval's answers for (model directory, data directory, eval.prompt, batch label, PEFT adapter directory or
+    None): one record per test question (FIELDS), and its scores. Each run is made once, when first asked for."""
     import torch
     import yaml
     from lm_eval import simple_evaluate
@@ -98,14 +98,15 @@ def lm_eval_run(tmp_path_factory, default_batch):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the package generates (model.loading.to_device)
     done: dict[tuple, tuple[list[dict], dict]] = {}
 
-    def run(model_dir: Path, data_dir: Path, prompt: str, batch: str) -> tuple[list[dict], dict]:
-        key = (model_dir, data_dir, prompt, batch)
+    def run(model_dir: Path, data_dir: Path, prompt: str, batch: str,
+            peft: Path | None = None) -> tuple[list[dict], dict]:
+        key = (model_dir, data_dir, prompt, batch, peft)
         if key not in done:
             task_dir = tmp_path_factory.mktemp("lm_eval_task")
             (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(local_task_config(data_dir, task_dir / "datasets")))
             chat = PROTOCOLS[prompt]
             lm = HFLM(pretrained=str(model_dir), dtype="float32", device=device,
-                      batch_size=batch_size(batch, default_batch))
+                      batch_size=batch_size(batch, default_batch), peft=str(peft) if peft else None)
             out = simple_evaluate(model=lm, tasks=[TASK], apply_chat_template=chat, fewshot_as_multiturn=chat,
                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                                   log_samples=True)
@@ -132,32 +133,44 @@ def lm_eval_records(samples: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def package_run(tmp_path_factory):
     """The package's answers for (model overrides and its directory, data directory, eval.prompt, batch label,
-    engine overrides): records as lm_eval_run's, read from the run's predictions.jsonl (the prompts as handed to
-    generation), and its eval_metrics.json."""
-    done: dict[tuple, tuple[list[dict], dict]] = {}
+    engine overrides, adapter directory or None, which model's answers): records as lm_eval_run's, read from the
+    run's predictions.jsonl (the prompts as handed to generation), and its eval_metrics.json."""
+    done: dict[tuple, tuple[dict[str, list[dict]], dict]] = {}
 
-    def run(model: tuple[str, ...], model_dir: Path, data_dir: Path, prompt: str, batch: str,
-            engine: list[str]) -> tuple[list[dict], dict]:
-        key = (model, data_dir, prompt, batch, tuple(engine))
+    def run(model: tuple[str, ...], model_dir: Path, data_dir: Path, prompt: str, batch: str, engine: list[str],
+            adapter: Path | None = None, answering: str = "baseline") -> tuple[list[dict], dict]:
+        key = (model, data_dir, prompt, batch, tuple(engine), adapter)
         if key not in done:
             overrides = [*model, "data=local", f"data.path={data_dir}", f"eval.prompt={prompt}", "logger=none",
                          "eval.baseline_cache=null",  # generated every time, never read back from a cache
-                         *([] if batch == "default" else [f"eval.batch_size={batch}"]), *engine]
+                         *([] if batch == "default" else [f"eval.batch_size={batch}"]), *engine,
+                         *([f"adapter={adapter}"] if adapter else [])]
             run_dir = tmp_path_factory.mktemp("evaluate")
             prompts = evaluate_recording_prompts(overrides, run_dir)
             environment = json.loads((run_dir / "environment.json").read_text())
             assert Path(environment["model_weights"]["path"]) == model_dir  # the weights lm-eval loads
             predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-            assert len(prompts) == len(predictions) and {p["model"] for p in predictions} == {"baseline"}
-            records = [{"question": p["question"], "prompt": text, "completion": p["completion"],
-                        "strict_extracted": p[STRICT_MATCH.extracted], "strict_correct": p[STRICT_MATCH.verdict],
-                        "flexible_extracted": p[FLEXIBLE_EXTRACT.extracted],
-                        "flexible_correct": p[FLEXIBLE_EXTRACT.verdict], "generated_tokens": p["generated_tokens"]}
-                       for p, text in zip(predictions, prompts, strict=True)]
-            done[key] = records, json.loads((run_dir / "eval_metrics.json").read_text())
-        return done[key]
+            models = ["baseline", "finetuned"] if adapter else ["baseline"]
+            assert {p["model"] for p in predictions} == set(models)
+            by_model = {name: [p for p in predictions if p["model"] == name] for name in models}
+            assert all(len(answers) == len(prompts) for answers in by_model.values())
+            done[key] = ({name: [record(p, text) for p, text in zip(answers, prompts, strict=True)]
+                          for name, answers in by_model.items()},
+                         json.loads((run_dir / "eval_metrics.json").read_text()))
+        records, metrics = done[key]
+        return records[answering], metrics
 
     return run
+
+
+def record(answer: dict, prompt: str) -> dict:
+    """A graded answer of predictions.jsonl as a record to compare with lm-eval's (FIELDS), with what the package
+    says of it besides."""
+    return {"question": answer["question"], "prompt": prompt, "completion": answer["completion"],
+            "strict_extracted": answer[STRICT_MATCH.extracted], "strict_correct": answer[STRICT_MATCH.verdict],
+            "flexible_extracted": answer[FLEXIBLE_EXTRACT.extracted],
+            "flexible_correct": answer[FLEXIBLE_EXTRACT.verdict], "generated_tokens": answer["generated_tokens"],
+            **{field: answer[field] for field in CONTEXT}}
 
 
 def evaluate_recording_prompts(overrides: list[str], run_dir: Path) -> list[str]:
@@ -210,14 +223,15 @@ def difference(index: int, theirs: dict, ours: dict) -> str:
     return "\n".join(lines)
 
 
-def same_answers(theirs: tuple[list[dict], dict], ours: tuple[list[dict], dict], questions: int) -> None:
+def same_answers(theirs: tuple[list[dict], dict], ours: tuple[list[dict], dict], questions: int,
+                 model: str = "baseline") -> None:
     (their_records, their_scores), (our_records, our_metrics) = theirs, ours
     assert len(our_records) == len(their_records) == questions
     for index, (a, b) in enumerate(zip(their_records, our_records, strict=True)):
         if any(a[field] != b[field] for field in FIELDS):
             pytest.fail(difference(index, a, b), pytrace=False)
     for rule, name in ((STRICT_MATCH, "strict-match"), (FLEXIBLE_EXTRACT, "flexible-extract")):
-        assert our_metrics[figure("baseline", rule.figure)] == pytest.approx(their_scores[f"exact_match,{name}"])
+        assert our_metrics[figure(model, rule.figure)] == pytest.approx(their_scores[f"exact_match,{name}"])
 
 
 # (package batch, lm-eval batch, engine overrides): every pairing of batches for the default engine, and each other
@@ -242,7 +256,7 @@ def test_the_questions_give_both_extractors_work(lm_eval_run, package_run, data_
     """A comparison of empty or identical completions would pass whatever either side did: the completions must
     differ, stop early (a stop token or string, before the token limit), carry numbers for flexible-extract to take,
     some of them right, and leave some with none. The prompts must fit the model's context with lm-eval's 256 new
-    tokens, or lm-eval would cut their start and the two would not be answering the same prompt.
+    tokens, so that this comparison is of whole prompts (a cut prompt is `test_a_prompt_longer_than_the_context_...`).
     If the tiny model or the generator changes, pick another TEST_ROWS seed that passes this."""
     from lm_eval.defaults import DEFAULT_MAX_GEN_TOKS  # the task sets no max_gen_toks: 256
     from transformers import AutoConfig, AutoTokenizer
@@ -289,3 +303,49 @@ def test_a_real_model_stopping_at_its_first_token_is_answered_as_lm_eval_answers
     model = ("model=smollm2_135m", f"cache_dir={CACHE}", "model.dtype=float32")
     same_answers(theirs, package_run(model, smollm2_dir, real_data_dir, "lm_eval_gsm8k_plain", "1", engine),
                  REAL_QUESTIONS)
+
+
+# A model whose context is shorter than lm-eval's prompts: real 5-shot GSM8K prompts are 1,378-2,371 tokens with the
+# tiny model's tokenizer, past its 1,024 positions, so lm-eval keeps each prompt's last 1,024 - 256 tokens. The
+# fine-tuned side answers with an adapter of random weights (LoRA's B starts at zero, a no-op): its answers differ
+# from the base model's, and both must be lm-eval's with the same adapter (`peft=`).
+@pytest.fixture(scope="module")
+def random_adapter_dir(tmp_path_factory) -> Path:
+    import torch
+    from peft import get_peft_model
+
+    from gsm8k_lora.training.sft import build_lora_config
+    from tests.conftest import load_tiny
+
+    model, _ = load_tiny()
+    model = get_peft_model(model, build_lora_config(compose().lora))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.05)
+    directory = tmp_path_factory.mktemp("random_adapter")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("prompt", list(PROTOCOLS))
+def test_a_prompt_longer_than_the_context_is_cut_as_lm_eval_cuts_it(lm_eval_run, package_run, real_data_dir,
+                                                                    tiny_model_dir, random_adapter_dir, prompt):
+    from lm_eval.defaults import DEFAULT_MAX_GEN_TOKS
+    from transformers import AutoConfig, AutoTokenizer
+
+    keep = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings - DEFAULT_MAX_GEN_TOKS
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for answering, peft in (("baseline", None), ("finetuned", random_adapter_dir)):
+        theirs = lm_eval_run(tiny_model_dir, real_data_dir, prompt, "default", peft)
+        ours = package_run(("model=tiny",), tiny_model_dir, real_data_dir, prompt, "default", [], random_adapter_dir,
+                           answering)
+        lengths = [len(tokenizer(r["prompt"]).input_ids) for r in theirs[0]]
+        assert min(lengths) > keep  # the case: lm-eval cuts every prompt
+        same_answers(theirs, ours, REAL_QUESTIONS, answering)
+        assert [r["prompt_tokens_cut"] for r in ours[0]] == [n - keep for n in lengths]
+        assert ours[1][figure(answering, "prompts_cut")] == REAL_QUESTIONS
+        assert ours[1][figure(answering, "answers_stopped_at_context_end")] == 0
+    baseline, tuned = (package_run(("model=tiny",), tiny_model_dir, real_data_dir, prompt, "default", [],
+                                   random_adapter_dir, m)[0] for m in ("baseline", "finetuned"))
+    assert [r["completion"] for r in baseline] != [r["completion"] for r in tuned]  # the adapter changes answers

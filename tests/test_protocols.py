@@ -16,8 +16,10 @@ from gsm8k_lora.evaluation.protocols import (
     LM_EVAL_GSM8K_PLAIN,
     LM_EVAL_STOPS,
     PROTOCOLS,
+    context_length,
     lm_eval_chat_messages,
     lm_eval_chat_prompt,
+    lm_eval_max_length,
     lm_eval_plain_prompt,
     lm_eval_shots,
     lm_eval_stop_sequences,
@@ -122,6 +124,60 @@ def test_a_setting_an_lm_eval_protocol_would_ignore_is_refused_once_typed():
     assert LM_EVAL_GSM8K_PLAIN.fixed_problem(["eval.stop_sequences"]).startswith("eval.stop_sequences is invalid")
     assert LM_EVAL_GSM8K.fixed_problem(["eval.limit"]) is None
     assert PROTOCOLS["zero_shot_cot"].fixed_problem(["eval.max_new_tokens"]) is None
+
+
+# A model's context, as configs and tokenizers say it (SimpleNamespace stands in for both): what the package reads
+# (`context_length`), and lm-eval's `max_length` (2048 where nothing says).
+CONTEXTS = [
+    ({"max_position_embeddings": 1024}, 4096, 1024, 1024),  # the config first
+    ({"n_positions": 512, "max_position_embeddings": 1024}, None, 512, 512),  # GPT-2's name first
+    ({"n_ctx": 300}, None, 300, 300),
+    ({"text_config": {"max_position_embeddings": 8192}, "max_position_embeddings": 1200}, None, 8192, 8192),
+    ({}, 4096, 4096, 4096),  # then the tokenizer
+    ({}, int(1e30), None, 2048),  # a tokenizer that sets no length: lm-eval's default
+    ({}, None, None, 2048),
+]
+
+
+def namespace(config: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: namespace(v) if isinstance(v, dict) else v for k, v in config.items()})
+
+
+@pytest.mark.parametrize("config, tokenizer_length, context, lm_eval_length", CONTEXTS)
+def test_the_model_s_context_is_read_as_lm_eval_reads_it(config, tokenizer_length, context, lm_eval_length):
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(model_max_length=tokenizer_length)
+    assert context_length(namespace(config), tokenizer) == context
+    assert lm_eval_max_length(context) == lm_eval_length
+
+
+@pytest.mark.parametrize("config, tokenizer_length, context, lm_eval_length", CONTEXTS)
+def test_lm_eval_s_own_max_length_is_the_one_read(config, tokenizer_length, context, lm_eval_length):
+    pytest.importorskip("lm_eval.models.utils", reason=SKIP_REASON)
+    from types import SimpleNamespace
+
+    from lm_eval.models.utils import resolve_max_length
+
+    assert resolve_max_length(namespace(config), SimpleNamespace(model_max_length=tokenizer_length)) == lm_eval_length
+
+
+def test_a_prompt_is_fitted_to_the_context_by_its_protocol():
+    ids = list(range(1, 801))  # 800 tokens, the first one a BOS
+    for protocol in (LM_EVAL_GSM8K, LM_EVAL_GSM8K_PLAIN):  # lm-eval's: the last 1024 - 256 = 768 tokens kept
+        fit = protocol.fit(ids, 1024, 256)
+        assert (fit.ids, fit.cut, fit.room) == (ids[32:], 32, 256)
+        assert protocol.fit(ids, 2000, 256).cut == 0 and protocol.fit(ids, None, 256).ids == ids  # 2048 - 256 fit
+        assert protocol.fit(ids, None, 256).room is None
+        assert protocol.context_problem(256, 256).startswith(f"eval.prompt={protocol.name} is invalid for this model")
+        assert protocol.context_problem(257, 256) is None and protocol.context_problem(None, 256) is None
+    for name in ("zero_shot_cot", "fewshot"):  # the package's own: never cut; the room is what the context leaves
+        protocol = PROTOCOLS[name]
+        assert [(f.ids == ids, f.cut, f.room) for f in (protocol.fit(ids, n, 320) for n in (1024, 810, 800, 700))] == [
+            (True, 0, 224), (True, 0, 10), (True, 0, 0), (True, 0, -100)]
+        assert protocol.fit(ids, None, 320).room is None and protocol.context_problem(10, 320) is None
 
 
 # --- Against lm-eval's own code -------------------------------------------------------------------------------

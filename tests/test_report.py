@@ -31,6 +31,19 @@ def test_accuracy_by_steps_shows_both_models_with_their_intervals():
     assert sum(1 for container in ax.containers if hasattr(container, "lines")) == 2  # an error bar set per model
 
 
+def test_the_report_counts_the_answers_the_model_s_context_bounded():
+    from gsm8k_lora.reporting.report import context_rows
+
+    ev = {"baseline_n": 7, "baseline_prompts_cut": 7, "baseline_answers_stopped_at_context_end": 0,
+          "baseline_prompts_not_fitting": 0, "finetuned_n": 7, "finetuned_prompts_cut": 6,
+          "finetuned_answers_stopped_at_context_end": 2, "finetuned_prompts_not_fitting": 1}
+    rows = context_rows(ev)
+    assert rows[1] == ("| model | prompts cut at the start (lm-eval's rule) | answers stopped at the context's end | "
+                       "prompts that left no room (not answered) |")
+    assert rows[3:] == ["| baseline | 7 | 0 | 0 |", "| finetuned | 6 | 2 | 1 |"]
+    assert context_rows({"finetuned_n": 7})[3:] == ["| finetuned | n/a | n/a | n/a |"]  # a run made before they were
+
+
 @pytest.mark.slow
 def test_report_states_the_figures_of_the_metrics_files(smoke_run):
     run_dir, proc = smoke_run
@@ -55,6 +68,10 @@ def test_report_states_the_figures_of_the_metrics_files(smoke_run):
             key = f"{name}_{rule}"
             assert cell == f"{ev[key]:.1%} [{ev[key + '_ci95_low']:.1%}, {ev[key + '_ci95_high']:.1%}]", row
     assert f"p={ev['paired_by_value_mcnemar_p']:.3g}" in report
+    for name in ("baseline", "finetuned"):  # how many answers the model's context bounded
+        counts = (ev[f"{name}_{count}"] for count in ("prompts_cut", "answers_stopped_at_context_end",
+                                                      "prompts_not_fitting"))
+        assert f"| {name} | " + " | ".join(str(c) for c in counts) + " |" in report
     # the learning-curve line, from the validation losses: in 40 steps evaluated every 20, the last quarter
     # holds one evaluation, so the reading spans the last two (steps 20 to 40: half of the steps)
     (_, before), (_, last) = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row][-2:]

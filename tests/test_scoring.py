@@ -15,8 +15,17 @@ from gsm8k_lora.evaluation.scoring import (
     paired_difference_interval,
     score,
     summarize,
+    summary_lines,
     wilson_interval,
 )
+
+
+def gen(completions: list[str], tokens: list[int], cut: int = 0, at_end: bool = False, no_room: bool = False) -> dict:
+    """One prompt's generation as `generation.generate` returns it: completions, their token counts, and how the
+    model's context bounded them."""
+    return {"completions": completions, "generated_tokens": tokens, "prompt_tokens_cut": cut,
+            "stopped_at_context_end": [at_end] * len(completions), "prompt_did_not_fit": no_room}
+
 
 ROWS = [{"id": f"test-{i}", "question": f"What is {i}+1?", "gold": str(i + 1), "num_steps": 1, "problem_type": "x"}
         for i in range(4)]
@@ -68,10 +77,10 @@ def test_majority_vote(preds, vote):
 
 def test_self_consistency_on_fixed_completions():
     # golds are 1, 2, 3, 4
-    gens = [{"completions": ["#### 2", "#### 1", "#### 1"], "generated_tokens": [3, 3, 3]},   # first wrong, vote right
-            {"completions": ["#### 9", "#### 9", "#### 2"], "generated_tokens": [3, 3, 3]},   # vote wrong, pass right
-            {"completions": ["#### 3", "#### 3", "#### 3"], "generated_tokens": [3, 3, 3]},   # all right
-            {"completions": ["none", "none", "none"], "generated_tokens": [1, 1, 1]}]         # no answer
+    gens = [gen(["#### 2", "#### 1", "#### 1"], [3, 3, 3]),   # first wrong, vote right
+            gen(["#### 9", "#### 9", "#### 2"], [3, 3, 3]),   # vote wrong, pass right
+            gen(["#### 3", "#### 3", "#### 3"], [3, 3, 3]),   # all right
+            gen(["none", "none", "none"], [1, 1, 1])]         # no answer
     records = score(ROWS, gens, "finetuned")
     m = summarize(records, "finetuned")
     assert m["finetuned_gsm8k_by_value"] == 0.25
@@ -81,8 +90,8 @@ def test_self_consistency_on_fixed_completions():
 
 
 def test_metrics_compare_baseline_and_finetuned_on_the_same_questions():
-    base = score(ROWS, [{"completions": ["4"], "generated_tokens": [1]}] * 4, "baseline")
-    tuned = score(ROWS, [{"completions": [f"#### {i + 1}"], "generated_tokens": [4]} for i in range(4)], "finetuned")
+    base = score(ROWS, [gen(["4"], [1])] * 4, "baseline")
+    tuned = score(ROWS, [gen([f"#### {i + 1}"], [4]) for i in range(4)], "finetuned")
     m = eval_metrics({"baseline": base, "finetuned": tuned})
     assert m["baseline_gsm8k_by_value"] == 0.25 and m["finetuned_gsm8k_by_value"] == 1.0
     assert m["baseline_gsm8k_by_value_strict"] == 0.0 and m["paired_by_value_only_finetuned_correct"] == 3
@@ -137,3 +146,23 @@ def test_the_exact_mcnemar_power_is_what_simulated_sweeps_find():
 def test_no_detectable_difference_where_answers_never_differ():
     assert minimum_detectable_difference(1319, 0.0, 0.05) is None
     assert minimum_detectable_difference(24, 0.05, 0.05) is None  # about one differing answer: nothing findable
+
+
+def test_answers_the_context_bounded_are_counted_per_model_and_shown():
+    """A prompt cut at its start (lm-eval's rule) is still answered; an answer stopped at the context's end is
+    truncated; a prompt that left no room has no answer: wrong, and still one of the n questions compared."""
+    base = score(ROWS, [gen(["#### 1"], [3], cut=412), gen(["So 3 +"], [7], at_end=True), gen([""], [0], no_room=True),
+                        gen(["#### 4"], [3])], "baseline", max_new_tokens=256)
+    tuned = score(ROWS, [gen(["#### 1"], [3], cut=412), gen(["#### 2"], [3]), gen([""], [0], no_room=True),
+                         gen(["#### 4"], [3])], "finetuned", max_new_tokens=256)
+    assert [r["error_category"] for r in base] == [None, "truncated", "prompt_did_not_fit", None]
+    m = eval_metrics({"baseline": base, "finetuned": tuned})
+    assert (m["baseline_n"], m["baseline_gsm8k_by_value"], m["finetuned_gsm8k_by_value"]) == (4, 0.5, 0.75)
+    assert (m["baseline_prompts_cut"], m["baseline_answers_stopped_at_context_end"],
+            m["baseline_prompts_not_fitting"]) == (1, 1, 1)
+    assert (m["finetuned_prompts_cut"], m["finetuned_answers_stopped_at_context_end"],
+            m["finetuned_prompts_not_fitting"]) == (1, 0, 1)
+    [line] = [line for line in summary_lines(m, "a protocol") if "context" in line]
+    assert "prompts cut at the start (lm-eval's rule) baseline 1 -> fine-tuned 1" in line
+    assert "answers stopped at the context's end baseline 1 -> fine-tuned 0" in line
+    assert "prompts that left no room (not answered) baseline 1 -> fine-tuned 1" in line

@@ -13,8 +13,8 @@ the libraries' own are the other answer engines, `engines.py`): transformers' co
 a paged cache) ran at 48-72 tokens/s on the 2-core CPU against 102 for padded `model.generate` and 140 for this
 loop, and it stops on token ids only; a static cache computes the whole cache length at every step. Rows stop by
 `finished`: at a stop token id, once a stop string has been written (the sequence's tail is decoded), once a
-`#### N` line is complete (outside lm-eval's protocols), or at the row's token limit; greedy rows decode exactly as
-`model.generate` decodes them.
+`#### N` line is complete (outside lm-eval's protocols), at the row's token limit, or at the model's last position;
+greedy rows decode exactly as `model.generate` decodes them.
 """
 
 from __future__ import annotations
@@ -100,16 +100,33 @@ class Row:
 
 @dataclass
 class Request:
-    ids: list[int]  # the prompt's token ids
+    ids: list[int]  # the prompt's token ids, as fed (`protocols.Protocol.fit`)
     stops: Callable[[list[int], list[int]], bool]  # (prompt ids, generated ids) -> done (besides ids and limit)
     limit: int | None = None  # its own token limit, under the engine's (the bench stops random weights here)
+    room: int | None = None  # tokens left before the model's last position (<= 0: none; `engines.run` skips it)
+    cut: int = 0  # tokens cut from the prompt's start (lm-eval's protocols), for the record
+
+
+def budget(request: Request, max_new_tokens: int) -> int:
+    """The most tokens a row may generate: the engine's limit, its own, and the room its context leaves, so no
+    token is generated past the model's last position."""
+    return min(n for n in (max_new_tokens, request.limit, request.room) if n is not None)
 
 
 def finished(request: Request, tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> bool:
-    """Whether a row is done with `tokens` generated: at a stop token, at its token limit, or once its stop
+    """Whether a row is done with `tokens` generated: at a stop token, at its budget (`budget`), or once its stop
     condition holds. The one rule every answer engine stops rows by (`engines.py` cuts their output with it)."""
-    limit = max_new_tokens if request.limit is None else min(max_new_tokens, request.limit)
-    return tokens[-1] in stop_ids or len(tokens) >= limit or request.stops(request.ids, tokens)
+    if tokens[-1] in stop_ids or len(tokens) >= budget(request, max_new_tokens):
+        return True
+    return request.stops(request.ids, tokens)
+
+
+def at_context_end(request: Request, tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> bool:
+    """Whether a row stopped only because the model's context ended: it ran to the room the context left, before
+    every token limit, and neither a stop token nor its stop condition ended it there."""
+    limits = [n for n in (max_new_tokens, request.limit) if n is not None]
+    return (request.room is not None and 0 < len(tokens) == request.room < min(limits)
+            and tokens[-1] not in stop_ids and not request.stops(request.ids, tokens))
 
 
 def cut(request: Request, tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> list[int]:

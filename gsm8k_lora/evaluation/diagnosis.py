@@ -1,7 +1,8 @@
 """Why a graded answer is wrong: pure functions over one graded answer, written into each answer of
 `predictions.jsonl` (`error_category`) and counted by the report.
 
-- `truncated`: it ran to the token limit before stating an answer;
+- `prompt_did_not_fit`: its prompt left no room in the model's context, so it was never answered;
+- `truncated`: it ran to the token limit, or to the model's last position, before stating an answer;
 - `no_final_answer`: it stated none (no `#### N`, no "the answer is N"): the by-value rule fell back to the last
   number it wrote, which may be any number;
 - `arithmetic_slip`: a calculation it wrote is false (`<<8*8=48>>`, `3 + 4 = 8`), read exactly;
@@ -57,7 +58,8 @@ def arithmetic_slips(completion: str) -> list[str]:
 
 
 ERROR_CATEGORIES = {
-    "truncated": "answer truncated by the token limit",
+    "prompt_did_not_fit": "not answered: the prompt left no room in the model's context",
+    "truncated": "answer truncated by the token limit or the model's context",
     "no_final_answer": "no explicit final answer (no `#### N` nor final statement: by-value read its last number)",
     "arithmetic_slip": "arithmetic slip (a written calculation is false)",
     "wrong_plan": "right arithmetic, wrong final number (misread question or wrong plan)",
@@ -69,10 +71,12 @@ def error_category(answer: dict, max_new_tokens: int | None = None) -> str | Non
     limit (`hit_token_limit`); `max_new_tokens` only serves answers written before it did."""
     if answer["correct"]:
         return None
+    if answer.get("prompt_did_not_fit"):  # answers written before the context was checked lack it
+        return "prompt_did_not_fit"
     hit = answer.get("hit_token_limit")
     if hit is None:
         hit = max_new_tokens is not None and answer["generated_tokens"] >= max_new_tokens
-    if hit and not answer.get("explicit_answer"):
+    if (hit or answer.get("stopped_at_context_end")) and not answer.get("explicit_answer"):
         return "truncated"
     if answer["pred"] is None or not answer.get("explicit_answer"):
         return "no_final_answer"

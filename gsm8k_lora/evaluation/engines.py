@@ -6,8 +6,9 @@
   until its last row stops (rows that stopped are padded meanwhile).
 - `static`: the same with transformers' static KV cache, whose decode step transformers compiles on CUDA.
 - `paged`: transformers' own continuous batching (`generate_batch`'s manager: a paged KV cache, CUDA graphs on CUDA).
-Every engine stops a row by the one rule of `batching.finished` (stop tokens, the row's token limit, stop strings,
-a complete `#### N` line); where a library engine cannot stop on a rule during decoding (stop strings in the paged
+Every engine stops a row by the one rule of `batching.finished` (stop tokens, the row's token limit, the model's
+last position, stop strings, a complete `#### N` line), and none is given a prompt that leaves no room in the
+model's context (`run`); where a library engine cannot stop on a rule during decoding (stop strings in the paged
 manager), its output is cut after the fact at the first token where the rule holds (`batching.cut`), so greedy
 rows keep exactly the tokens the slot loop keeps, wherever the numerics agree.
 """
@@ -62,7 +63,7 @@ def padded(model, requests: list[Request], slots: int, max_new_tokens: int, stop
         width = max(len(r.ids) for r in batch)
         ids = torch.tensor([[pad_id] * (width - len(r.ids)) + r.ids for r in batch], device=device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch], device=device)
-        limit = max(max_new_tokens if r.limit is None else min(max_new_tokens, r.limit) for r in batch)
+        limit = max(batching.budget(r, max_new_tokens) for r in batch)
         config = _generation_config(limit, stop_ids, pad_id, temperature, cache_implementation=cache)
         generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                    stopping_criteria=StoppingCriteriaList([RowsDone(batch, width, stop_ids,
@@ -88,8 +89,7 @@ def paged(model, requests: list[Request], slots: int, max_new_tokens: int, stop_
         with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
                                                        continuous_batching_config=batching_config) as manager:
             for i, r in enumerate(requests):
-                limit = max_new_tokens if r.limit is None else min(max_new_tokens, r.limit)
-                manager.add_request(r.ids, request_id=str(i), max_new_tokens=limit)
+                manager.add_request(r.ids, request_id=str(i), max_new_tokens=batching.budget(r, max_new_tokens))
             waiting = len(requests)
             while waiting:
                 STOP.check()
@@ -113,12 +113,26 @@ def paged(model, requests: list[Request], slots: int, max_new_tokens: int, stop_
 
 def run(engine: str, model, requests: list[Request], slots: int, max_new_tokens: int, stop_ids: set[int],
         pad_id: int, temperature: float | None, progress: Progress) -> list[list[int]]:
-    """Each request's generated token ids (the stop token included, as `model.generate` keeps it)."""
+    """Each request's generated token ids (the stop token included, as `model.generate` keeps it); none for a
+    request whose prompt leaves no room in the model's context (`Request.room`), which no engine is given."""
+    if engine not in ENGINES:
+        raise ValueError(f"eval.engine={engine!r} is invalid: allowed: {', '.join(ENGINES)}")
+    fits = [i for i, r in enumerate(requests) if r.room is None or r.room > 0]
+    out: list[list[int]] = [[] for _ in requests]
+    progress(len(requests) - len(fits))
+    if fits:
+        answered = _run(engine, model, [requests[i] for i in fits], slots, max_new_tokens, stop_ids, pad_id,
+                        temperature, progress)
+        for i, tokens in zip(fits, answered, strict=True):
+            out[i] = tokens
+    return out
+
+
+def _run(engine: str, model, requests: list[Request], slots: int, max_new_tokens: int, stop_ids: set[int],
+         pad_id: int, temperature: float | None, progress: Progress) -> list[list[int]]:
     if engine == "slots":
         return batching.run(model, requests, slots, max_new_tokens, stop_ids, temperature, progress)[0]
     if engine == "paged":
         return paged(model, requests, slots, max_new_tokens, stop_ids, pad_id, temperature, progress)
-    if engine not in ENGINES:
-        raise ValueError(f"eval.engine={engine!r} is invalid: allowed: {', '.join(ENGINES)}")
     cache = "static" if engine == "static" else None
     return padded(model, requests, slots, max_new_tokens, stop_ids, pad_id, temperature, progress, cache)

@@ -24,6 +24,10 @@ What lm-eval does, and where (paths inside the `lm_eval` package):
   `generate_until`): greedy, at most 256 new tokens, stop at `Question:`, `</s>`, `<|im_end|>` and the
   tokenizer's EOS; the decoded text is then cut at the stop sequences (`models/utils.py`
   `postprocess_generated_text`).
+- Context (`models/huggingface.py` `max_length`, `generate_until`, `tok_batch_encode`; `models/utils.py`
+  `resolve_max_length`): the model's length is the first of the config's `n_positions`, `max_position_embeddings`,
+  `n_ctx` (its `text_config`'s where it has one), else the tokenizer's `model_max_length`, else 2048; a prompt keeps
+  its last (length - 256) tokens, its BOS included where one was added, so prompt and answer always fit.
 Tokenisation follows lm-eval's HF wrapper (`tok_batch_encode`) in `generation.adds_special_tokens`: the
 tokenizer's own special tokens, unless the prompt already starts with BOS.
 """
@@ -43,8 +47,20 @@ FEWSHOT_DELIMITER = "\n\n"  # after each shot's answer (TaskConfig default)
 
 LM_EVAL_STOPS = ("Question:", "</s>", "<|im_end|>")  # the task's `until`; lm-eval adds the tokenizer's EOS
 LM_EVAL_MAX_NEW_TOKENS = 256  # lm-eval's DEFAULT_MAX_GEN_TOKS: the task's YAML sets no max_gen_toks
+LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's DEFAULT_MAX_LENGTH: the context of a model that reports none
+CONTEXT_CONFIG_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's order of reading them
+TOKENIZER_INFINITY = int(1e30)  # transformers' `model_max_length` of a tokenizer that sets none (lm-eval's too)
 # What lm-eval's protocols fix themselves: a value typed for these is refused, not silently replaced.
 LM_EVAL_FIXED = ("eval.max_new_tokens", "eval.stop_sequences")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A prompt as the model is given it (`Protocol.fit`)."""
+
+    ids: list[int]  # its token ids, as fed
+    cut: int  # tokens cut from its start
+    room: int | None  # the most tokens an answer can have before the context's end (<= 0: none); None: no end known
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,17 @@ class Protocol:
             return lm_eval_stop_sequences(eos_token)
         return list(own)
 
+    def fit(self, ids: list[int], context: int | None, max_new_tokens: int) -> Fit:
+        """A prompt's token ids as the model is given them, for a model of `context` positions (`context_length`;
+        None: it reports none). lm-eval's protocols keep the prompt's last `max_length - max_new_tokens` tokens, as
+        lm-eval does, so the answer always has its budget. The package's own never cut a prompt (its start is the
+        chat template, the system turn and the first shots: cut, it is another question): the answer may run only
+        to the context's last position (`room`), and a prompt that leaves no room for one token is not answered."""
+        keep = lm_eval_max_length(context) - max_new_tokens  # lm-eval's `max_ctx_len` (`context_problem`: > 0)
+        cut = max(0, len(ids) - keep) if self.lm_eval else 0
+        ids = ids[cut:]
+        return Fit(ids, cut, None if context is None else context - len(ids))
+
     def token_limit(self, max_new_tokens: int) -> int:
         return LM_EVAL_MAX_NEW_TOKENS if self.lm_eval else max_new_tokens
 
@@ -109,14 +136,24 @@ class Protocol:
             stops = ", ".join(f"`{s}`" for s in LM_EVAL_STOPS)
             form = "--apply_chat_template --fewshot_as_multiturn" if self.chat else "plain text"
             text = f"lm-eval `gsm8k`, {k}-shot, {form}, greedy, {LM_EVAL_MAX_NEW_TOKENS} new tokens"
-            return text if short else f"{text}, stop at {stops} or EOS"
+            return text if short else (f"{text}, stop at {stops} or EOS; a prompt longer than the model's context "
+                                       f"less {LM_EVAL_MAX_NEW_TOKENS} tokens loses its start, as lm-eval cuts it")
         samples = ecfg["num_samples"]
         sampling = (f"{samples} samples at temperature {ecfg['temperature']} (maj@{samples}, pass@{samples})"
                     if samples > 1 else "greedy")
         head = (f"{k}-shot chat (worked examples as earlier turns)" if self.shots_as_turns
                 else "zero-shot (the training prompt)")
         text = f"{head}, {sampling}, at most {ecfg.get('max_new_tokens')} new tokens"
-        return text if short else f"{text}, stop at EOS, end of turn or a complete `#### N` line"
+        return text if short else (f"{text}, stop at EOS, end of turn, a complete `#### N` line or the model's "
+                                   f"last position; a prompt that fills the context is not answered")
+
+    def context_problem(self, context: int | None, max_new_tokens: int) -> str | None:
+        """A model too short for lm-eval's protocols (lm-eval asserts the same): ConfigError's text."""
+        if not self.lm_eval or lm_eval_max_length(context) > max_new_tokens:
+            return None
+        return (f"eval.prompt={self.name} is invalid for this model: its context of {context} positions leaves no "
+                f"room for a prompt beside lm-eval's {max_new_tokens} new tokens; allowed: a model with more "
+                f"positions, or eval.prompt=zero_shot_cot or fewshot")
 
     def fixed_problem(self, typed: Iterable[str]) -> str | None:
         """A setting typed on the command line that this protocol would replace: refused (ConfigError's text)."""
@@ -142,6 +179,22 @@ def get(name: str) -> Protocol:
 
 def describe(ecfg: Mapping, short: bool = False) -> str:
     return get(ecfg["prompt"]).describe(ecfg, short)
+
+
+def context_length(config, tokenizer) -> int | None:
+    """The positions a model reports, read as lm-eval reads them (`resolve_max_length`): its config's (its text
+    model's, where it nests one), else its tokenizer's `model_max_length`; None where neither says."""
+    config = getattr(config, "text_config", None) or config
+    for attr in CONTEXT_CONFIG_ATTRS:
+        if (value := getattr(config, attr, None)) is not None:
+            return int(value)
+    length = getattr(tokenizer, "model_max_length", None)
+    return None if length is None or length == TOKENIZER_INFINITY else int(length)
+
+
+def lm_eval_max_length(context: int | None) -> int:
+    """lm-eval's `max_length` of a model whose context is `context` (`context_length`): 2048 where it reports none."""
+    return LM_EVAL_DEFAULT_MAX_LENGTH if context is None else context
 
 
 def lm_eval_stop_sequences(eos_token: str | None) -> list[str]:

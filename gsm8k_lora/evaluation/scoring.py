@@ -126,13 +126,17 @@ def majority_vote(preds: list[str | None]) -> str | None:
 
 
 def score(rows: list[dict], generations: list[dict], model_name: str, max_new_tokens: int | None = None) -> list[dict]:
-    """One graded answer per question (`figures.ANSWER`): the first completion graded, plus self-consistency votes."""
+    """One graded answer per question (`figures.ANSWER`): the first completion graded, plus self-consistency votes,
+    with how the model's context bounded it (`figures.CONTEXT`: a prompt that did not fit has no completion, so it is
+    graded wrong and stays among the questions both models are compared on)."""
     answers = []
     for row, gen in zip(rows, generations, strict=True):
         first, tokens = gen["completions"][0], gen["generated_tokens"][0]
         answer = {"id": row["id"], "model": model_name, "question": row["question"], "gold": row["gold"],
                   "completion": first, **grade(first, row["gold"]).fields(), "generated_tokens": tokens,
                   "hit_token_limit": max_new_tokens is not None and tokens >= max_new_tokens,
+                  "prompt_tokens_cut": gen["prompt_tokens_cut"], "prompt_did_not_fit": gen["prompt_did_not_fit"],
+                  "stopped_at_context_end": gen["stopped_at_context_end"][0],
                   "repetition_loop": repetition_loop(first), "num_steps": row["num_steps"],
                   "problem_type": row.get("problem_type") or None,  # the synthetic generator's kind of problem
                   }
@@ -186,7 +190,8 @@ def verdicts(k: int | None) -> dict[str, str]:
 
 
 def summarize(answers: list[dict], model: str) -> dict:
-    """Every figure of one model's answers: accuracies with 95% intervals, rates, mean tokens, maj@k/pass@k."""
+    """Every figure of one model's answers: accuracies with 95% intervals, rates, mean tokens, maj@k/pass@k, and how
+    many answers the model's context bounded (`figures.COUNTS`)."""
     n, k = len(answers), sampled_k(answers)
     out = {F.figure(model, "n"): n}
     for name, field in verdicts(k).items():
@@ -195,6 +200,7 @@ def summarize(answers: list[dict], model: str) -> dict:
         out.update(zip(F.interval(model, name), bounds, strict=True))
     out.update({F.figure(model, name): rate(answers, field) for name, field in F.RATES.items()})
     out[F.figure(model, F.GENERATED_TOKENS_MEAN)] = sum(r["generated_tokens"] for r in answers) / n if n else 0.0
+    out.update({F.figure(model, name): sum(bool(r[field]) for r in answers) for name, field in F.COUNTS.items()})
     return out
 
 
@@ -258,4 +264,16 @@ def summary_lines(metrics: dict, protocol: str, split: str = "test") -> list[str
     rules = [f"{rule.label} {across(rule.figure, interval=False)}" for rule in F.LM_EVAL_RULES]
     rates = [f"{what} {across(rate_name, interval=False)}" for what, rate_name in
              (("ran to the token limit", "hit_token_limit_rate"), ("repetition loops", "repetition_loop_rate"))]
-    return lines + ["  " + "; ".join(rules), "  " + "; ".join(rates)]
+    return lines + ["  " + "; ".join(rules), "  " + "; ".join(rates), context_line(metrics, models, names)]
+
+
+CONTEXT_LABELS = {"prompts_cut": "prompts cut at the start (lm-eval's rule)",
+                  "answers_stopped_at_context_end": "answers stopped at the context's end",
+                  "prompts_not_fitting": "prompts that left no room (not answered)"}
+
+
+def context_line(metrics: dict, models: list[str], names: dict[str, str]) -> str:
+    """How many answers the model's context bounded (`figures.COUNTS`), each model's count of each."""
+    parts = [f"{label} " + " -> ".join(f"{names[m]} {F.read(metrics, F.figure(m, count))}" for m in models)
+             for count, label in CONTEXT_LABELS.items()]
+    return f"  context: {'; '.join(parts)}"

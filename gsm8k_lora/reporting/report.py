@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from gsm8k_lora import figures as F
 from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, arithmetic_slips
-from gsm8k_lora.evaluation.scoring import accuracy_by_steps
+from gsm8k_lora.evaluation.scoring import CONTEXT_LABELS, accuracy_by_steps
 from gsm8k_lora.figures import read
 from gsm8k_lora.reporting import analysis, plots
 from gsm8k_lora.reporting.compare import Comparison, compare, to_markdown
@@ -164,6 +164,7 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
             rates = [read(ev, F.figure(model, rate)) or 0.0 for rate in F.RATES]
             out.append(f"| {model} | " + " | ".join(f"{r:.1%}" for r in rates)
                        + f" | {read(ev, F.figure(model, F.GENERATED_TOKENS_MEAN)) or 0:.0f} |")
+    out += context_rows(ev)
     if read(ev, F.paired(F.ANSWER_FORMAT, "difference")) is not None:
         out += ["", f"- Answer-format rate, fine-tuned minus baseline: {diff(F.ANSWER_FORMAT)}."]
     by_value = F.HEADLINE.pair
@@ -173,6 +174,17 @@ def gsm8k_section(ev: dict, cfg: dict) -> list[str]:
         out += [f"- By-value, questions right only after fine-tuning: {after}; right only before: {before}."]
     if read(ev, "note"):
         out.append(f"- {ev['note']}")
+    return out
+
+
+def context_rows(ev: dict) -> list[str]:
+    """How many answers the model's context bounded, per model (`figures.COUNTS`; n/a for runs made before they
+    were counted)."""
+    out = ["", "| model | " + " | ".join(CONTEXT_LABELS.values()) + " |", "|---|" + "---|" * len(CONTEXT_LABELS)]
+    for model in F.MODELS:
+        if read(ev, F.figure(model, "n")) is not None:
+            out.append(f"| {model} | " + " | ".join(f(read(ev, F.figure(model, c)), "d") for c in CONTEXT_LABELS)
+                       + " |")
     return out
 
 
