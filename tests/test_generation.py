@@ -195,5 +195,5 @@ def test_no_token_is_generated_past_the_model_s_last_position(smoke, near_the_en
         assert answer["completions"] == [completion(tokenizer, free[:room], ecfg)]
     for _, answer, _ in (no_room, less):
         assert answer == {"completions": [""], "generated_tokens": [0], "prompt_tokens_cut": 0,
-                          "stopped_at_context_end": [False], "prompt_did_not_fit": True}
+                          "stopped_at_context_end": [False], "prompt_did_not_fit": True, "process": 0}
     assert all(answer["prompt_tokens_cut"] == 0 for answer in out)  # the training prompt is never cut
