@@ -148,6 +148,10 @@ def eval_names(k: int | None = None) -> list[str]:
 
 
 # --- metrics.json -----------------------------------------------------------------------------------------------
+# How large a run was (`sft.scale_record`: environment.json's `scale`, and metrics.json): another number of processes
+# is another global batch, step count and schedule.
+SCALE = ("processes", "nodes", "launcher", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch")
+
 # Curves summed up from the log history (`training/history.py`): first, last, best, its step, and for losses the
 # decrease in percent. Token accuracy is TRL's next-token statistic under teacher forcing, never GSM8K accuracy.
 CURVES = {"train_loss": ("first", "last", "best", "best_step", "decrease_pct"),
@@ -158,7 +162,8 @@ TRAINING = (
     "rows_train", "rows_validation", "rows_test", "rows_dropped_train", "rows_dropped_test", "dropped_reasons",
     "rows_validation_loss", "train_runtime_s", "train_samples_per_s", "steps", "max_steps", "epochs", "tokens_seen",
     "stop_reason", "best_checkpoint", "trainable_params", "total_params", "token_accuracy_note", "model_weights",
-    "system_prompt", "weights_gib", "weights_gib_unquantised", "weights_unquantised_dtype", "peak_memory_gib")
+    "system_prompt", "weights_gib", "weights_gib_unquantised", "weights_unquantised_dtype", "peak_memory_gib",
+    *SCALE, "steps_per_epoch")
 
 
 def curve(name: str, stat: str) -> str:
@@ -179,7 +184,8 @@ def column_interval(model: str) -> tuple[str, str]:
 
 COMPARISON = (*(c for model in MODELS for c in (model, *column_interval(model))), "difference", "mcnemar_p",
               "finetuned_strict_match", "finetuned_flexible_extract", "finetuned_loop_rate", "eval_loss_best",
-              "train_runtime_s")
+              "train_runtime_s", "processes", "global_batch")
+SETTING_FACTS = ("processes", "global_batch")  # a setting's, where all its seeds agree: not averaged
 # A setting (the swept values but the seed) over its seeds: each figure's mean in the figure's column, and for these
 # its standard deviation over the seeds beside it.
 SPREAD = ("baseline", "finetuned", "difference", "finetuned_strict_match", "finetuned_flexible_extract",

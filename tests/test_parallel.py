@@ -3,6 +3,7 @@ torchrun sets it), launched by torchrun and by accelerate. Each rank trains and 
 writes and speaks; the run records its scale; a rerun with another number of processes is refused where it would
 change the training; a failure on one rank is one line that names it."""
 
+import csv
 import json
 import os
 import shutil
@@ -62,6 +63,7 @@ def test_each_rank_trains_and_answers_its_share_and_rank_0_alone_writes_and_spea
         assert (checkpoint / ".complete").exists()
         assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert "find_unused_parameters" not in proc.stderr  # DDP is told LoRA uses every trainable weight
+    assert "2 processes (torchrun, 1 node)" in (run_dir / "report.md").read_text()
     logged = read_run(run_dir)
     assert (logged["config"]["processes"], logged["config"]["global_batch"]) == (2, 32)
 
@@ -210,3 +212,6 @@ def test_a_submitit_sweeps_job_is_one_data_parallel_run_of_its_tasks(tmp_path, t
     assert (metrics["processes"], metrics["launcher"], metrics["global_batch"]) == (2, "submitit", 32)
     assert json.loads((job / "eval_metrics.json").read_text())["finetuned_answer_processes"] == 2
     assert (job / "done.json").exists() and not (job / "failed.json").exists()
+    # the sweep's comparison says at which scale each setting trained
+    (row,) = [r for r in csv.DictReader((sweep_dir / "comparison.csv").open()) if r["level"] == "setting"]
+    assert (row["processes"], row["global_batch"]) == ("2", "32")

@@ -91,6 +91,7 @@ def row_of(job: dict, keys: list[str]) -> dict:
                 "finetuned_flexible_extract": read(ev, F.figure("finetuned", F.FLEXIBLE_EXTRACT.figure)),
                 "finetuned_loop_rate": read(ev, F.figure("finetuned", "repetition_loop_rate")),
                 "eval_loss_best": read(m, F.curve("eval_loss", "best")), "train_runtime_s": read(m, "train_runtime_s"),
+                "processes": read(m, "processes"), "global_batch": read(m, "global_batch"),
                 "wandb_run": job["wandb"].get("id"), "error": job["error"] or ""})
     return row
 
@@ -181,7 +182,8 @@ def to_markdown(comparison: Comparison) -> str:
             "baseline, exact McNemar p; vs best: the setting's accuracy minus the best's on the same questions (and "
             "seeds), with its 95% interval (Bonett-Price), exact McNemar p and Holm's adjusted p over the settings "
             "compared; strict / flexible: lm-eval's rules on the fine-tuned answers; loops: share of fine-tuned "
-            "answers caught in a repetition loop.")
+            "answers caught in a repetition loop; processes (global batch): how many processes trained and the rows "
+            "one optimizer step took, which another number of GPUs changes.")
     return "\n".join([*out, note]) + "\n"  # the note after a blank line: GitHub would read it as a table row
 
 
@@ -192,14 +194,15 @@ def _row(cells: list[str]) -> str:
 def _settings_table(settings: list[dict], seeded: bool) -> list[str]:
     head = ["setting", "job", "status", *(["seeds"] if seeded else []), "n", "baseline [95% CI]",
             "fine-tuned [95% CI]", "difference (McNemar p)", "vs best [95% CI]", "vs best p (Holm)",
-            "lm-eval strict / flexible", "loops", "best eval loss", "error"]
+            "lm-eval strict / flexible", "loops", "best eval loss", "processes (global batch)", "error"]
     out = [_row(head), "|" + "---|" * len(head)]
     for s in settings:
         label = {"best": f"**{s['setting']} (best)**", "tied": f"{s['setting']} (tied for best)",
                  "tied (reference)": f"{s['setting']} (tied for best; the reference)"}.get(s["best"], s["setting"])
         out.append(_row([label, s["job"], s["status"], *([str(s["seeds"])] if seeded else []), _cell("n", s["n"]),
                          _figure(s, "baseline"), _figure(s, "finetuned"), _difference(s), *_vs_best(s),
-                         _lm_eval(s), _spread(s, "finetuned_loop_rate"), _spread(s, "eval_loss_best"), s["error"]]))
+                         _lm_eval(s), _spread(s, "finetuned_loop_rate"), _spread(s, "eval_loss_best"), _scale(s),
+                         s["error"]]))
     return out
 
 
@@ -212,6 +215,11 @@ def _jobs_table(rows: list[dict], swept: list[str]) -> list[str]:
                          _figure(r, "baseline"), _figure(r, "finetuned"), _difference(r), _lm_eval(r),
                          _cell("finetuned_", r["finetuned_loop_rate"]), _cell("", r["eval_loss_best"]), r["error"]]))
     return out
+
+
+def _scale(row: dict) -> str:
+    """`2 (32)`: the processes that trained, and the rows one optimizer step took; runs of another scale differ."""
+    return "" if row["processes"] is None else f"{row['processes']} ({row['global_batch']})"
 
 
 def _figure(row: dict, model: str) -> str:

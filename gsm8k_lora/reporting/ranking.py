@@ -83,6 +83,9 @@ def _setting(members: list[dict], swept: list[str]) -> dict:
            "seeds": len(members), "protocol": first["protocol"], "rule": first["rule"], "n": first["n"],
            "best": "", "wandb_run": first["wandb_run"] if one else "",
            "error": "; ".join(f"job {r['job']}: {r['error']}" for r in members if r["error"])}
+    for column in F.SETTING_FACTS:
+        values = {r[column] for r in members}
+        row[column] = values.pop() if len(values) == 1 else None
     for column in F.SPREAD:
         values = [r[column] for r in done if r[column] is not None]
         row[column] = statistics.fmean(values) if values else None

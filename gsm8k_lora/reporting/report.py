@@ -47,7 +47,8 @@ def during_training_rows(ecfg: dict, m: dict) -> str:
 def overview(run: dict, price: float) -> list[str]:
     cfg, env, m = run["config"], run["environment"], run["metrics"]
     model, data, lora, tr = cfg.get("model", {}), cfg.get("data", {}), cfg.get("lora", {}), cfg.get("trainer", {})
-    gpu_count = env.get("gpu_count", 0)
+    processes = read(m, "processes") or 1
+    gpu_count = processes if env.get("gpu_count") else 0  # one GPU a process (a plain launch keeps to one)
     gpu_hours, cost = analysis.cost_usd(read(m, 'train_runtime_s') or 0.0, gpu_count, price)
     cost_line = (f"- Cost: {gpu_hours:.3f} GPU-hours x ${price:.2f} per GPU-hour = **${cost:.2f}** "
                  f"(the price is `report.gpu_hour_price_usd`, an assumption to set to yours; training time only)"
@@ -67,15 +68,25 @@ def overview(run: dict, price: float) -> list[str]:
         f"bias={lora.get('bias')}, targets={lora.get('target_modules')}; {read(m, 'trainable_params')} trainable of "
         f"{read(m, 'total_params')} parameters",
         f"- Trainer: lr {tr.get('learning_rate')}, {length(tr, m)}, batch {tr.get('per_device_train_batch_size')} x "
-        f"accumulation "
-        f"{tr.get('gradient_accumulation_steps')}, bf16 {tr.get('bf16')}, early stopping patience "
-        f"{tr.get('early_stopping_patience')}",
-        f"- Hardware: {env.get('device')} ({gpu_count} GPU), {env.get('cpu_count')} CPU cores; "
+        f"accumulation {tr.get('gradient_accumulation_steps')} x {processes} process{'es' * (processes > 1)} = "
+        f"{read(m, 'global_batch') or 'n/a'} rows a step, {read(m, 'steps_per_epoch') or 'n/a'} steps an epoch; "
+        f"bf16 {tr.get('bf16')}, early stopping patience {tr.get('early_stopping_patience')}",
+        f"- Hardware: {env.get('device')} ({gpu_count} GPU), {env.get('cpu_count')} CPU cores, "
+        f"{scale_words(m)}; "
         f"torch {env.get('packages', {}).get('torch')}, trl {env.get('packages', {}).get('trl')}",
         f"- Runtime: {f(read(m, 'train_runtime_s'), '.1f')} s training, {read(m, 'steps')} steps, "
         f"{read(m, 'tokens_seen')} tokens seen; stop: {read(m, 'stop_reason')}",
         cost_line,
     ]
+
+
+def scale_words(m: dict) -> str:
+    """How many processes trained, launched by what: `1 process`, `2 processes (torchrun, 1 node)`."""
+    processes = read(m, "processes") or 1
+    if processes == 1:
+        return "1 process"
+    nodes = read(m, "nodes") or 1
+    return f"{processes} processes ({read(m, 'launcher')}, {nodes} node{'s' * (nodes > 1)})"
 
 
 def length(tr: dict, m: dict) -> str:
