@@ -5,7 +5,7 @@ number). Rows come back on stdout with the graded answer's fields (`figures.GRAD
 rule (`pred`, the extracted number or null, and `correct`; `by_value_strict_pred` and `by_value_strict_correct`
 for the number after `####` only; `explicit_answer`) and lm-eval's own `gsm8k` filters
 (`lm_eval_strict_extracted` / `_correct` for strict-match, `lm_eval_flexible_*` for flexible-extract); a one-line
-summary goes to stderr.
+summary goes to stderr. A file that is not UTF-8 JSON lines, holds no rows, or lacks a column is one line, exit 1.
 """
 
 from __future__ import annotations
