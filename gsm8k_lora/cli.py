@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra import version
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.hydra import Hydra
@@ -49,8 +50,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from gsm8k_lora import hub, parallel, preflight
 from gsm8k_lora.config import Config, validate
-from gsm8k_lora.errors import EXPECTED, ConfigError, fail
+from gsm8k_lora.errors import EXPECTED, ConfigError, DataError, fail
 from gsm8k_lora.evaluation import protocols
+from gsm8k_lora.model import files as model_files
 from gsm8k_lora.naming import override_key, swept_values
 from gsm8k_lora.rundir import resolve_adapter, run_directory
 
@@ -218,6 +220,8 @@ def check_training(jobs: list[DictConfig], overrides: list[str], multirun: bool 
     found = list(dict.fromkeys(p for cfg in configs for p in preflight.problems(cfg)))  # once each, in order
     if found:
         raise ConfigError(preflight.message(found, sweep=multirun))
+    for cfg in {repr((c.data, c.model, c.trainer.resume)): c for c in configs}.values():  # each set of files once
+        preflight.check_files(cfg)
     return configs
 
 
@@ -231,7 +235,7 @@ def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
     run_dir = run_directory(raw.adapter)
     if run_dir is None:
         return raw
-    run = OmegaConf.load(run_dir / "config.yaml")
+    run = read_run_config(run_dir / "config.yaml")
     given = typed_keys(overrides)
     merged = raw.copy()
     for key in RUN_KEYS:
@@ -248,6 +252,17 @@ def inherit_run_config(raw: DictConfig, overrides: list[str]) -> DictConfig:
     return merged
 
 
+def read_run_config(path: Path) -> DictConfig:
+    """A run's config.yaml as OmegaConf reads it; DataError naming it where it is not a YAML mapping."""
+    try:
+        run = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise DataError(f"{path}: not a config this package wrote ({type(err).__name__}: {_first_line(err)})") from err
+    if not isinstance(run, DictConfig):
+        raise DataError(f"{path}: expected a YAML mapping of the run's settings, got {type(run).__name__}")
+    return run
+
+
 def check_evaluation(raw: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
     """The config to evaluate (a run's own where `adapter=` names one), validated, with everything this machine
     cannot do for it said at once (ConfigError)."""
@@ -256,11 +271,13 @@ def check_evaluation(raw: DictConfig, overrides: list[str]) -> tuple[Config, Dic
     ignored = protocols.get(cfg.eval.prompt).fixed_problem(typed_keys(overrides))
     if ignored:
         raise ConfigError(ignored)
-    if cfg.adapter:
-        resolve_adapter(cfg.adapter)
+    adapter = resolve_adapter(cfg.adapter) if cfg.adapter else None
     found = preflight.problems(cfg, training=False)
     if found:
         raise ConfigError(preflight.message(found))
+    if adapter:
+        model_files.check_adapter(Path(adapter))
+    preflight.check_files(cfg, training=False)
     return cfg, merged
 
 

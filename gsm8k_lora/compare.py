@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(DataError(f"{args.sweep_dir} is not a directory"))
     try:
         comparison = compare(args.sweep_dir)
+    except DataError as err:  # a job's file that its reader refuses names itself (`rundir.read_json`)
+        fail(err)
     except FileNotFoundError as err:
         fail(DataError(str(err)))
     for name, text in comparison.files.items():

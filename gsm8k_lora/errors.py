@@ -1,10 +1,18 @@
 """The failures a user is told about in one line, and the exit code of each. Raised anywhere below the
-entry points; said and turned into an exit code by `fail`, at the door and where a job ends (`rundir.py`)."""
+entry points; said and turned into an exit code by `fail`, at the door and where a job ends (`rundir.py`).
+
+A failure that a library's exception caused (a file its reader refused) is raised `from` that exception: the
+line says so and names the switch, `HYDRA_FULL_ERROR=1`, that prints the whole traceback above it. It is the
+variable Hydra's own commands already read for their full traceback, so one switch serves every command."""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import NoReturn
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 class ConfigError(ValueError):
@@ -62,9 +70,18 @@ def stops_a_sweep(err: BaseException) -> bool:
     return getattr(err, "exit_code", 1) > 128
 
 
+def full_error() -> bool:
+    return os.environ.get(FULL_ERROR) == "1"
+
+
 def fail(err: BaseException, quiet: bool = False, who: str = "") -> NoReturn:
     """An expected failure (`EXPECTED`) as one line on stderr, begun by `who` (a data-parallel run's rank names
-    itself: `rank 1 of 2: `), or none (`quiet`), and its exit code."""
-    if not quiet:
-        print(f"{who}{err.label}: {err}", file=sys.stderr)
+    itself: `rank 1 of 2: `), or none (`quiet`), and its exit code; with HYDRA_FULL_ERROR=1 the traceback first, of
+    it and of the library's exception that caused it."""
+    if quiet:
+        sys.exit(err.exit_code)
+    if full_error():
+        traceback.print_exception(err, file=sys.stderr)
+    hint = f" ({FULL_ERROR}=1 shows the traceback)" if err.__cause__ is not None and not full_error() else ""
+    print(f"{who}{err.label}: {err}{hint}", file=sys.stderr)
     sys.exit(err.exit_code)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from gsm8k_lora import cli, naming, parallel
 from gsm8k_lora import figures as F
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
-from gsm8k_lora.errors import EXPECTED, fail
+from gsm8k_lora.errors import EXPECTED, ConfigError, fail
 from gsm8k_lora.rundir import RunDirectory, run_directory
 from gsm8k_lora.stopping import STOP, Interrupted, StopNow
 
@@ -78,7 +78,17 @@ def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> No
         STOP.restore()
 
 
+def checked_job(composed: cli.Composed):
+    """A single evaluation, checked before anything loads: its config and files, and a directory of its own (the
+    run it evaluates keeps its files as they are)."""
+    checked = cli.check_evaluation(composed.task, composed.overrides)
+    source = run_directory(checked[0].adapter)
+    if source is not None and source.resolve() == composed.run_dir.resolve():
+        raise ConfigError(f"hydra.run.dir={composed.run_dir} is invalid: it is the run being evaluated, whose files "
+                          f"the evaluation would replace; give the evaluation a directory of its own")
+    return partial(job, checked=checked)
+
+
 if __name__ == "__main__":
     register_configs()  # the schemas must be in Hydra's ConfigStore before it composes
-    cli.command(sys.argv[1:], help_text(), job,
-                lambda composed: partial(job, checked=cli.check_evaluation(composed.task, composed.overrides)))
+    cli.command(sys.argv[1:], help_text(), job, checked_job)

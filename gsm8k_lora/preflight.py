@@ -5,8 +5,10 @@ model and data) meets several problems; `problems(cfg)` collects every one, so t
 - device: settings that need a CUDA GPU (bf16, fp16, TF32) or bitsandbytes kernels for this device;
 - sources: a hub model or dataset while the hub does not answer and the local cache lacks it; a local path
   that does not exist or holds no data; a `trainer.resume` path that is not a checkpoint.
-`message(...)` turns them into one line that names each key and what runs here instead. Only cheap
-libraries are imported at the top: this runs in the entry points' door, before torch is needed.
+`message(...)` turns them into one line that names each key and what runs here instead. Then `check_files(cfg)`
+reads the files the config hands the package (`data/files.py`, `model/files.py`), cheaply, and a broken one is
+one line naming it (DataError or ModelLoadError). Only cheap libraries are imported at the top: this runs in the
+entry points' door, before torch is needed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from gsm8k_lora import hub
 from gsm8k_lora.config import BUILTIN_FALCON3_SHAPE, BUILTIN_TINY, Config, DataConfig, ModelConfig
-from gsm8k_lora.data.files import LOCAL_SUFFIXES, split_files
+from gsm8k_lora.data.files import LOCAL_SUFFIXES, check_local, split_files
+from gsm8k_lora.model import files as model_files
 from gsm8k_lora.model import kernels
 
 BUILTIN = "builtin:"
@@ -115,10 +118,18 @@ def _is_repo_id(text: str) -> bool:
     return not text.startswith((".", "~", "/"))
 
 
+def gguf_path(cfg: ModelConfig) -> Path | None:
+    """`model.gguf_file` as a path, or as a file name inside the directory `model.name_or_path`; None if neither."""
+    given = Path(cfg.gguf_file).expanduser()
+    return next((p for p in (given, Path(cfg.name_or_path).expanduser() / given) if p.is_file()), None)
+
+
 def model_problems(cfg: ModelConfig) -> list[Problem]:
+    template = cfg.chat_template_path
+    if template and not Path(template).expanduser().is_file():
+        return [Problem("model.chat_template_path", template, "is no such file", "path")]
     if cfg.gguf_file:
-        given = Path(cfg.gguf_file).expanduser()
-        if not (given.is_file() or (Path(cfg.name_or_path).expanduser() / given).is_file()):
+        if gguf_path(cfg) is None:
             return [Problem("model.gguf_file", cfg.gguf_file, "is no such file (nor a file inside model.name_or_path)",
                             "path")]
         return []
@@ -192,6 +203,23 @@ def problems(cfg: Config, training: bool = True) -> list[Problem]:
     found = device_problems(cfg, training) + data_problems(cfg.data) + model_problems(cfg.model)
     found += kernel_problems(cfg.model)
     return found + (resume_problems(cfg.trainer.resume) if training else [])
+
+
+def check_files(cfg: Config, training: bool = True) -> None:
+    """The files `cfg` hands the package, read by their formats' own readers before anything loads: local data,
+    a model directory or GGUF file, a chat template, a checkpoint to resume from. The first broken one is a
+    DataError or ModelLoadError, one line naming it. Called once `problems` found nothing."""
+    if cfg.data.source == "local":
+        check_local(cfg.data.path, cfg.data.max_bad_fraction)
+    model = cfg.model
+    if model.gguf_file:
+        model_files.check_gguf(gguf_path(model))
+    elif not model.name_or_path.startswith(BUILTIN) and Path(model.name_or_path).expanduser().is_dir():
+        model_files.check_model_dir(Path(model.name_or_path).expanduser())
+    if model.chat_template_path:
+        model_files.template_text(Path(model.chat_template_path).expanduser())
+    if training and cfg.trainer.resume not in ("auto", "never"):
+        model_files.check_checkpoint(Path(cfg.trainer.resume))
 
 
 CPU_ALTERNATIVES = ("make demo (the tiny model, a minute), make real (SmolLM2-135M-Instruct on the real GSM8K, "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
 
 from gsm8k_lora import figures as F
 from gsm8k_lora import naming, parallel, tracking
@@ -34,7 +33,7 @@ from gsm8k_lora.evaluation.answers import evaluate as evaluate_answers
 from gsm8k_lora.evaluation.answers import model_note
 from gsm8k_lora.evaluation.scoring import summary_lines
 from gsm8k_lora.model import kernels, sources
-from gsm8k_lora.model.loading import load, resolve_dtype, to_device, weight_memory
+from gsm8k_lora.model.loading import load, load_adapter, resolve_dtype, to_device, weight_memory
 from gsm8k_lora.naming import RunNaming
 from gsm8k_lora.reporting import plots
 from gsm8k_lora.reporting.report import build as build_report
@@ -102,7 +101,8 @@ def run(cfg: Config, raw_cfg: DictConfig, run_dir: RunDirectory, run_naming: Run
     try:
         if finished is not None:
             print(f"training finished earlier, at step {finished['steps']}: evaluating {run_dir.path / 'adapter'}")
-            model = to_device(PeftModel.from_pretrained(model, str(run_dir.path / "adapter")), cfg.trainer.use_cpu)
+            model = to_device(load_adapter(model, str(run_dir.path / "adapter"), cfg.model.name_or_path),
+                              cfg.trainer.use_cpu)
             metrics = finished
         else:
             trainer = build_trainer(cfg, model, tokenizer, splits, run_dir, name, tracker.callback())
@@ -187,7 +187,7 @@ def evaluate(cfg: Config, merged: DictConfig, run_dir: RunDirectory, run_naming:
     weights = sources.resolve(cfg.model, cfg.cache_dir)
     model, tokenizer = load(cfg.model, cfg.cache_dir, resolved=weights)
     if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter, cfg.model.name_or_path)
     to_device(model)
     loaded = {**weights.as_dict(), "hub_kernels": kernels.describe(model, cfg.model.hub_kernels)}
     resolved = OmegaConf.to_container(merged, resolve=True)  # the config as evaluated

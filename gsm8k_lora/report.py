@@ -33,24 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-hour-price", type=float, default=None,
                         help="price per GPU-hour in USD (default: the run's report.gpu_hour_price_usd)")
     args = parser.parse_args(argv)
-    if not args.run_dir.is_dir():
-        fail(DataError(f"{args.run_dir} is not a directory"))
-    sweep = (args.run_dir / "multirun.yaml").exists()
-    if not sweep and not (args.run_dir / "metrics.json").exists():
-        failure = read_json(args.run_dir / FAILED).get("error")
-        why = f"it failed: {failure}" if failure else "its training never finished (no metrics.json)"
-        fail(DataError(f"{args.run_dir} holds no results to report: {why}"))
-    price = args.gpu_hour_price
-    if price is None:  # the run's own setting, as it ran
-        price = read_config(args.run_dir).get("report", {}).get("gpu_hour_price_usd")
-    if price is None and not sweep:
-        fail(DataError(f"{args.run_dir} has no config.yaml with report.gpu_hour_price_usd; give --gpu-hour-price"))
     try:
-        path, _ = write_report(args.run_dir, price)
+        path = report(args.run_dir, args.gpu_hour_price)
+    except DataError as err:  # a file of the run that its reader refuses names itself (`rundir.read_json`)
+        fail(err)
     except FileNotFoundError as err:
         fail(DataError(str(err)))
     print(f"report: {path}")
     return 0
+
+
+def report(run_dir: Path, price: float | None) -> Path:
+    """The report of `run_dir` written; DataError where the directory holds nothing to report."""
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir} is not a directory")
+    sweep = (run_dir / "multirun.yaml").exists()
+    if not sweep and not (run_dir / "metrics.json").exists():
+        failure = read_json(run_dir / FAILED).get("error")
+        why = f"it failed: {failure}" if failure else "its training never finished (no metrics.json)"
+        raise DataError(f"{run_dir} holds no results to report: {why}")
+    if price is None:  # the run's own setting, as it ran
+        price = (read_config(run_dir).get("report") or {}).get("gpu_hour_price_usd")
+    if price is None and not sweep:
+        raise DataError(f"{run_dir / 'config.yaml'} gives no report.gpu_hour_price_usd; give --gpu-hour-price")
+    return write_report(run_dir, price)[0]
 
 
 if __name__ == "__main__":

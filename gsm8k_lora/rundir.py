@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 
 from gsm8k_lora import parallel
 from gsm8k_lora.environment import environment
-from gsm8k_lora.errors import EXPECTED, ConfigError, DiskFull, RunDirBusy, fail, stops_a_sweep
+from gsm8k_lora.errors import EXPECTED, ConfigError, DataError, DiskFull, RunDirBusy, fail, stops_a_sweep
 from gsm8k_lora.parallel import main_only
 from gsm8k_lora.stopping import STOP, StopNow
 
@@ -73,19 +73,34 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _parsed(path: Path, parse, kind: type = dict):
+    """`parse` of a file's text, or DataError naming the file where it is not UTF-8, its reader refuses it, or it
+    holds another kind of value: a damaged file of a run is said in one line by every reader of it."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as err:  # json's errors are ValueErrors
+        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a {'mapping' if kind is dict else 'list'}, got {type(value).__name__}")
+    return value
+
+
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return _parsed(path, json.loads) if path.exists() else {}
 
 
 def read_config(run_dir: Path) -> dict:
     """A run directory's resolved config.yaml as plain data ({} if it has none)."""
     path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None) or {}
+    return _parsed(path, lambda text: yaml.safe_load(text) or {}) if path.exists() else {}
 
 
 def read_predictions(run_dir: Path) -> list[dict]:
     path = run_dir / "predictions.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    lines = _parsed(path, lambda text: [json.loads(line) for line in text.splitlines()], list) if path.exists() else []
+    if not all(isinstance(row, dict) for row in lines):
+        raise DataError(f"{path}: expected one JSON object a line")
+    return lines
 
 
 def read_sweep(sweep_dir: Path) -> dict:

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsm8k_lora import cli, naming, parallel, sweep
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
-from gsm8k_lora.errors import ConfigError, RunDirBusy
+from gsm8k_lora.errors import ConfigError, DataError, ModelLoadError, RunDirBusy
+from gsm8k_lora.model import files as model_files
 from gsm8k_lora.rundir import RunDirectory, read_sweep
 
 HELP_OVERRIDES = (
@@ -90,6 +91,7 @@ def run_job(raw: DictConfig, config: Config | None, run_dir: RunDirectory, multi
             problem = run_dir.rerun_problem(OmegaConf.to_container(raw, resolve=True), config.trainer.resume)
             if problem:
                 raise RunDirBusy(problem)  # touches nothing: the directory is another run's
+            check_resume(run_dir, config.trainer.resume)
         if config.trainer.resume == "never" and run_dir.holds_run():
             run_dir.clear()
             print(f"starting {run_dir.path} afresh (trainer.resume=never): its earlier checkpoints and results are "
@@ -130,8 +132,25 @@ def checked_job(composed: cli.Composed) -> Callable[[DictConfig], float | None]:
     problem = run_dir.rerun_problem(OmegaConf.to_container(composed.task, resolve=True), config.trainer.resume)
     if problem:
         raise ConfigError(problem)
+    check_resume(run_dir, config.trainer.resume)
     run_dir.hold()
     return partial(job, config=config, run_dir=run_dir)
+
+
+def check_resume(run_dir: RunDirectory, resume: str) -> None:
+    """What `trainer.resume=auto` reads of this directory, read first by its formats' readers: the adapter where
+    training finished, else the last complete checkpoint. A damaged file is one line saying how to go on."""
+    if resume != "auto" or run_dir.completed() is not None:  # a completed run is skipped: nothing is read
+        return
+    finished = run_dir.finished_training() is not None
+    target = run_dir.path / "adapter" if finished else next(reversed(run_dir.checkpoints()), None)
+    if target is None:
+        return
+    try:
+        (model_files.check_adapter if finished else model_files.check_checkpoint)(target)
+    except ModelLoadError as err:
+        instead = "train again from its last checkpoint" if finished else "resume from the checkpoint before it"
+        raise DataError(f"{err}; delete {target} to {instead}, or add trainer.resume=never to start afresh") from err
 
 
 if __name__ == "__main__":

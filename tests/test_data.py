@@ -43,7 +43,7 @@ def test_unreachable_hub_dataset_suggests_offline_options():
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
-        data.load_local(str(tmp_path / "nope"))
+        data.load_local(str(tmp_path / "nope"), 0.0)
 
 
 def test_bad_rows_are_dropped_counted_and_bounded():

@@ -80,7 +80,7 @@ def test_a_local_directory_is_read_for_its_own_files_only(tmp_path):
     (tmp_path / "outputs" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "outputs" / "checkpoint-5" / "trainer_state.json").write_text("{not data")
     (tmp_path / "outputs" / "train_more.jsonl").write_text("{not data")
-    rows = load_local(str(tmp_path))
+    rows = load_local(str(tmp_path), 0.0)
     assert (len(rows["train"]), len(rows["test"])) == (3, 1)
 
 

@@ -120,9 +120,12 @@ def gold_number(answer: str) -> str | None:
 
 def row_problem(row: dict) -> str | None:
     """Why a raw row cannot be used (a short reason), or None if it is a valid GSM8K row."""
-    question = row.get("question")
-    if not isinstance(question, str) or not question.strip():
+    question, answer = row.get("question"), row.get("answer")
+    for name, value in (("question", question), ("answer", answer)):
+        if value is not None and not isinstance(value, str):
+            return f"{name} not text"
+    if question is None or not question.strip():
         return "empty question"
-    if parse_answer(row.get("answer")) is None:
+    if parse_answer(answer) is None:
         return "answer without a final '#### <number>' line"
     return None

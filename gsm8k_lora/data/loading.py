@@ -8,7 +8,6 @@ Every row limit is applied here: `data.train_limit` and `data.val_limit` in `bui
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from datasets import Dataset, load_dataset
 from gsm8k_lora import hub
 from gsm8k_lora.config import DataConfig
 from gsm8k_lora.data import synthetic
-from gsm8k_lora.data.files import LOCAL_SUFFIXES, split_files
+from gsm8k_lora.data.files import LOCAL_SUFFIXES, gsm8k_rows, local_files
 from gsm8k_lora.data.gsm8k import parse_answer, row_problem
 from gsm8k_lora.errors import DataError
 
@@ -53,45 +52,19 @@ def shot_pool(splits: Splits, split: str) -> list[dict]:
     return (splits.pool if split == "test" else splits.train).to_list()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    # Hand-written rather than datasets' json builder so a bad line is reported with its number.
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'")
-            rows.append(row)
-    return rows
-
-
-def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        return load_dataset("parquet", data_files=str(path), split="train").to_list()
-    if path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("{"):
-        return json.loads(path.read_text(encoding="utf-8"))
-    return read_jsonl(path)
-
-
-def load_local(path: str) -> dict[str, list[dict]]:
-    """Rows of a directory holding `train*` and `test*` files (jsonl, json or parquet), or of one file."""
+def load_local(path: str, max_bad_fraction: float) -> dict[str, list[dict]]:
+    """Rows of a directory holding `train*` and `test*` files (jsonl, json or parquet), or of one file; each file
+    read and checked by `files.gsm8k_rows` (DataError naming a broken one)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data.path={path!r} does not exist; give a directory with train/test files "
                         f"({', '.join(LOCAL_SUFFIXES)}) or one such file")
-    if root.is_file():
-        return {"train": _read_file(root), "test": []}
-    splits = {split: [row for f in split_files(root, split) for row in _read_file(f)] for split in ("train", "test")}
-    if not splits["train"]:
+    found = local_files(root)
+    if not found["train"]:
         raise DataError(f"data.path={path!r} has no train* file of its own with one of the suffixes "
                         f"{', '.join(LOCAL_SUFFIXES)} (a directory in the hub repository's layout loads with "
                         f"data=gsm8k data.path=DIR)")
-    return splits
+    return {split: [row for f in files for row in gsm8k_rows(f, max_bad_fraction)] for split, files in found.items()}
 
 
 def load_hub(path: str, name: str | None) -> dict[str, list[dict]]:
@@ -112,7 +85,7 @@ def load_splits(cfg: DataConfig) -> dict[str, list[dict]]:
         return {"train": synthetic.generate(cfg.num_train, cfg.synthetic_seed),
                 "test": synthetic.generate(cfg.num_test, cfg.synthetic_seed + 1)}
     if cfg.source == "local":
-        return load_local(cfg.path)
+        return load_local(cfg.path, cfg.max_bad_fraction)
     return load_hub(cfg.path, cfg.name)
 
 

@@ -104,7 +104,7 @@ def convert_gguf(gguf: Path, root: Path, setting: str | None = None) -> Path:
             label = setting or f"model.gguf_file={str(gguf)!r}"
             raise ModelLoadError(f"{label}: transformers' GGUF loader cannot read it "
                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it supports "
-                                 f"the architectures and quantisations listed in transformers' GGUF docs") from None
+                                 f"the architectures and quantisations listed in transformers' GGUF docs") from err
         # The GGUF quantizer marker makes save_pretrained refuse; the weights are plain float32 by now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

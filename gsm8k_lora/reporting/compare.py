@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from gsm8k_lora import figures as F
 from gsm8k_lora import naming
+from gsm8k_lora.errors import DataError
 from gsm8k_lora.figures import read
 from gsm8k_lora.reporting import plots, ranking
 from gsm8k_lora.reporting.ranking import Ranking
@@ -32,9 +33,22 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+def read_overrides(job_dir: Path) -> list[str]:
+    """The overrides Hydra recorded for a job (`.hydra/overrides.yaml`): a YAML list; DataError naming the file."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    if not isinstance(overrides, list):
+        raise DataError(f"{path}: expected a YAML list of overrides, got {type(overrides).__name__}")
+    return [str(o) for o in overrides]
+
+
 def read_job(job_dir: Path) -> dict:
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    overrides = read_overrides(job_dir)
     failed = read_json(job_dir / "failed.json")
     status = "done" if (job_dir / "done.json").exists() else ("failed" if failed else "incomplete")
     return {"job": job_dir.name, "dir": job_dir, "status": status, "overrides": overrides or [],
