@@ -1,6 +1,7 @@
 """`evaluate` and its prompts: few-shot examples from the right split, a run evaluated with its own model and
 data, its adapter reloaded, and a limit beyond the split."""
 
+import csv
 import json
 
 import pytest
@@ -121,5 +122,5 @@ def test_a_sweep_of_evaluations_counts_each_finished_job_done(tmp_path):
                    "eval.max_new_tokens=8", f"hydra.sweep.dir={tmp_path}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep: 2 of 2 jobs done" in proc.stdout
-    rows = (tmp_path / "comparison.csv").read_text().splitlines()[1:]
-    assert [(row.split(",")[1], row.split(",")[2]) for row in rows] == [("done", "2"), ("done", "3")]
+    rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
+    assert [(row["status"], row["n"]) for row in rows] == [("done", "2"), ("done", "3")]

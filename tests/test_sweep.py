@@ -5,6 +5,7 @@ fails."""
 import csv
 import hashlib
 import json
+import shutil
 import statistics
 from datetime import datetime
 
@@ -224,6 +225,28 @@ def test_jobs_run_side_by_side_under_the_parallel_sweep(tmp_path, tiny_model_dir
 
 
 def test_a_failing_job_is_one_line_the_others_go_on_and_the_sweep_says_which(tmp_path, tiny_model_dir):
+    """Job 1's model has a config.json that does not match its weights: found when the job loads it."""
+    bad = tmp_path / "bad-model"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    sweep_dir = tmp_path / "faulty"
+    models = f"model.name_or_path={tiny_model_dir},{bad}"
+    proc = run_cli("train", "-m", *TINY, "logger=none", "eval.enabled=false", models, f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "job 1 failed: error: " in proc.stderr and "config.json does not match the weights" in proc.stderr
+    assert (sweep_dir / "0" / "done.json").exists() and (sweep_dir / "1" / "failed.json").exists()
+    report = (sweep_dir / "report.md").read_text()
+    assert "- job 1 (failed): ModelLoadError" in report
+    assert not (sweep_dir / "accuracy_grid.png").exists() and "accuracy_grid.png" not in report  # nothing to draw
+    proc = run_cli("compare", str(sweep_dir), timeout=120)
+    assert proc.returncode == 0 and "job 1 failed: ModelLoadError" in proc.stdout
+    # running the sweep again runs only the failed job (which fails again) and skips the done one
+    proc = run_cli("train", "-m", *TINY, "logger=none", "eval.enabled=false", models, f"hydra.sweep.dir={sweep_dir}")
+    assert proc.stdout.count("skipping") == 1
+
+
+def test_a_broken_data_file_of_one_job_stops_the_sweep_before_any_job_starts(tmp_path):
     good, bad = tmp_path / "good", tmp_path / "bad"
     row = {"question": "What is 2 plus 3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}
     write_jsonl(good / "train.jsonl", [row] * 40)
@@ -231,19 +254,12 @@ def test_a_failing_job_is_one_line_the_others_go_on_and_the_sweep_says_which(tmp
     with (bad / "train.jsonl").open("a") as handle:
         handle.write("{not json\n")
     sweep_dir = tmp_path / "faulty"
-    local = [a for a in TINY if not a.startswith("data.")] + ["logger=none", "eval.enabled=false", "data=local"]
-    proc = run_cli("train", "-m", *local, f"data.path={good},{bad}", f"hydra.sweep.dir={sweep_dir}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "job 1 failed: error: " in proc.stderr and "train.jsonl:41: malformed JSON" in proc.stderr
-    assert (sweep_dir / "0" / "done.json").exists() and (sweep_dir / "1" / "failed.json").exists()
-    report = (sweep_dir / "report.md").read_text()
-    assert "- job 1 (failed): DataError" in report
-    assert not (sweep_dir / "accuracy_grid.png").exists() and "accuracy_grid.png" not in report  # nothing to draw
-    proc = run_cli("compare", str(sweep_dir), timeout=120)
-    assert proc.returncode == 0 and "job 1 failed: DataError" in proc.stdout
-    # running the sweep again runs only the failed job (which fails again) and skips the done one
-    proc = run_cli("train", "-m", *local, f"data.path={good},{bad}", f"hydra.sweep.dir={sweep_dir}")
-    assert proc.stdout.count("skipping") == 1
+    local = [a for a in TINY if not a.startswith("data.")] + ["logger=none", "data=local"]
+    proc = run_cli("train", "-m", *local, f"data.path={good},{bad}", f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {bad / 'train.jsonl'}:41: malformed JSON")
+    assert not any(sweep_dir.glob("[0-9]*"))  # no job ran
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tiny_model_dir):
