@@ -96,17 +96,20 @@ def _command(argv: list[str], job: Callable[[DictConfig], Any],
 
 
 def check_launch(composed: Composed) -> None:
-    """Several processes launched together (torchrun, accelerate launch) must agree on where the run is written,
-    and Hydra's default directory is named by the second each process composed it in: the run's directory is
-    required. Another rank than 0 writes none of Hydra's files (`.hydra/`, the job log): rank 0 writes them."""
+    """Several processes launched together (torchrun, accelerate launch) run one run, never a sweep, and must agree
+    on where it is written (Hydra's default directory is named by the second each process composed it in): the
+    run's directory is required. Another rank than 0 writes none of Hydra's files (`.hydra/`, the job log)."""
     scale = parallel.scale()
     if scale.processes == 1:
         return
-    key = "hydra.sweep.dir" if composed.multirun else "hydra.run.dir"
-    if not any(override_key(o) == key for o in composed.overrides):
-        raise ConfigError(f"{key} is required with {parallel.describe(scale)}: they must agree on the directory "
-                          f"they write, and its default is named by the time each one starts; add "
-                          f"{key}=outputs/{'multirun' if composed.multirun else 'runs'}/NAME")
+    if composed.multirun:  # every process would run the sweep's callback and each job's Hydra set-up
+        raise ConfigError(f"-m (a sweep) is invalid with {parallel.describe(scale)}: launch a sweep once, and each of "
+                          f"its jobs data-parallel through submitit: make sweep SWEEP=slurm (or slurm_local on this "
+                          f"machine) ARGS=\"hydra.launcher.tasks_per_node={scale.processes}\"")
+    if not any(override_key(o) == "hydra.run.dir" for o in composed.overrides):
+        raise ConfigError(f"hydra.run.dir is required with {parallel.describe(scale)}: they must agree on the "
+                          f"directory they write, and its default is named by the time each one starts; add "
+                          f"hydra.run.dir=outputs/runs/NAME")
     if not parallel.is_main_process():
         with open_dict(composed.config):
             composed.config.hydra.output_subdir = None

@@ -74,14 +74,13 @@ def full_error() -> bool:
     return os.environ.get(FULL_ERROR) == "1"
 
 
-def fail(err: BaseException, quiet: bool = False, who: str = "") -> NoReturn:
-    """An expected failure (`EXPECTED`) as one line on stderr, begun by `who` (a data-parallel run's rank names
-    itself: `rank 1 of 2: `), or none (`quiet`), and its exit code; with HYDRA_FULL_ERROR=1 the traceback first, of
-    it and of the library's exception that caused it."""
+def fail(err: BaseException, quiet: bool = False) -> NoReturn:
+    """An expected failure (`EXPECTED`) as one line on stderr, or none (`quiet`), and its exit code; with
+    HYDRA_FULL_ERROR=1 the traceback first, of it and of the library's exception that caused it."""
     if quiet:
         sys.exit(err.exit_code)
     if full_error():
         traceback.print_exception(err, file=sys.stderr)
     hint = f" ({FULL_ERROR}=1 shows the traceback)" if err.__cause__ is not None and not full_error() else ""
-    print(f"{who}{err.label}: {err}{hint}", file=sys.stderr)
+    print(f"{err.label}: {err}{hint}", file=sys.stderr)
     sys.exit(err.exit_code)

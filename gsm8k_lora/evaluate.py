@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gsm8k_lora import cli, naming, parallel
+from gsm8k_lora import cli, failures, naming, parallel
 from gsm8k_lora import figures as F
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
 from gsm8k_lora.errors import EXPECTED, ConfigError, fail
@@ -49,33 +49,43 @@ def help_text() -> str:
 
 def job(raw: DictConfig, checked: tuple[Config, DictConfig] | None = None) -> None:
     """One Hydra job: the evaluation in its directory. A single run comes checked from the door; a sweep's job
-    checks its own config."""
+    checks its own config. Under a launcher every rank answers its share, and a failure ends them as one run
+    (`failures.job`)."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    STOP.install(at_once=parallel.distributed())  # several ranks: a signal ends each at once
+    run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides,
+                           parallel.command_line("gsm8k_lora.evaluate", sys.argv[1:]))
+    if parallel.distributed():
+        with failures.job(run_dir, multirun=False):
+            evaluate(raw, checked, overrides, run_dir)
+        return
+    STOP.install()
     try:
-        cfg, merged = checked or cli.check_evaluation(raw, overrides)
-        from gsm8k_lora import recipe  # deferred: the libraries, after the checks (see the top)
-
-        source = run_directory(raw.adapter)
-        if source is not None:
-            print(f"evaluate: model, data and prompt from {source / 'config.yaml'} (command-line overrides win)")
-        what = source.name if source else naming.model_name(cfg.model.name_or_path)
-        own = naming.run_name([o for o in overrides if not o.startswith("adapter=")], None, "")
-        run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
-        run_dir = RunDirectory(Path(hydra_cfg.runtime.output_dir), overrides,
-                               parallel.command_line("gsm8k_lora.evaluate", sys.argv[1:]))
-        started = datetime.now()
-        figures = recipe.evaluate(cfg, merged, run_dir, run_naming)
-        headline = F.figure("finetuned" if cfg.adapter else "baseline", F.headline(F.sampled_k(figures)))
-        run_dir.mark_done(headline, F.read(figures, headline), started)  # a sweep of evaluations counts it done
+        evaluate(raw, checked, overrides, run_dir)
     except EXPECTED as err:
-        fail(err, who=parallel.who())
+        fail(err)
     except (Interrupted, StopNow) as stop:
         print(f"{stop} before the answers were graded; no results were written", file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
         STOP.restore()
+
+
+def evaluate(raw: DictConfig, checked: tuple[Config, DictConfig] | None, overrides: list[str],
+             run_dir: RunDirectory) -> None:
+    cfg, merged = checked or cli.check_evaluation(raw, overrides)
+    from gsm8k_lora import recipe  # deferred: the libraries, after the checks (see the top)
+
+    source = run_directory(raw.adapter)
+    if source is not None:
+        print(f"evaluate: model, data and prompt from {source / 'config.yaml'} (command-line overrides win)")
+    what = source.name if source else naming.model_name(cfg.model.name_or_path)
+    own = naming.run_name([o for o in overrides if not o.startswith("adapter=")], None, "")
+    run_naming = naming.RunNaming(f"evaluate {what} {own}".strip(), cfg.logger.group, "evaluate", naming.tags(cfg))
+    started = datetime.now()
+    figures = recipe.evaluate(cfg, merged, run_dir, run_naming)
+    headline = F.figure("finetuned" if cfg.adapter else "baseline", F.headline(F.sampled_k(figures)))
+    run_dir.mark_done(headline, F.read(figures, headline), started)  # a sweep of evaluations counts it done
 
 
 def checked_job(composed: cli.Composed):

@@ -49,15 +49,20 @@ class Scale:
         return asdict(self)
 
     def launch_prefix(self) -> list[str]:
-        """The start of the command line that launches this many processes as this launcher does."""
+        """The start of the command line that launches this many processes as this launcher does. Over several
+        nodes it is torchrun's, run on each node, meeting at rank 0's address (accelerate's would need each node's
+        own --machine_rank)."""
         if self.processes == 1 and self.launcher == "python":
             return ["python", "-m"]
         per_node = max(1, self.processes // self.nodes)
-        if self.launcher == "accelerate":
-            return ["accelerate", "launch", "--multi_gpu", "--num_machines", str(self.nodes), "--num_processes",
+        if self.launcher == "accelerate" and self.nodes == 1:
+            return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
                     str(self.processes), "-m"]
-        nodes = ["--nnodes", str(self.nodes)] if self.nodes > 1 else []
-        return ["torchrun", *nodes, "--nproc_per_node", str(per_node), "-m"]
+        if self.nodes == 1:
+            return ["torchrun", "--nproc_per_node", str(per_node), "-m"]
+        meet = f"{os.environ.get('MASTER_ADDR', 'RANK0_HOST')}:{os.environ.get('MASTER_PORT', '29500')}"
+        return ["torchrun", "--nnodes", str(self.nodes), "--nproc_per_node", str(per_node), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", meet, "-m"]
 
 
 def _int_env(name: str, default: int) -> int:
@@ -74,7 +79,7 @@ def scale() -> Scale:
     per_node = _int_env("LOCAL_WORLD_SIZE", processes) or processes
     if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" in os.environ:
         launcher = "submitit"
-    elif any(key.startswith("ACCELERATE_") for key in os.environ) and processes > 1:
+    elif "ACCELERATE_MIXED_PRECISION" in os.environ and processes > 1:  # what `accelerate launch` always sets
         launcher = "accelerate"
     elif "TORCHELASTIC_RUN_ID" in os.environ or processes > 1:
         launcher = "torchrun"

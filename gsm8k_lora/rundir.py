@@ -1,14 +1,13 @@
 """The run directory, the unit of truth (README's "Outputs" lists its files), as one object: `RunDirectory`
 owns what a run writes there, its markers, its lock, the comparison of a rerun with the run it would continue,
-the room its checkpoints need on the disk, and the one line and exit code of every failure a job meets there
-(`job`). The Trainer writes `adapter/` and `checkpoints/`; `tracking.py` writes `wandb_run.json` through
-`write_json`.
+and the room its checkpoints need on the disk. The Trainer writes `adapter/` and `checkpoints/`; `tracking.py` writes
+`wandb_run.json` through `write_json`.
 
 `done.json` is written last, after every result file; a job directory without it is incomplete, so a sweep
 started again re-runs only what is missing or failed. Each file is written whole or not at all (written beside,
 then renamed): a reader never sees half a file, and a write that fails (a full disk) leaves no half-written
 temporary file behind. The module's functions serve every directory the package writes or reads (runs, sweeps,
-benchmarks).
+benchmarks). What a job's failures say and leave here is `failures.py`'s.
 
 In a data-parallel run every process holds a `RunDirectory` of the same path, and only rank 0's writes happen
 (`parallel.main_only` on each writer): a call on another rank does nothing. The one exception is a failure's
@@ -27,11 +26,9 @@ import shutil
 import socket
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import yaml
 from filelock import FileLock, Timeout
@@ -39,9 +36,8 @@ from omegaconf import OmegaConf
 
 from gsm8k_lora import parallel
 from gsm8k_lora.environment import environment
-from gsm8k_lora.errors import EXPECTED, ConfigError, DataError, DiskFull, RunDirBusy, fail, stops_a_sweep
+from gsm8k_lora.errors import ConfigError, DataError, RunDirBusy
 from gsm8k_lora.parallel import main_only
-from gsm8k_lora.stopping import STOP, StopNow
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,7 +55,7 @@ SWEEP = "sweep.json"  # at a sweep's root: its name, start, W&B group and swept 
 
 # --- files, in any directory -----------------------------------------------------------------------------------
 def write_text(path: Path, text: str) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # its own per process: ranks may write one file
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
@@ -294,7 +290,6 @@ class RunDirectory:
                 f"both, give this run a new hydra.run.dir, or add trainer.resume=never to start {self.path} afresh "
                 f"(deleting its checkpoints and results)")
 
-    @main_only
     def scale_problem(self, now: parallel.Scale) -> str | None:
         """Why `now`'s processes may not continue the training here: another number of processes has another global
         batch, another number of steps and another learning-rate schedule, so a resumed checkpoint would train on as
@@ -303,8 +298,9 @@ class RunDirectory:
         before = parallel.recorded(read_json(self.path / "environment.json"))
         if before is None or before.processes == now.processes or self.finished_training() is not None:
             return None
-        again = shlex.join([*before.launch_prefix(), "gsm8k_lora.train", *self.kept_overrides(),
-                            f"hydra.run.dir={self.path}"])
+        again = ("the same sweep command" if before.launcher == "submitit" else
+                 shlex.join([*before.launch_prefix(), "gsm8k_lora.train", *self.kept_overrides(),
+                             f"hydra.run.dir={self.path}"]))
         return (f"hydra.run.dir={self.path} holds a run trained on {parallel.describe(before)}, and this command "
                 f"runs {parallel.describe(now)}: its global batch, steps and learning-rate schedule would change "
                 f"mid-run. Resume it as it was launched ({again}), give this run a new hydra.run.dir, or add "
@@ -345,11 +341,14 @@ class RunDirectory:
                                       "finished": datetime.now().isoformat(timespec="milliseconds"),
                                       "pid": os.getpid()})
 
-    def mark_failed(self, err: BaseException) -> None:
+    def mark_failed(self, err: BaseException, replace: bool = True) -> None:
         """failed.json, by the process that failed (its rank with it), best effort: when the failure is a full disk,
-        the marker may not fit either, and the one line the user gets matters more than a traceback about it."""
+        the marker may not fit either, and the one line the user gets matters more than a traceback about it.
+        `replace=False`: not over a marker already there (another rank's cause)."""
         last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
         where = f"{last[0].filename}:{last[0].lineno}" if last else None
+        if not replace and (self.path / FAILED).exists():
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / FAILED, {"overrides": self.overrides, "error": f"{type(err).__name__}: {err}",
@@ -439,83 +438,3 @@ class RunDirectory:
             (self.path / ".lock.json").unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
-
-    @contextmanager
-    def job(self, multirun: bool) -> Iterator[None]:
-        """A job's life here (its first step: `hold`), a stop by signal (`stopping.STOP`), and every failure's one
-        line and exit code. An expected failure (`errors.py`) marks the job failed, or, where it began nothing,
-        removes the directory it made; in a sweep a job's failure is one line and the other jobs go on (a signal
-        stops them all). A write that failed for lack of room is `DiskFull`. Anything else is a bug: marked, and
-        raised with its traceback. The lock is released at the end. A data-parallel run's ranks fail as one run
-        (`_rank_failed`)."""
-        def stop_now() -> None:  # a second signal: record the stop, say one line
-            self.mark_failed(RuntimeError("stopped at once"))
-            print(self.stopped_at_once(), file=sys.stderr)
-
-        # the first SIGINT/SIGTERM stops at the next safe point, wherever the run is; with several ranks, at once
-        several = parallel.distributed()
-        STOP.install(None if several else stop_now, at_once=several)
-        try:
-            yield
-        except (Exception, StopNow) as err:
-            if parallel.distributed():
-                self._rank_failed(err)
-            self._failed(err, multirun)
-        finally:
-            STOP.restore()
-            self.release()
-
-    def _failed(self, err: Exception | StopNow, multirun: bool) -> None:
-        """A single process's failure: said in one line with its exit code, or (a bug) raised. Returns only where a
-        sweep goes on to its next job."""
-        if isinstance(err, RunDirBusy):  # another process's or another run's directory: nothing was touched
-            if not multirun:
-                fail(err)
-            print(f"job {self.path.name} refused: {err}", file=sys.stderr)
-        elif isinstance(err, StopNow):  # a signal outside any safe point (loading): nothing in flight to keep
-            if multirun or not self.discard_if_empty():
-                self.mark_failed(RuntimeError(str(err)))
-            print(f"{err}; {self.stopped_at_once()}", file=sys.stderr)
-            sys.exit(err.exit_code)
-        elif isinstance(err, EXPECTED):
-            if not multirun and self.discard_if_empty():
-                fail(err)  # the run never began: nothing is left behind
-            self.mark_failed(err)
-            if multirun and not stops_a_sweep(err):  # one line; the other jobs go on, and the sweep's end says it
-                print(f"job {self.path.name} failed: {err.label}: {err}", file=sys.stderr)
-                return
-            fail(err)
-        else:
-            reason = no_room(err, self.path)
-            if reason is None:
-                self.mark_failed(err)
-                raise err
-            full = DiskFull(self.disk_full_line(reason))  # every later job would meet it too
-            self.mark_failed(full)
-            fail(full)
-
-    def _rank_failed(self, err: BaseException) -> NoReturn:
-        """One rank of a data-parallel run failed: the run ends, said once. Its launcher (torchrun, accelerate,
-        submitit) ends the other ranks with SIGTERM as soon as one exits with an error, and a rank whose peer died
-        sees its next collective fail: neither is a cause, so neither speaks or marks (`parallel.peer_lost`). The
-        rank that failed says one line naming itself, the run directory and the resume command, marks the run
-        failed, and gives the line to torchrun as its error record, so the launcher's summary names it as the root
-        cause. SIGINT (the user's key, which every rank gets) is said by rank 0 alone. A bug keeps its traceback."""
-        signal_name = getattr(err, "signal_name", None) or (STOP.signal_name if stops_a_sweep(err) else None)
-        if signal_name is not None or parallel.peer_lost(err):
-            if signal_name == "SIGINT" and parallel.is_main_process():
-                parallel.speak(f"stopped by SIGINT; {self.stopped_at_once()}")
-            sys.exit(getattr(err, "exit_code", 1))
-        reason = no_room(err, self.path)
-        err = DiskFull(self.disk_full_line(reason)) if reason else err
-        expected = isinstance(err, EXPECTED)
-        self.mark_failed(err)
-        cause = f"{err.label}: {err}" if expected else f"{type(err).__name__}: {err}"
-        line = f"{parallel.who()}{cause}"
-        if self.resume_command() not in line:
-            line += f" (run directory {self.path}; resume with: {self.resume_command()})"
-        parallel.speak(line)
-        parallel.record_for_launcher(line)
-        if not expected:
-            raise err
-        sys.exit(err.exit_code)

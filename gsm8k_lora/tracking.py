@@ -102,12 +102,18 @@ class Tracker:
         """The trained adapter and its tokenizer (`directory`) as a W&B artifact; its name, digest and metadata go
         to wandb_run.json, from which the sweep's summary run aliases the best (`alias_best`). Offline, W&B keeps
         a copy of the files in its staging directory for `wandb sync`."""
-        if self.run is not None:
-            name = naming.adapter_artifact(self.run.group or None, self.run.id)
+        if self.run is None:
+            return
+        name = naming.adapter_artifact(self.run.group or None, self.run.id)
+        try:
             logged = self.run.log_artifact(_adapter_artifact(name, directory, metadata))
-            record = read_json(run_dir / WANDB_RUN)
-            write_json(run_dir / WANDB_RUN, {**record, "artifact": {"name": name, "digest": logged.digest,
-                                                                     "metadata": metadata}})
+        except Exception as err:  # W&B's trouble never ends a run: the adapter is in the run directory
+            print(f"W&B could not log the adapter ({type(err).__name__}: {err}); the run goes on, and {directory} "
+                  f"holds it", file=sys.stderr)
+            return
+        record = read_json(run_dir / WANDB_RUN)
+        write_json(run_dir / WANDB_RUN, {**record, "artifact": {"name": name, "digest": logged.digest,
+                                                                 "metadata": metadata}})
 
     def images(self, paths: list[Path]) -> None:
         if self.run is not None:

@@ -4,7 +4,7 @@ The command: its door (`cli.py`) composes the config once and answers before the
 take ~8 s): `--help`, and in one line with exit code 2 any config mistake or anything this machine cannot do. A
 single run is checked here and holds its run directory before Hydra writes into it; a sweep's jobs are checked by
 its callback before the first starts (`sweep.py`). Each job is the recipe (`recipe.py`, steps 3 to 8) in its run
-directory, whose `job` says every failure's line and exit code.
+directory; `failures.job` says every failure's line and exit code.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gsm8k_lora import cli, naming, parallel, sweep
+from gsm8k_lora import cli, failures, naming, parallel, sweep
 from gsm8k_lora.config import CONF_DIR, Config, register_configs
 from gsm8k_lora.errors import ConfigError, DataError, ModelLoadError, RunDirBusy
 from gsm8k_lora.model import files as model_files
@@ -78,7 +78,7 @@ def run_job(raw: DictConfig, config: Config | None, run_dir: RunDirectory, multi
             started: datetime) -> float | None:
     if multirun:
         parallel.join_submitit_task()  # a submitit job's tasks: one data-parallel run
-    with parallel.quiet_replica(), run_dir.job(multirun):
+    with parallel.quiet_replica(), failures.job(run_dir, multirun):
         run_dir.hold()
         if multirun:
             sweep.pin_gpu()

@@ -18,7 +18,7 @@ from tests.conftest import OFFLINE_ENV, ROOT, run_cli
 from tests.wandb_offline import read_run
 
 SMALL = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_steps=3", "trainer.save_steps=3",
-         "trainer.logging_steps=3", "eval.limit=8", "data.num_train=200", "eval.baseline_cache=null"]
+         "trainer.logging_steps=3", "eval.limit=8", "data.num_train=200"]
 ONE_THREAD = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
@@ -32,23 +32,29 @@ def answers(run_dir: Path) -> dict[tuple[str, str], str]:
     return {(r["model"], r["id"]): r["completion"] for r in rows}
 
 
+TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2"]
+
+
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory, tiny_model_dir):
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    proc = launch(["torch.distributed.run", "--nproc_per_node", "2"], [*SMALL, f"hydra.run.dir={run_dir}"])
+    """A 2-process run, its baseline generated into a cache of its own (rank 0 holds the entry's lock)."""
+    root = tmp_path_factory.mktemp("ddp")
+    run_dir, cache = root / "run", f"eval.baseline_cache={root / 'baselines'}"
+    proc = launch(TORCHRUN, [*SMALL, cache, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
+    return run_dir, proc, cache
 
 
 @pytest.mark.slow
 def test_each_rank_trains_and_answers_its_share_and_rank_0_alone_writes_and_speaks(torchrun_run):
-    run_dir, proc = torchrun_run
+    run_dir, proc, _ = torchrun_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # 180 training rows, 4 a process x 4 accumulated x 2 processes = 32 a step: an epoch is 6 steps, not 12
     assert (metrics["processes"], metrics["global_batch"], metrics["steps_per_epoch"]) == (2, 32, 6)
     evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
     # both ranks answered a share of each pass: counted from the answers they gave back, not from the settings
     assert evaluated["baseline_answer_processes"] == evaluated["finetuned_answer_processes"] == 2
+    assert evaluated["baseline_source"] == "generated"
     assert len(answers(run_dir)) == 16  # 8 questions, two models, each answered once
     # the console: each line once, no rank's progress bars twice
     for line in ("data: ", "model: ", "data-parallel: 2 processes (torchrun", "GSM8K, 8 test questions",
@@ -72,20 +78,40 @@ def test_each_rank_trains_and_answers_its_share_and_rank_0_alone_writes_and_spea
 def test_a_finished_training_is_answered_alike_by_one_process(torchrun_run, tmp_path):
     """The answers of a data-parallel run are one process's (greedy, float32): a rerun by one process of a run whose
     training finished is allowed, answers once, and gives every answer the two processes gave."""
-    source, _ = torchrun_run
+    source, _, cache = torchrun_run
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     for name in ("eval_metrics.json", "predictions.jsonl", "done.json", "report.md"):
         (run_dir / name).unlink()
-    proc = run_cli("train", *SMALL, "logger=none", f"hydra.run.dir={run_dir}", env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli("train", *SMALL, "eval.baseline_cache=null", "logger=none", f"hydra.run.dir={run_dir}",
+                   env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training finished earlier") == 1
     assert json.loads((run_dir / "eval_metrics.json").read_text())["finetuned_answer_processes"] == 1
     assert answers(run_dir) == answers(source)
 
 
+@pytest.mark.slow
+def test_a_finished_training_resumed_by_the_same_launch_is_answered_once_and_sharded(torchrun_run, tmp_path):
+    """Both ranks resume it; the fine-tuned pass runs once, shared, and the baseline comes from the cache rank 0
+    read and gave to both."""
+    source, _, cache = torchrun_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    for name in ("eval_metrics.json", "predictions.jsonl", "done.json", "report.md"):
+        (run_dir / name).unlink()
+    proc = launch(TORCHRUN, [*SMALL, cache, "logger=none", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("training finished earlier") == 1 and proc.stdout.count("run directory: ") == 1
+    evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert evaluated["finetuned_answer_processes"] == 2 and "baseline_answer_processes" not in evaluated
+    assert evaluated["baseline_source"].startswith(cache.partition("=")[2])
+    assert answers(run_dir) == answers(source)
+
+
+@pytest.mark.slow
 def test_a_rerun_mid_training_with_another_number_of_processes_is_refused(torchrun_run, tmp_path):
-    source, _ = torchrun_run
+    source, _, cache = torchrun_run
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("adapter", "metrics.json", "checkpoint-6"))
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
@@ -128,6 +154,10 @@ def test_several_processes_must_be_given_the_run_directory(tmp_path):
                                    "one starts; add hydra.run.dir=outputs/runs/NAME")
     quiet = run_cli("train", "experiment=smoke", env={"WORLD_SIZE": "2", "RANK": "1"}, timeout=120)
     assert quiet.returncode == 2 and quiet.stderr == "" and quiet.stdout == ""  # rank 1 meets it too, silently
+    # a sweep is launched once: each process would run it, its callback and its jobs' Hydra set-up
+    sweep = run_cli("train", "-m", "experiment=smoke", f"hydra.sweep.dir={tmp_path}", timeout=120,
+                    env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "test"})
+    assert sweep.returncode == 2 and sweep.stderr.startswith("config error: -m (a sweep) is invalid with 2 processes")
 
 
 @pytest.fixture
@@ -173,18 +203,22 @@ def test_the_door_keeps_a_plain_launch_to_one_gpu_before_anything_loads(four_gpu
     ({}, ("python", 1, 1, ["python", "-m"])),
     ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"},
      ("torchrun", 2, 1, ["torchrun", "--nproc_per_node", "2", "-m"])),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "x"},
-     ("torchrun", 16, 2, ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", "-m"])),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "node0",
+      "MASTER_PORT": "29400"},
+     ("torchrun", 16, 2, ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", "node0:29400", "-m"])),
     ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "no", "TORCHELASTIC_RUN_ID": "x"},
      ("accelerate", 2, 1, ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
                            "-m"])),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "ACCELERATE_LOG_LEVEL": "info", "TORCHELASTIC_RUN_ID": "x"},
+     ("torchrun", 2, 1, ["torchrun", "--nproc_per_node", "2", "-m"])),
     ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "3", "SUBMITIT_EXECUTOR": "slurm"},
      ("submitit", 4, 2, None)),
 ])
 def test_the_scale_is_read_from_what_the_launcher_set(monkeypatch, env, expected):
     for name in list(os.environ):
-        if name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR") or \
-                name.startswith("ACCELERATE_"):
+        if name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR", "MASTER_ADDR",
+                    "MASTER_PORT") or name.startswith("ACCELERATE_"):
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

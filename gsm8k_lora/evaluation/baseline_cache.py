@@ -32,7 +32,7 @@ from huggingface_hub import try_to_load_from_cache
 from gsm8k_lora import parallel
 from gsm8k_lora.model import sources
 
-VERSION = 2  # bump when what an entry holds, or how answers are generated, changes
+VERSION = 3  # bump when what an entry holds, or how answers are generated, changes
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja", "*.gguf")
 
 

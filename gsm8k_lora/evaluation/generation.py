@@ -80,7 +80,9 @@ def settings(model, tokenizer, cfg: EvalConfig) -> dict:
             "answer_line_stop": protocols.get(cfg.prompt).stops_at_answer_line, "num_samples": cfg.num_samples,
             "temperature": cfg.temperature if cfg.num_samples > 1 else None, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "pad_token_id": tokenizer.pad_token_id, "engine": cfg.engine,
-            "context": context(model, tokenizer, cfg)}
+            "context": context(model, tokenizer, cfg),
+            # sampled answers start from eval.seed in each process's share: another number of processes, another draw
+            "processes": parallel.scale().processes if cfg.num_samples > 1 else None}
 
 
 def context(model, tokenizer, cfg: EvalConfig) -> int | None:

@@ -20,11 +20,12 @@ import statistics
 from dataclasses import dataclass, field
 
 from gsm8k_lora import figures as F
+from gsm8k_lora import naming
 from gsm8k_lora.evaluation import scoring
 from gsm8k_lora.rundir import read_predictions
 
 ALPHA, POWER = 0.05, 0.8
-SEED = "seed"  # trainer.seed's short name (`naming.SHORT`): the one swept key that is not part of a setting
+SEED = naming.short(naming.SEED)  # the one swept key that is not part of a setting
 
 
 @dataclass

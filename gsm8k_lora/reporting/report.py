@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from gsm8k_lora import figures as F
+from gsm8k_lora import parallel
 from gsm8k_lora.evaluation import protocols
 from gsm8k_lora.evaluation.diagnosis import ERROR_CATEGORIES, arithmetic_slips
 from gsm8k_lora.evaluation.scoring import CONTEXT_LABELS, accuracy_by_steps
@@ -81,12 +82,9 @@ def overview(run: dict, price: float) -> list[str]:
 
 
 def scale_words(m: dict) -> str:
-    """How many processes trained, launched by what: `1 process`, `2 processes (torchrun, 1 node)`."""
-    processes = read(m, "processes") or 1
-    if processes == 1:
-        return "1 process"
-    nodes = read(m, "nodes") or 1
-    return f"{processes} processes ({read(m, 'launcher')}, {nodes} node{'s' * (nodes > 1)})"
+    """How many processes trained, launched by what (`parallel.describe`), from metrics.json's scale."""
+    scale = parallel.recorded({"scale": {k: read(m, k) for k in F.SCALE if read(m, k) is not None}})
+    return parallel.describe(scale) if scale else "1 process"
 
 
 def length(tr: dict, m: dict) -> str:

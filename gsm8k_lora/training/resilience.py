@@ -63,6 +63,8 @@ class CheckpointGuard(TrainerCallback):
                 (folder / MARKER).write_text(f"{step}\n")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not parallel.is_main_process():  # every rank logs the same gathered loss: rank 0 says it once
+            return
         for key in ("loss", "eval_loss"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
