@@ -50,7 +50,7 @@ def test_bad_rows_are_dropped_counted_and_bounded():
     rows = [GOOD] * 98 + [{"question": "", "answer": "#### 1"}, {"question": "q", "answer": "no number"}]
     kept, dropped = data.clean(rows, "train", max_bad_fraction=0.05)
     assert len(kept) == 98 and sum(dropped.values()) == 2
-    with pytest.raises(data.DataError, match="2 of 100 rows are malformed"):
+    with pytest.raises(data.DataError, match="2 of 100 rows are not GSM8K rows"):
         data.clean(rows, "train", max_bad_fraction=0.01)
     with pytest.raises(data.DataError, match="malformed"):
         data.clean([{"question": "", "answer": ""}], "train", max_bad_fraction=1.0)

@@ -98,13 +98,19 @@ def gsm8k_rows(path: Path, max_bad_fraction: float) -> list[dict]:
         found = sorted({key for row in rows for key in row})
         raise DataError(f"{path}: no row has the columns {' and '.join(map(repr, GSM8K_COLUMNS))}; its columns: "
                         f"{', '.join(map(str, found[:8])) or 'none'}")
-    problems = Counter(p for p in map(row_problem, rows) if p is not None)
-    bad = sum(problems.values())
-    if bad / len(rows) > max_bad_fraction:
-        reasons = ", ".join(f"{n} {why}" for why, n in problems.most_common())
-        raise DataError(f"{path}: {bad} of {len(rows)} rows are not GSM8K rows ({reasons}), more than "
-                        f"data.max_bad_fraction={max_bad_fraction}")
+    refuse_bad_rows(Counter(p for p in map(row_problem, rows) if p is not None), len(rows), max_bad_fraction,
+                    str(path))
     return rows
+
+
+def refuse_bad_rows(problems: Counter, total: int, max_bad_fraction: float, where: str) -> None:
+    """DataError naming `where` when more of its `total` rows than `data.max_bad_fraction` are not GSM8K rows
+    (`problems`: each `gsm8k.row_problem` and how many rows it was): a file at the door, a split as it loads."""
+    bad = sum(problems.values())
+    if total and bad / total > max_bad_fraction:
+        reasons = ", ".join(f"{n} {why}" for why, n in problems.most_common())
+        raise DataError(f"{where}: {bad} of {total} rows are not GSM8K rows ({reasons}), more than "
+                        f"data.max_bad_fraction={max_bad_fraction}")
 
 
 def local_files(path: Path) -> dict[str, list[Path]]:

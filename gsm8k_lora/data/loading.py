@@ -17,7 +17,7 @@ from datasets import Dataset, load_dataset
 from gsm8k_lora import hub
 from gsm8k_lora.config import DataConfig
 from gsm8k_lora.data import synthetic
-from gsm8k_lora.data.files import LOCAL_SUFFIXES, gsm8k_rows, local_files
+from gsm8k_lora.data.files import LOCAL_SUFFIXES, gsm8k_rows, local_files, refuse_bad_rows
 from gsm8k_lora.data.gsm8k import parse_answer, row_problem
 from gsm8k_lora.errors import DataError
 
@@ -106,14 +106,9 @@ def clean(rows: list[dict], split: str, max_bad_fraction: float) -> tuple[Datase
             "num_steps": gold.num_steps,
             "problem_type": row.get("problem_type") or "",
         })
-    total = len(rows)
-    bad = sum(dropped.values())
-    if rows and bad / total > max_bad_fraction:
-        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
-        raise DataError(f"{split} split: {bad} of {total} rows are malformed ({reasons}), more than "
-                        f"data.max_bad_fraction={max_bad_fraction}")
+    refuse_bad_rows(dropped, len(rows), max_bad_fraction, f"{split} split")
     if rows and not kept:
-        raise DataError(f"{split} split is empty after dropping {bad} malformed rows")
+        raise DataError(f"{split} split is empty after dropping {sum(dropped.values())} malformed rows")
     empty = {key: [] for key in ("id", "question", "answer", "gold", "num_steps", "problem_type")}
     return (Dataset.from_list(kept) if kept else Dataset.from_dict(empty)), dropped
 
