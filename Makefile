@@ -49,7 +49,7 @@ evaluate: $(STAMP) ## GSM8K accuracy of a base model, or base vs adapter: make e
 bench: $(STAMP) ## speed figures as ratios measured in one run; writes outputs/bench/<time>.json
 	$(PY) -m gsm8k_lora.bench $(if $(wildcard ../shared/gsm8k/train.jsonl),--gsm8k ../shared/gsm8k) $(ARGS)
 
-sweep: $(STAMP) ## a Hydra multirun of a sweep file: SWEEP=lr_epochs (default), parallel, optuna or slurm; EXP=smoke: the tiny CPU grid; SEEDS=3: seeds per setting
+sweep: $(STAMP) ## a Hydra multirun of a sweep file: SWEEP=lr_epochs (default), parallel, optuna, slurm or slurm_local; EXP=smoke: the tiny CPU grid; SEEDS=3: seeds per setting
 	$(PY) -m gsm8k_lora.train -m --config-dir sweeps --config-name $(SWEEP) $(if $(EXP),experiment=$(EXP)) $(if $(SEEDS),grid.seeds=$(SEEDS)) $(if $(filter real%,$(EXP)),$(GSM8K_LOCAL)) $(ARGS)
 
 compare: $(STAMP) ## table and plots of a sweep: make compare DIR=outputs/multirun/<sweep>
