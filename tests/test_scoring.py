@@ -166,3 +166,6 @@ def test_answers_the_context_bounded_are_counted_per_model_and_shown():
     assert "prompts cut at the start (lm-eval's rule) baseline 1 -> fine-tuned 1" in line
     assert "answers stopped at the context's end baseline 1 -> fine-tuned 0" in line
     assert "prompts that left no room (not answered) baseline 1 -> fine-tuned 1" in line
+    fit = eval_metrics({"baseline": score(ROWS, [gen(["#### 1"], [3])] * 4, "baseline", max_new_tokens=256)})
+    [line] = [line for line in summary_lines(fit, "a protocol") if "context" in line]
+    assert line == "  context: every prompt and answer fit the model's positions (none cut or stopped there)"

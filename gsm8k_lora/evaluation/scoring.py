@@ -273,7 +273,12 @@ CONTEXT_LABELS = {"prompts_cut": "prompts cut at the start (lm-eval's rule)",
 
 
 def context_line(metrics: dict, models: list[str], names: dict[str, str]) -> str:
-    """How many answers the model's context bounded (`figures.COUNTS`), each model's count of each."""
+    """How many answers the model's context bounded (`figures.COUNTS`), each model's count of each that is not 0
+    for both; where the context bounded none, one short clause says so."""
+    bounded = [(count, label) for count, label in CONTEXT_LABELS.items()
+               if any(F.read(metrics, F.figure(m, count)) for m in models)]
+    if not bounded:
+        return "  context: every prompt and answer fit the model's positions (none cut or stopped there)"
     parts = [f"{label} " + " -> ".join(f"{names[m]} {F.read(metrics, F.figure(m, count))}" for m in models)
-             for count, label in CONTEXT_LABELS.items()]
+             for count, label in bounded]
     return f"  context: {'; '.join(parts)}"
