@@ -45,21 +45,23 @@ def read_jsonl(path: Path) -> list[dict]:
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        row = _parse_json(path, line, lineno)
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {_kind(row)}")
         rows.append(row)
     return rows
 
 
-def _read_json_array(path: Path, text: str) -> list[dict]:
+def _parse_json(path: Path, text: str, lineno: int | None = None):
+    """`text` as JSON, or DataError naming the file, the line (a JSONL file's own, else the decoder's) and why."""
     try:
-        rows = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        raise DataError(f"{path}:{lineno or err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+
+
+def _read_json_array(path: Path, text: str) -> list[dict]:
+    rows = _parse_json(path, text)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects (or one object a line), got {_kind(rows)}")
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
